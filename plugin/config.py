@@ -1,0 +1,207 @@
+"""The run's parameters: one typed, validated object whose fields, defaults and bounds come from index.json.
+
+The manifest is the single source of truth: adding a parameter there adds a field here. Values from a GUI
+form arrive as strings ("1e-4", "true", "4") and are coerced by the manifest type; anything that does not
+fit is a ConfigError naming the field, the value and what is allowed, raised before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+MANIFEST_PATH = Path(__file__).resolve().parent.parent / "index.json"
+
+# Older Transformer Lab parameter files spell some parameters differently.
+ALIASES = {"min_snr_gamma": "snr_gamma", "huber_beta": "huber_c"}
+
+# Keys the Transformer Lab launcher adds to "config" besides the manifest's parameters.
+LAUNCHER_KEYS = frozenset(
+    {
+        "job_id", "template_name", "plugin_name", "model_architecture", "foundation_model_file_path",
+        "model_path", "type", "run_sweeps", "sweep_config", "sweep_metric", "lower_is_better",
+        "embedding_model", "embedding_model_architecture", "embedding_model_file_path",
+        "chatml_formatted_column", "adaptor_output_dir", "experiment_name", "eval_dataset_name",
+    }
+)
+
+_ADAPTOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", ""}
+
+
+def load_manifest(path: Path = MANIFEST_PATH) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One manifest parameter and the rules its value must follow."""
+
+    name: str
+    type: str
+    default: Any
+    enum: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    required: bool = False
+
+    @classmethod
+    def from_manifest(cls, name: str, spec: Mapping) -> "Parameter":
+        enum = spec.get("enum")
+        return cls(
+            name=name,
+            type=spec["type"],
+            default=spec["default"],
+            enum=tuple(enum) if enum else None,
+            minimum=spec.get("minimum"),
+            maximum=spec.get("maximum"),
+            required=bool(spec.get("required", False)),
+        )
+
+    def coerce(self, raw: Any) -> Any:
+        """The value in the manifest's type, or a ConfigError saying what was expected."""
+        value = self._typed(raw)
+        if self.enum is not None and value not in self.enum:
+            raise ConfigError(f"{self.name}: {raw!r} is not one of {', '.join(map(repr, self.enum))}")
+        if self.minimum is not None and value < self.minimum:
+            raise ConfigError(f"{self.name}: {raw!r} is below the minimum {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise ConfigError(f"{self.name}: {raw!r} is above the maximum {self.maximum}")
+        if self.required and value == "":
+            raise ConfigError(f"{self.name} is required and may not be empty")
+        return value
+
+    def _typed(self, raw: Any) -> Any:
+        wrong = ConfigError(f"{self.name}: {raw!r} is not a valid {self.type}")
+        if self.type == "string":
+            if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
+                return str(raw).strip()
+            raise wrong
+        if self.type == "boolean":
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+                return raw.strip().lower() in _TRUE
+            if isinstance(raw, int) and raw in (0, 1):
+                return bool(raw)
+            raise wrong
+        if isinstance(raw, bool):
+            raise wrong
+        if self.type == "integer":
+            try:
+                number = float(raw.strip()) if isinstance(raw, str) else raw
+            except ValueError:
+                raise wrong from None
+            if not isinstance(number, (int, float)) or not math.isfinite(number) or number != int(number):
+                raise wrong
+            return int(number)
+        if self.type == "number":
+            try:
+                number = float(raw.strip()) if isinstance(raw, str) else float(raw)
+            except (TypeError, ValueError):
+                raise wrong from None
+            if not math.isfinite(number):
+                raise wrong
+            return number
+        raise ConfigError(f"{self.name}: the manifest type {self.type!r} is not supported")
+
+
+def manifest_parameters(manifest: Mapping | None = None) -> dict[str, Parameter]:
+    manifest = load_manifest() if manifest is None else manifest
+    return {name: Parameter.from_manifest(name, spec) for name, spec in manifest["parameters"].items()}
+
+
+class Config:
+    """Validated run parameters: one read-only attribute per manifest parameter, nothing else."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any]):
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"{name!r} is not a parameter in index.json") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Config is read-only; use replace()")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with some fields changed, validated like user input."""
+        return parse_parameters({**self._values, **changes})
+
+    def __repr__(self) -> str:
+        return f"Config({self._values!r})"
+
+
+def parse_parameters(raw: Mapping[str, Any], *, ignore: frozenset = frozenset(), manifest: Mapping | None = None) -> Config:
+    """Coerce and validate user parameters against the manifest; missing ones take the manifest default.
+
+    Keys starting with '_' are comments; keys in `ignore` (a launcher's own) are skipped; any other key the
+    manifest lacks is an error listing near matches, so a typo never silently falls back to a default.
+    """
+    parameters = manifest_parameters(manifest)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key.startswith("_") or key in ignore:
+            continue
+        name = ALIASES.get(key, key)
+        if name not in parameters:
+            raise ConfigError(f"unknown parameter {key!r}{_suggestion(key, parameters)}")
+        if name in values and key != name:
+            continue  # the canonical spelling wins over an alias
+        values[name] = parameters[name].coerce(value)
+    for name, parameter in parameters.items():
+        if name in values:
+            continue
+        if parameter.required:
+            raise ConfigError(f"{name} is required: set it in the parameter file or form")
+        values[name] = parameter.coerce(parameter.default)
+    _check_adaptor_name(values["adaptor_name"])
+    return Config(values)
+
+
+def _check_adaptor_name(name: str) -> None:
+    """The adapter name becomes a folder under output_dir: it may not climb out of it or nest."""
+    if not _ADAPTOR_NAME.fullmatch(name) or name in {".", ".."}:
+        raise ConfigError(
+            f"adaptor_name: {name!r} is not allowed; use letters, digits, '.', '_' and '-' only "
+            "(no path separators, no '..', no absolute paths)"
+        )
+
+
+def _suggestion(key: str, parameters: Mapping) -> str:
+    close = difflib.get_close_matches(key, list(parameters), n=3)
+    return f"; did you mean {', '.join(close)}?" if close else " (see index.json for the parameters)"
+
+
+def read_parameter_file(path: str | Path) -> dict:
+    """A flat JSON object, or one with the parameters under "config" (the Transformer Lab input file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parameter file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"parameter file {str(path)!r} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"parameter file {str(path)!r} must hold a JSON object")
+    if "config" in data:
+        if not isinstance(data["config"], dict):
+            raise ConfigError(f"parameter file {str(path)!r}: 'config' must be a JSON object")
+        return data["config"]
+    return data

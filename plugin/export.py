@@ -1,0 +1,69 @@
+"""Writing results atomically: a crash or Ctrl-C mid-write leaves the previous good file in place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft.utils import get_peft_model_state_dict
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yields a temp file beside `path`; on success it is renamed over `path`, on any failure removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results unreadable to other users of a shared machine
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_image_atomic(image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def lora_state(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Per component: the LoRA tensors (fp32, CPU) and the LoRA config that Diffusers needs as metadata."""
+    layers = {
+        name: {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(module).items()}
+        for name, module in modules.items()
+    }
+    metadata = {name: module.peft_config["default"].to_dict() for name, module in modules.items()}
+    return layers, metadata
+
+
+def save_adapter_atomic(family, modules: dict[str, torch.nn.Module], folder: Path) -> Path:
+    """Save the modules' current LoRA weights into folder/pytorch_lora_weights.safetensors, atomically.
+
+    The file is written in a sibling temp folder and renamed into place, so the previous adapter survives
+    any failure while writing.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers, metadata = lora_state(modules)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".saving-"))
+    try:
+        family.save_lora(staging, layers, metadata)
+        os.replace(staging / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder / WEIGHTS_NAME

@@ -1,0 +1,306 @@
+"""The one interface every model family implements, so the training loop never asks which family it runs.
+
+A family wraps a loaded Diffusers pipeline and knows how that architecture is conditioned: how prompts
+become embeddings, images become latents, a noisy latent becomes a prediction, which modules take LoRA,
+which objective (DDPM or flow matching) it trains with, and which pipeline class saves its adapters.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DDPMScheduler, DDIMScheduler, DiffusionPipeline
+from peft import LoraConfig
+
+from ..errors import ConfigError
+from ..objectives import DiffusionObjective, FlowMatchingObjective
+
+TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class ModelFamily(ABC):
+    """A loaded pipeline plus everything architecture-specific about training it."""
+
+    name: ClassVar[str]  # short id: sd, sdxl, sd3, flux
+    title: ClassVar[str]
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    pipeline_class_names: ClassVar[tuple[str, ...]]  # model_index.json _class_name values that map here
+    denoiser_name: ClassVar[str]  # "unet" or "transformer"
+    default_lora_targets: ClassVar[tuple[str, ...]]
+    lora_text_encoders: ClassVar[tuple[str, ...]] = ()  # pipeline components that may take a text-encoder LoRA
+
+    def __init__(self, pipe: DiffusionPipeline):
+        self.pipe = pipe
+        self.cfg = None  # the resolved run config, set by configure()
+
+    # ----- loading and preparation -------------------------------------------------------------------
+    @classmethod
+    def load(cls, model_name: str, dtype: torch.dtype) -> "ModelFamily":
+        """The pipeline from a local folder or hub id, frozen and in eval mode."""
+        pipe = cls.pipeline_class.from_pretrained(model_name, dtype=dtype)
+        if dtype == torch.float16:
+            pipe.vae.to(torch.float32)  # fp16 VAEs overflow (SDXL's notably); the VAE is small
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False).eval()
+        return cls(pipe)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE downsampling times the denoiser's patch size)."""
+        return self.vae_scale_factor
+
+    @abstractmethod
+    def native_resolution(self) -> int:
+        """The resolution the model was trained at, used when the user leaves resolution at 0."""
+
+    def to(self, device: torch.device) -> None:
+        self.pipe.to(device)
+
+    def attach_lora(self) -> dict[str, torch.nn.Module]:
+        """Put LoRA adapters on the denoiser (and text encoders when asked); returns the modules that train.
+
+        Target names are checked against the model first, so a typo is an error naming it instead of a
+        run that trains nothing.
+        """
+        cfg = self.cfg
+        targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] or list(self.default_lora_targets)
+        _check_targets_exist(self.denoiser, targets, "lora_target_modules")
+        modules = {self.denoiser_name: self.denoiser}
+        if cfg.train_text_encoder:
+            modules.update({name: getattr(self.pipe, name) for name in self.lora_text_encoders})
+        for name, module in modules.items():
+            module.add_adapter(
+                LoraConfig(
+                    r=cfg.lora_r,
+                    lora_alpha=cfg.lora_alpha,
+                    lora_dropout=cfg.lora_dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=targets if name == self.denoiser_name else list(TEXT_ENCODER_LORA_TARGETS),
+                )
+            )
+        for module in modules.values():
+            for parameter in module.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()  # LoRA weights and their optimizer state stay fp32
+        return modules
+
+    def enable_gradient_checkpointing(self, modules: dict[str, torch.nn.Module]) -> None:
+        for name, module in modules.items():
+            if name == self.denoiser_name:
+                module.enable_gradient_checkpointing()
+            else:
+                module.gradient_checkpointing_enable()
+
+    def enable_xformers(self) -> bool:
+        """xFormers attention where it is installed; otherwise PyTorch SDPA (the default) with one warning."""
+        try:
+            import xformers  # noqa: F401
+
+            self.denoiser.enable_xformers_memory_efficient_attention()
+            return True
+        except Exception as error:  # ImportError, or xFormers present but unusable (no CUDA)
+            warnings.warn(f"xFormers is not usable here ({error}); using PyTorch scaled-dot-product attention instead")
+            return False
+
+    # ----- per-family configuration ------------------------------------------------------------------
+    def configure(self, cfg):
+        """Fill the parameters left at 'auto'/0 with this family's defaults; reject combinations it cannot train.
+
+        Returns the resolved config (also kept for the training step) and what was filled in, for printing.
+        """
+        filled: dict[str, Any] = {}
+        if cfg.resolution == 0:
+            filled["resolution"] = self.native_resolution()
+        resolution = filled.get("resolution", cfg.resolution)
+        if resolution % self.resolution_multiple:
+            raise ConfigError(
+                f"resolution: {resolution} must be a multiple of {self.resolution_multiple} for {self.title} models"
+            )
+        if cfg.train_text_encoder and not self.lora_text_encoders:
+            raise ConfigError(f"train_text_encoder: not supported for {self.title}; it is for SD 1.x/2.x and SDXL")
+        filled.update(self._resolve_objective(cfg))
+        self.cfg = cfg.replace(**filled)
+        return self.cfg, filled
+
+    @abstractmethod
+    def _resolve_objective(self, cfg) -> dict[str, Any]:
+        """Objective parameters this family fills in or rejects."""
+
+    @abstractmethod
+    def make_objective(self):
+        """The objective (noising, target, weighting, loss) this family trains with."""
+
+    def _objective_kwargs(self) -> dict[str, Any]:
+        """The objective parameters every family passes through unchanged."""
+        cfg = self.cfg
+        return {
+            "timestep_sampling": cfg.timestep_sampling,
+            "logit_mean": cfg.logit_normal_loc,
+            "logit_std": cfg.logit_normal_scale,
+            "mode_scale": cfg.mode_scale,
+            "loss_weighting": cfg.loss_weighting,
+            "noise_offset": cfg.noise_offset,
+            "input_perturbation": cfg.input_perturbation,
+            "loss_type": cfg.loss_type,
+            "huber_c": cfg.huber_c,
+            "huber_schedule": cfg.huber_schedule,
+        }
+
+    # ----- the training step -------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Text conditioning for a batch of captions (with gradients only if a text encoder trains)."""
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return bool(self.cfg is not None and self.cfg.train_text_encoder)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] to the shifted and scaled latents the denoiser works in (fp32).
+
+        The posterior mean is used rather than a sample: the VAE's posterior std is tiny, and a deterministic
+        latent is what makes latent caching possible.
+        """
+        vae = self.pipe.vae
+        with torch.no_grad():
+            latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
+        shift = vae.config.get("shift_factor") or 0.0  # SD3/Flux VAEs shift as well as scale
+        return (latents.float() - shift) * vae.config.scaling_factor
+
+    @abstractmethod
+    def predict(self, noisy_latents, timesteps, text: dict, batch: dict) -> torch.Tensor:
+        """The denoiser's output for noisy latents, in the same layout as the latents."""
+
+    # ----- evaluation and export ---------------------------------------------------------------------
+    def eval_pipeline(self) -> DiffusionPipeline:
+        """An inference pipeline sharing the loaded (LoRA-carrying) modules: nothing reloaded from disk."""
+        return self.pipeline_class(**self.pipe.components)
+
+    def eval_call_kwargs(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "num_inference_steps": cfg.eval_num_inference_steps,
+            "guidance_scale": cfg.eval_guidance_scale,
+            "height": cfg.resolution,
+            "width": cfg.resolution,
+        }
+
+    def save_lora(self, folder, layers: dict[str, dict], metadata: dict[str, dict]) -> None:
+        """Write adapters with the pipeline class's own save_lora_weights, so load_lora_weights reads them.
+
+        The LoRA config is passed as adapter metadata: without it Diffusers assumes alpha = r on load.
+        """
+        kwargs = {}
+        for component, state_dict in layers.items():
+            kwargs[f"{component}_lora_layers"] = state_dict
+            kwargs[f"{component}_lora_adapter_metadata"] = metadata[component]
+        self.pipeline_class.save_lora_weights(folder, safe_serialization=True, **kwargs)
+
+
+class DDPMFamily(ModelFamily):
+    """Families trained with the discrete DDPM (variance-preserving) process: SD 1.x/2.x and SDXL."""
+
+    def native_resolution(self) -> int:
+        return self.denoiser.config.sample_size * self.vae_scale_factor
+
+    def _resolve_objective(self, cfg) -> dict[str, Any]:
+        filled: dict[str, Any] = {}
+        if cfg.prediction_type == "auto":
+            filled["prediction_type"] = self.pipe.scheduler.config.get("prediction_type", "epsilon")
+        if cfg.timestep_sampling == "auto":
+            filled["timestep_sampling"] = "uniform"
+        if cfg.loss_weighting == "auto":
+            filled["loss_weighting"] = "min_snr" if cfg.snr_gamma > 0 else "uniform"
+        weighting = filled.get("loss_weighting", cfg.loss_weighting)
+        if weighting in ("sigma_sqrt", "cosmap"):
+            raise ConfigError(f"loss_weighting: {weighting!r} is for flow-matching models (SD3, Flux); {self.title} takes uniform, snr, min_snr or edm")
+        if weighting == "min_snr" and cfg.snr_gamma <= 0:
+            raise ConfigError("snr_gamma: min_snr weighting needs snr_gamma > 0 (5 is the paper's value)")
+        return filled
+
+    def training_betas(self) -> torch.Tensor:
+        """The model's own beta schedule, read from its scheduler config."""
+        return DDPMScheduler.from_config(self.pipe.scheduler.config).betas
+
+    def make_objective(self) -> DiffusionObjective:
+        cfg = self.cfg
+        return DiffusionObjective(
+            betas=self.training_betas(),
+            zero_terminal_snr=cfg.rescale_betas_zero_snr,
+            prediction_type=cfg.prediction_type,
+            snr_gamma=cfg.snr_gamma,
+            sigma_data=cfg.edm_sigma_data,
+            **self._objective_kwargs(),
+        )
+
+    def eval_pipeline(self) -> DiffusionPipeline:
+        """Sampling uses the prediction type trained; zero terminal SNR needs trailing timesteps (Lin et al.)."""
+        pipe = super().eval_pipeline()
+        scheduler_config = dict(pipe.scheduler.config, prediction_type=self.cfg.prediction_type)
+        if self.cfg.rescale_betas_zero_snr:
+            pipe.scheduler = DDIMScheduler.from_config(
+                scheduler_config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+            )
+        else:
+            pipe.scheduler = type(pipe.scheduler).from_config(scheduler_config)
+        return pipe
+
+    def eval_call_kwargs(self) -> dict[str, Any]:
+        kwargs = super().eval_call_kwargs()
+        if self.cfg.rescale_betas_zero_snr:
+            kwargs["guidance_rescale"] = 0.7  # the paper's fix for over-exposure with zero terminal SNR
+        return kwargs
+
+
+class FlowFamily(ModelFamily):
+    """Families trained with rectified-flow matching: SD3 and Flux. prediction_type does not apply."""
+
+    def native_resolution(self) -> int:
+        return self.pipe.default_sample_size * self.vae_scale_factor
+
+    @property
+    def resolution_multiple(self) -> int:
+        return self.vae_scale_factor * 2  # the transformer works on 2x2 latent patches
+
+    def _resolve_objective(self, cfg) -> dict[str, Any]:
+        filled: dict[str, Any] = {}
+        if cfg.timestep_sampling == "auto":
+            filled["timestep_sampling"] = "logit_normal"  # the SD3 paper's best-performing schedule
+        if cfg.loss_weighting == "auto":
+            filled["loss_weighting"] = "uniform"
+        weighting = filled.get("loss_weighting", cfg.loss_weighting)
+        if weighting not in ("uniform", "sigma_sqrt", "cosmap"):
+            raise ConfigError(f"loss_weighting: {weighting!r} is for DDPM models (SD 1.x/2.x, SDXL); {self.title} takes uniform, sigma_sqrt or cosmap")
+        if cfg.rescale_betas_zero_snr:
+            raise ConfigError(f"rescale_betas_zero_snr: {self.title} trains with flow matching, which reaches pure noise already")
+        return filled
+
+    @abstractmethod
+    def training_shift(self) -> float:
+        """The sigma shift the scheduler applies at this resolution (training uses the same)."""
+
+    def make_objective(self) -> FlowMatchingObjective:
+        return FlowMatchingObjective(
+            num_train_timesteps=self.pipe.scheduler.config.num_train_timesteps,
+            shift=self.training_shift(),
+            **self._objective_kwargs(),
+        )
+
+
+def _check_targets_exist(module: torch.nn.Module, targets: list[str], field: str) -> None:
+    names = [name for name, _ in module.named_modules()]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            raise ConfigError(f"{field}: no module named {target!r} in this model's {type(module).__name__}")

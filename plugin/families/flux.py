@@ -1,0 +1,82 @@
+"""Flux: CLIP-L (pooled) and T5 text encoders, a transformer over 2x2-packed latent patches with positional
+image/text ids, a distilled guidance embedding on dev models, and flow matching with a resolution-dependent
+shift."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import FluxPipeline
+
+from ..objectives import flux_mu
+from .base import FlowFamily
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 latent patch becomes one token, as FluxPipeline does."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of pack_latents for a latent of the given height and width."""
+    b, _, channels = tokens.shape
+    patches = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, channels // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """(H/2 * W/2, 3) positional ids of the packed tokens: (0, row, column)."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] = torch.arange(height // 2)[:, None]
+    ids[..., 2] = torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class Flux(FlowFamily):
+    name = "flux"
+    title = "Flux"
+    pipeline_class = FluxPipeline
+    pipeline_class_names = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
+    denoiser_name = "transformer"
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+    def training_shift(self) -> float:
+        """The shift the scheduler uses when sampling at this resolution, so training sees the same noise levels."""
+        config = self.pipe.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return float(config.shift)
+        latent_side = self.cfg.resolution // self.vae_scale_factor
+        mu = flux_mu(
+            (latent_side // 2) ** 2,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return math.exp(mu)
+
+    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            embeds, pooled, text_ids = self.pipe.encode_prompt(captions, None, device=self.denoiser.device)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
+
+    def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:
+        transformer = self.pipe.transformer
+        batch_size, _, height, width = noisy_latents.shape
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((batch_size,), self.cfg.guidance_scale, device=transformer.device)
+        tokens = transformer(
+            hidden_states=pack_latents(noisy_latents.to(transformer.dtype)),
+            timestep=timesteps / 1000,  # the transformer scales by 1000 itself
+            guidance=guidance,
+            pooled_projections=text["pooled_projections"],
+            encoder_hidden_states=text["encoder_hidden_states"],
+            txt_ids=text["txt_ids"],
+            img_ids=latent_image_ids(height, width, transformer.device, transformer.dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(tokens, height, width)

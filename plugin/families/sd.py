@@ -1,0 +1,27 @@
+"""Stable Diffusion 1.x/2.x: one CLIP text encoder, a UNet conditioned by cross-attention, DDPM training."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from .base import DDPMFamily
+
+
+class StableDiffusion(DDPMFamily):
+    name = "sd"
+    title = "Stable Diffusion 1.x/2.x"
+    pipeline_class = StableDiffusionPipeline
+    pipeline_class_names = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+    denoiser_name = "unet"
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_text_encoders = ("text_encoder",)
+
+    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        with torch.set_grad_enabled(self.trains_text_encoder):
+            embeds, _ = self.pipe.encode_prompt(captions, self.denoiser.device, 1, False)
+        return {"encoder_hidden_states": embeds}
+
+    def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:
+        unet = self.pipe.unet
+        return unet(noisy_latents.to(unet.dtype), timesteps, text["encoder_hidden_states"]).sample

@@ -1,0 +1,37 @@
+"""Stable Diffusion 3: CLIP-L, CLIP-G and T5 text encoders, an MMDiT transformer, rectified-flow training."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from .base import FlowFamily
+
+
+class StableDiffusion3(FlowFamily):
+    name = "sd3"
+    title = "Stable Diffusion 3"
+    pipeline_class = StableDiffusion3Pipeline
+    pipeline_class_names = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
+    denoiser_name = "transformer"
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+    def training_shift(self) -> float:
+        return float(self.pipe.scheduler.config.shift)
+
+    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                captions, None, None, device=self.denoiser.device, do_classifier_free_guidance=False
+            )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:
+        transformer = self.pipe.transformer
+        return transformer(
+            hidden_states=noisy_latents.to(transformer.dtype),
+            timestep=timesteps,
+            encoder_hidden_states=text["encoder_hidden_states"],
+            pooled_projections=text["pooled_projections"],
+            return_dict=False,
+        )[0]

@@ -1,0 +1,104 @@
+"""Entry point. Headless: `python plugin/main.py --config run.json`; Transformer Lab: `--input_file FILE`;
+`--demo [--demo-family sd|sdxl|sd3|flux]` trains on a tiny built-in model and sample data."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `plugin` importable as a package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read at import: optional-backend notices are noise
+
+from plugin.config import LAUNCHER_KEYS, parse_parameters, read_parameter_file  # noqa: E402
+from plugin.errors import ConfigError  # noqa: E402
+from plugin.trainer import RunPaths, train  # noqa: E402
+
+
+def demo_parameters(family: str, workdir: Path) -> dict:
+    """A complete run on a tiny random-weight pipeline and the built-in sample images: seconds on a CPU."""
+    from plugin.tiny import FAMILIES, SAMPLE_RESOLUTION, save_tiny_pipeline, write_sample_dataset
+
+    if family not in FAMILIES:
+        raise ConfigError(f"--demo-family: {family!r} is not one of {', '.join(FAMILIES)}")
+    return {
+        "model_name": str(save_tiny_pipeline(family, workdir / f"tiny-{family}")),
+        "dataset_name": str(write_sample_dataset(workdir / "sample-data")),
+        "output_dir": "output",
+        "adaptor_name": f"demo-{family}",
+        "trigger_word": "shapes",
+        "resolution": SAMPLE_RESOLUTION,
+        "random_flip": True,
+        "num_train_epochs": 8,
+        "train_batch_size": 2,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 0,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "eval_prompt": "a red circle on a blue background\na green square on a yellow background",
+        "eval_steps": 4,
+        "eval_num_inference_steps": 10,
+        "eval_guidance_scale": 3.0,
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a LoRA adapter for a Diffusers pipeline.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="JSON parameter file: a flat object, or parameters under 'config'")
+    source.add_argument("--input_file", help="the JSON file Transformer Lab writes when it launches the plugin")
+    source.add_argument("--demo", action="store_true", help="train on a tiny built-in model and sample data")
+    parser.add_argument("--demo-family", default="sd", help="model family of the demo: sd, sdxl, sd3 or flux")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.demo:
+        with tempfile.TemporaryDirectory(prefix="lora-demo-") as workdir:
+            cfg = parse_parameters(demo_parameters(args.demo_family, Path(workdir)))
+            train(cfg, RunPaths.for_config(cfg))
+        return 0
+    if args.config:
+        cfg = parse_parameters(read_parameter_file(args.config))
+        train(cfg, RunPaths.for_config(cfg))
+        return 0
+    raw = read_parameter_file(args.input_file)
+    launcher_model = raw.get("model_path") or ""
+    if launcher_model and Path(launcher_model).is_dir():
+        raw = {**raw, "model_name": launcher_model}  # a local copy the launcher points at beats a hub id
+    cfg = parse_parameters(raw, ignore=LAUNCHER_KEYS)
+    train(cfg, RunPaths.for_config(cfg, raw.get("adaptor_output_dir") or None))
+    return 0
+
+
+def quiet_libraries() -> None:
+    """Library chatter (loading bars, optional-backend notices) would bury the trainer's own output."""
+    import datasets
+    import diffusers
+    import transformers
+
+    datasets.disable_progress_bars()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_libraries()
+    try:
+        return run(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last saved adapter and eval images are intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The training loop: read top to bottom, it is the whole run. Everything model-specific is a method of the
+family object and everything objective-specific a method of the objective, so nothing here branches on
+the architecture."""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import nullcontext
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, load_image_dataset
+from .ema import EMA
+from .errors import ConfigError
+from .evaluation import eval_prompts, render_images, save_evaluation
+from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
+from .families import detect_family
+from .reporting import Reporter
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """run_dir holds eval images, logs and the resolved config; adapter_dir receives the adapter."""
+
+    run_dir: Path
+    adapter_dir: Path
+
+    @classmethod
+    def for_config(cls, cfg, adaptor_output_dir: str | None = None) -> "RunPaths":
+        run_dir = Path(cfg.output_dir).expanduser() / cfg.adaptor_name
+        return cls(run_dir, Path(adaptor_output_dir).expanduser() if adaptor_output_dir else run_dir)
+
+
+@dataclass
+class RunResult:
+    adapter_path: Path
+    eval_images: list[Path] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # per optimizer step, mean over its micro-batches
+    steps: int = 0
+
+
+def sample_generators(seed: int, epoch: int, indices) -> list[torch.Generator]:
+    """One generator per example for noise and timesteps, keyed by (seed, epoch, example): the draws do not
+    depend on batch size, accumulation or data-loader workers, so those settings change nothing else."""
+    return [
+        torch.Generator().manual_seed(random.Random(f"{seed}:{epoch}:{int(i)}:noise").getrandbits(63))
+        for i in indices
+    ]
+
+
+def denoising_loss(family, objective, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
+    """The objective's loss on one batch: encode, noise, predict, compare. Used for training and held-out eval."""
+    latents = family.encode_images(batch["pixel_values"])
+    text = family.encode_prompts(batch["captions"])
+    noised = objective.noise(latents, generators)
+    prediction = family.predict(noised.model_input, noised.timesteps, text, batch)
+    return objective.loss(prediction, noised)
+
+
+def check_hardware(cfg) -> None:
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("mixed_precision: 'fp16' needs a CUDA GPU (loss scaling); use 'bf16' or 'no' on this machine")
+
+
+def new_accelerator(cfg) -> Accelerator:
+    """Accelerate keeps its settings in a process-wide singleton; a run starts from a clean one so that a
+    second run in the same process (a test, a sweep) may use another precision."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=cfg.mixed_precision)
+
+
+def build_examples(cfg, dataset) -> TrainingExamples:
+    augment = AugmentOptions(
+        resolution=cfg.resolution,
+        center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip,
+        interpolation=cfg.image_interpolation_mode,
+        color_jitter=cfg.color_jitter,
+        brightness=cfg.color_jitter_brightness,
+        contrast=cfg.color_jitter_contrast,
+        saturation=cfg.color_jitter_saturation,
+        hue=cfg.color_jitter_hue,
+        random_rotation=cfg.random_rotation,
+        rotation_degrees=cfg.rotation_degrees,
+        rotation_prob=cfg.rotation_prob,
+    )
+    captions = CaptionOptions(trigger_word=cfg.trigger_word, caption_dropout_rate=cfg.caption_dropout_rate)
+    return TrainingExamples(dataset, cfg.image_column, cfg.caption_column, augment, captions, cfg.seed)
+
+
+def accumulation_groups(loader, size: int):
+    """Micro-batches grouped per optimizer step; the last group of an epoch may be shorter."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def train(cfg, paths: RunPaths, log=print) -> RunResult:
+    """One whole run: validate cheaply, load, train, evaluate, save. Returns where things went."""
+    # Everything that can be wrong with the input is checked before any weights are read.
+    family_class = detect_family(cfg.model_name)
+    check_hardware(cfg)
+    dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
+    prompts = eval_prompts(cfg.eval_prompt)
+    accelerator = new_accelerator(cfg)
+
+    set_seed(cfg.seed)
+    family = family_class.load(cfg.model_name, WEIGHT_DTYPES[cfg.mixed_precision])
+    cfg, filled = family.configure(cfg)
+    log(f"{family.title} model; defaults applied: " + (", ".join(f"{k}={v}" for k, v in filled.items()) or "none"))
+    family.to(accelerator.device)
+    modules = family.attach_lora()
+    if cfg.gradient_checkpointing:
+        family.enable_gradient_checkpointing(modules)
+    if cfg.enable_xformers_memory_efficient_attention:
+        family.enable_xformers()
+    parameters = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
+    objective = family.make_objective()
+
+    examples = build_examples(cfg, dataset)
+    loader = DataLoader(
+        examples,
+        batch_size=cfg.train_batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        collate_fn=collate_examples,
+        num_workers=cfg.dataloader_num_workers,
+    )
+    steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+    lr_schedule = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps,
+        num_training_steps=max_steps,
+        num_cycles=cfg.lr_num_cycles,
+        power=cfg.lr_power,
+    )
+    optimizer, lr_schedule = accelerator.prepare(optimizer, lr_schedule)
+    ema = EMA(parameters, cfg.ema_decay, cfg.ema_update_every) if cfg.use_ema else None
+
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(paths.run_dir / "config.json", {**cfg.as_dict(), "model_family": family.name})
+    reporter = Reporter(cfg, paths.run_dir / "logs")
+    log(
+        f"{len(examples)} images, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
+        f"epochs; {sum(p.numel() for p in parameters):,} trainable parameters on {accelerator.device}"
+    )
+
+    def save_and_render(epoch: int) -> None:
+        """Eval images and the adapter from the weights that count (EMA when on); raw weights beside them."""
+        for module in modules.values():
+            module.eval()
+        if ema is not None:
+            save_adapter_atomic(family, modules, paths.adapter_dir / "raw")
+        with ema.swapped_in() if ema is not None else nullcontext():
+            if prompts:
+                with accelerator.autocast():
+                    images = render_images(family, prompts, cfg.eval_seed)
+                result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch))
+                reporter.images(step, "eval", images)
+            save_adapter_atomic(family, modules, paths.adapter_dir)
+        for module in modules.values():
+            module.train()
+
+    result = RunResult(adapter_path=paths.adapter_dir / WEIGHTS_NAME)
+    step = 0
+    progress = tqdm(total=max_steps, desc="training", disable=not accelerator.is_local_main_process)
+    started = time.perf_counter()
+    for module in modules.values():
+        module.train()
+    for epoch in range(num_epochs):
+        examples.set_epoch(epoch)
+        for group in accumulation_groups(loader, cfg.gradient_accumulation_steps):
+            step_loss = 0.0
+            for batch in group:
+                with accelerator.autocast():
+                    loss = denoising_loss(family, objective, batch, sample_generators(cfg.seed, epoch, batch["indices"]))
+                accelerator.backward(loss / len(group))
+                step_loss += loss.item() / len(group)
+            grad_norm = accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if ema is not None:
+                ema.update(step)
+            result.losses.append(step_loss)
+            metrics = {"train/loss": step_loss, "train/lr": lr_schedule.get_last_lr()[0]}
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            reporter.metrics(step, metrics)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
+            if step >= max_steps:
+                break
+        if (epoch + 1) % cfg.eval_steps == 0 or step >= max_steps:
+            save_and_render(epoch + 1)
+        if step >= max_steps:
+            break
+    progress.close()
+    reporter.close()
+    result.steps = step
+    log(f"trained {step} steps in {time.perf_counter() - started:.1f}s; adapter: {result.adapter_path}")
+    if result.eval_images:
+        log(f"eval images: {result.eval_images[-1].parent}")
+    return result

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Creates .venv and installs PyTorch (CPU build unless an NVIDIA GPU is present) and requirements.txt.
+# Idempotent: when everything is already installed at the pinned versions it returns in a second or two.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+STAMP="$VENV/.setup-stamp"
+WANT="$(cat requirements.txt setup.sh | sha256sum | cut -d' ' -f1)"
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c "import torch, diffusers, peft" 2>/dev/null; then
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; }
+
+# torch first and pinned, so nothing below pulls a different (multi-GB) build. Where a CPU wheel of this
+# version is provided locally pip takes it; elsewhere pip's index decides.
+"$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==$TORCH_VERSION"
+"${PIP[@]}" -r requirements.txt
+
+# xFormers is CUDA-only and its wheels pin their own torch: install it without dependencies where a GPU is
+# present, keep it only if it imports against our torch. The trainer falls back to PyTorch SDPA without it.
+if has_gpu && ! "$VENV/bin/python" -c "import xformers.ops" 2>/dev/null; then
+  "${PIP[@]}" --no-deps xformers && "$VENV/bin/python" -c "import xformers.ops" 2>/dev/null \
+    || { "$VENV/bin/python" -m pip uninstall -y -q xformers 2>/dev/null; echo "setup: xFormers unusable here; PyTorch SDPA will be used"; }
+fi
+
+echo "$WANT" > "$STAMP"
+echo "setup: ready ($("$VENV/bin/python" -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__)'))"

@@ -1,0 +1,157 @@
+"""The manifest is the single source of truth: config fields, defaults, validation and the README table."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from plugin.config import ALIASES, LAUNCHER_KEYS, load_manifest, parse_parameters, read_parameter_file
+from plugin.docs import BEGIN, END, README_PATH, parameter_table
+from plugin.errors import ConfigError
+
+PLUGIN = Path(__file__).resolve().parent.parent / "plugin"
+MANIFEST = load_manifest()
+PARAMETERS = MANIFEST["parameters"]
+
+
+def test_manifest_is_a_transformer_lab_trainer_plugin():
+    for key in ("name", "uniqueId", "description", "plugin-format", "type", "version", "model_architectures",
+                "supported_hardware_architectures", "files", "setup-script", "parameters", "parameters_ui"):
+        assert key in MANIFEST, key
+    assert MANIFEST["type"] == "trainer" and MANIFEST["plugin-format"] == "python"
+    for cls in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline"):
+        assert cls in MANIFEST["model_architectures"]
+    root = PLUGIN.parent
+    assert all((root / f).is_file() for f in MANIFEST["files"])
+    assert PARAMETERS["adaptor_name"]["required"] is True
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERS))
+def test_every_parameter_is_complete_and_its_default_is_valid(name):
+    spec = PARAMETERS[name]
+    assert spec["title"] and spec["type"] in {"string", "integer", "number", "boolean"}
+    assert MANIFEST["parameters_ui"][name]["ui:help"].strip()
+    if "enum" in spec:
+        assert spec["default"] in spec["enum"]
+    if "minimum" in spec and "maximum" in spec:
+        assert spec["minimum"] <= spec["maximum"]
+    if not spec.get("required"):
+        assert parse_parameters({"adaptor_name": "a"}).as_dict()[name] == spec["default"]
+
+
+def test_ui_hints_cover_exactly_the_parameters():
+    assert set(MANIFEST["parameters_ui"]) == set(PARAMETERS)
+
+
+def _code_outside_config() -> str:
+    return "\n".join(p.read_text() for p in PLUGIN.rglob("*.py") if p.name not in {"config.py", "docs.py"})
+
+
+def test_every_manifest_parameter_is_read_by_the_code():
+    code = _code_outside_config()
+    unused = [name for name in PARAMETERS if not re.search(rf"\bcfg\.{name}\b", code)]
+    assert unused == [], f"parameters nothing reads: {unused}"
+
+
+def test_the_code_reads_no_config_field_the_manifest_lacks():
+    code = _code_outside_config()
+    methods = {"as_dict", "replace"}
+    read = set(re.findall(r"\bcfg\.([a-z_][a-z0-9_]*)", code)) - methods
+    assert read - set(PARAMETERS) == set()
+    with pytest.raises(AttributeError, match="not a parameter"):
+        parse_parameters({"adaptor_name": "a"}).no_such_field
+
+
+def test_readme_parameter_table_is_generated_from_the_manifest():
+    readme = README_PATH.read_text()
+    table = readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert table == parameter_table(MANIFEST), "run `python -m plugin.docs` to regenerate the README table"
+
+
+def test_strings_from_a_form_are_coerced_by_manifest_type():
+    cfg = parse_parameters(
+        {"adaptor_name": "a", "learning_rate": "1e-4", "use_ema": "true", "lora_r": "4", "noise_offset": "0.05",
+         "center_crop": "False", "max_train_steps": 10.0}
+    )
+    assert cfg.learning_rate == 1e-4 and cfg.use_ema is True and cfg.lora_r == 4
+    assert cfg.noise_offset == 0.05 and cfg.center_crop is False and cfg.max_train_steps == 10
+    assert isinstance(cfg.lora_r, int) and isinstance(cfg.noise_offset, float)
+
+
+@pytest.mark.parametrize(
+    "raw, culprit",
+    [
+        ({"adaptor_name": "a", "lora_rank": 4}, "lora_rank"),  # unknown key, with a suggestion
+        ({"adaptor_name": "a", "lora_r": "four"}, "lora_r"),  # wrong type
+        ({"adaptor_name": "a", "lora_r": 2.5}, "lora_r"),  # not an integer
+        ({"adaptor_name": "a", "use_ema": "maybe"}, "use_ema"),
+        ({"adaptor_name": "a", "caption_dropout_rate": 1.5}, "caption_dropout_rate"),  # out of range
+        ({"adaptor_name": "a", "learning_rate": -1}, "learning_rate"),
+        ({"adaptor_name": "a", "lr_scheduler": "exponential"}, "lr_scheduler"),  # bad enum
+        ({"adaptor_name": "a", "learning_rate": "nan"}, "learning_rate"),
+        ({"adaptor_name": "a", "seed": True}, "seed"),
+        ({}, "adaptor_name"),  # missing required
+        ({"adaptor_name": ""}, "adaptor_name"),
+        ({"adaptor_name": "../escape"}, "adaptor_name"),
+        ({"adaptor_name": "/abs/path"}, "adaptor_name"),
+        ({"adaptor_name": "a/b"}, "adaptor_name"),
+        ({"adaptor_name": ".."}, "adaptor_name"),
+    ],
+)
+def test_bad_values_name_the_field(raw, culprit):
+    with pytest.raises(ConfigError, match=re.escape(culprit)):
+        parse_parameters(raw)
+
+
+def test_unknown_key_error_suggests_the_close_name():
+    with pytest.raises(ConfigError, match="did you mean lora_r"):
+        parse_parameters({"adaptor_name": "a", "lora_rr": 4})
+
+
+def test_enum_error_lists_allowed_values():
+    with pytest.raises(ConfigError, match="'cosine_with_restarts'"):
+        parse_parameters({"adaptor_name": "a", "lr_scheduler": "nope"})
+
+
+def test_comment_keys_are_ignored_and_aliases_map():
+    cfg = parse_parameters({"adaptor_name": "a", "_comment": "anything", "min_snr_gamma": 5})
+    assert cfg.snr_gamma == 5.0
+    assert parse_parameters({"adaptor_name": "a", "min_snr_gamma": 5, "snr_gamma": 3}).snr_gamma == 3.0
+    assert set(ALIASES.values()) <= set(PARAMETERS)
+
+
+def test_launcher_keys_are_accepted_only_when_ignored():
+    raw = {"adaptor_name": "a", "job_id": 7, "adaptor_output_dir": "/x", "model_architecture": "FluxPipeline"}
+    with pytest.raises(ConfigError, match="job_id|adaptor_output_dir|model_architecture"):
+        parse_parameters(raw)
+    assert parse_parameters(raw, ignore=LAUNCHER_KEYS).adaptor_name == "a"
+
+
+def test_config_is_read_only_and_replace_revalidates():
+    cfg = parse_parameters({"adaptor_name": "a"})
+    with pytest.raises(AttributeError):
+        cfg.lora_r = 3
+    assert cfg.replace(lora_r=16).lora_r == 16
+    with pytest.raises(ConfigError, match="lora_r"):
+        cfg.replace(lora_r=0)
+
+
+def test_parameter_files_flat_or_under_config(tmp_path):
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"adaptor_name": "a", "lora_r": 4}))
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"experiment": {"name": "x"}, "config": {"adaptor_name": "a", "lora_r": 4}}))
+    assert read_parameter_file(flat) == read_parameter_file(nested) == {"adaptor_name": "a", "lora_r": 4}
+
+
+@pytest.mark.parametrize("content, message", [(None, "does not exist"), ("{not json", "not valid JSON"), ("[1]", "JSON object")])
+def test_bad_parameter_files_are_named(tmp_path, content, message):
+    path = tmp_path / "run.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message) as error:
+        read_parameter_file(path)
+    assert "run.json" in str(error.value)

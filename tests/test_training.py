@@ -1,0 +1,305 @@
+"""The training loop on the tiny SD model: the reference trainer's defects (../shared/PITFALLS.md) are absent,
+runs are reproducible, bad input fails early, outputs survive interruption, and every objective learns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import base_parameters, final_eval_image, heldout_loss, load_fresh, render, write_parameter_file
+from plugin.config import parse_parameters
+from plugin.errors import ConfigError
+from plugin.export import WEIGHTS_NAME
+from plugin.families.base import ModelFamily
+from plugin.main import main
+
+
+def adapter(paths) -> dict[str, torch.Tensor]:
+    return load_file(str(paths.adapter_dir / WEIGHTS_NAME))
+
+
+def test_gradient_clipping_really_clips(run_training, monkeypatch):
+    """Pitfall 1: the global grad norm seen by the optimizer is at most max_grad_norm."""
+    seen = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    run_training(max_grad_norm=1e-4, max_train_steps=4, learning_rate=1e-2, eval_prompt="")
+    clipped = list(seen)
+    seen.clear()
+    run_training(max_grad_norm=0, max_train_steps=4, learning_rate=1e-2, eval_prompt="")
+    assert len(clipped) == 4 and max(clipped) <= 1e-4 * (1 + 1e-4)
+    assert min(seen) > 1e-3, "without clipping the norms are far above the bound, so the bound really acted"
+
+
+def test_gradient_accumulation_keeps_the_effective_learning_rate(run_training):
+    """Pitfall 2 and 12: batch 4 x accumulation 1 and batch 2 x accumulation 2 give the same update and the
+    same logged loss (the mean over the accumulated micro-batches). Adam's epsilon is set large so the
+    update is linear in the gradient: an undivided loss would double it."""
+    common = dict(max_train_steps=1, learning_rate=1e-2, adam_epsilon=1.0, max_grad_norm=0, eval_prompt="",
+                  adam_weight_decay=0.0)
+    _, whole, whole_paths = run_training(train_batch_size=4, gradient_accumulation_steps=1, adaptor_name="whole", **common)
+    _, accumulated, acc_paths = run_training(train_batch_size=2, gradient_accumulation_steps=2, adaptor_name="acc", **common)
+    a, b = adapter(whole_paths), adapter(acc_paths)
+    up = [k for k in a if "lora_B" in k or "lora.up" in k]
+    assert up and max(a[k].abs().max().item() for k in up) > 1e-4, "the step changed the weights"
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-7)
+    assert whole.losses == pytest.approx(accumulated.losses, rel=1e-5)
+
+
+def test_ema_weights_are_saved_and_rendered(run_training, tiny_models):
+    """Pitfall 3: with use_ema the adapter and the eval images come from the EMA weights; raw ones go to raw/.
+
+    With ema_update_every beyond the run the average stays at the initial LoRA (lora_B = 0, no change to
+    the model), so the saved adapter is a no-op and the eval image equals the base model's, while the raw
+    weights did train."""
+    cfg, result, paths = run_training(use_ema=True, ema_update_every=1000, max_train_steps=6)
+    averaged, raw = adapter(paths), load_file(str(paths.adapter_dir / "raw" / WEIGHTS_NAME))
+    up = [k for k in averaged if "lora_B" in k or "lora.up" in k]
+    assert all(averaged[k].abs().max() == 0 for k in up)
+    assert max(raw[k].abs().max().item() for k in up) > 1e-4
+    base = load_fresh(tiny_models["sd"])
+    expected = render(base, "a red circle on a blue background", cfg.eval_seed, num_inference_steps=4,
+                      guidance_scale=2.0, height=32, width=32)
+    assert np.abs(final_eval_image(result) - expected).max() <= 1
+
+
+def test_ema_follows_its_closed_form():
+    from plugin.ema import EMA
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([weight], decay=0.5, update_every=2)
+    expected = torch.zeros(3)
+    for step in range(1, 7):
+        with torch.no_grad():
+            weight.fill_(float(step))
+        ema.update(step)
+        if step % 2 == 0:
+            n = ema.num_updates - 1
+            d = min(0.5, (1 + n) / (10 + n))
+            expected = d * expected + (1 - d) * step
+    torch.testing.assert_close(ema.shadow[0], expected)
+    with ema.swapped_in():
+        torch.testing.assert_close(weight.data, expected)
+    assert weight.data.eq(6.0).all(), "live weights come back after the block"
+
+
+def test_noise_offset_keeps_its_fraction(tiny_models, sample_data, tmp_path):
+    """Pitfall 4: '0.05' from a form stays 0.05 all the way into the objective, and shows in the noise."""
+    from plugin.families import detect_family
+
+    cfg = parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path, noise_offset="0.05"))
+    family = detect_family(cfg.model_name).load(cfg.model_name, torch.float32)
+    family.configure(cfg)
+    objective = family.make_objective()
+    assert objective.noise_offset == 0.05
+    x0 = torch.zeros(256, 4, 16, 16)
+    gens = [torch.Generator().manual_seed(i) for i in range(256)]
+    noised = objective.noise(x0, gens)  # epsilon target = the noise itself
+    channel_means = noised.target.mean(dim=(2, 3))
+    assert 0.04 < (channel_means.std() ** 2 - 1 / 256).clamp(min=0).sqrt() < 0.06
+
+
+def test_the_models_own_prediction_type_is_respected(tmp_path, sample_data):
+    """Pitfall 6: 'auto' keeps the model scheduler's v_prediction; an explicit setting overrides it."""
+    from plugin.families import detect_family
+    from plugin.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd")
+    pipe.scheduler.register_to_config(prediction_type="v_prediction")
+    pipe.save_pretrained(tmp_path / "vpred")
+    family = detect_family(str(tmp_path / "vpred")).load(str(tmp_path / "vpred"), torch.float32)
+    auto = parse_parameters(base_parameters(tmp_path / "vpred", sample_data, tmp_path))
+    assert family.configure(auto)[0].prediction_type == "v_prediction"
+    assert family.make_objective().prediction_type == "v_prediction"
+    assert family.eval_pipeline().scheduler.config.prediction_type == "v_prediction"
+    family.configure(auto.replace(prediction_type="epsilon"))
+    assert family.make_objective().prediction_type == "epsilon"
+
+
+def test_a_seed_makes_runs_reproducible(run_training):
+    """Pitfall 10: same seed, same adapter bit for bit; another seed, another adapter."""
+    options = dict(max_train_steps=3, eval_prompt="", random_flip=True, caption_dropout_rate=0.3)
+    _, first, p1 = run_training(seed=7, adaptor_name="one", **options)
+    _, second, p2 = run_training(seed=7, adaptor_name="two", **options)
+    _, third, p3 = run_training(seed=8, adaptor_name="three", **options)
+    a, b, c = adapter(p1), adapter(p2), adapter(p3)
+    assert first.losses == second.losses
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_adapter_with_alpha_not_r_reloads_to_the_trained_model(run_training, tiny_models):
+    """Pitfall 13: alpha != r survives the round trip through load_lora_weights (adapter metadata)."""
+    cfg, result, paths = run_training(lora_r=4, lora_alpha=12, max_train_steps=6, learning_rate=3e-3)
+    pipe = load_fresh(tiny_models["sd"])
+    kwargs = dict(num_inference_steps=4, guidance_scale=2.0, height=32, width=32)
+    base = render(pipe, "a red circle on a blue background", cfg.eval_seed, **kwargs)
+    pipe.load_lora_weights(str(paths.adapter_dir))
+    loaded = render(pipe, "a red circle on a blue background", cfg.eval_seed, **kwargs)
+    assert np.abs(loaded - final_eval_image(result)).max() <= 1
+    assert np.abs(loaded - base).mean() > 0.5
+
+
+def _failing_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the input was checked")
+
+
+@pytest.mark.parametrize(
+    "overrides, culprit",
+    [
+        ({"model_name": "./no/such/model"}, "no/such/model"),
+        ({"dataset_name": "./no/such/data"}, "no/such/data"),
+        ({"image_column": "picture"}, "picture"),
+        ({"caption_column": "prompt"}, "prompt"),
+        ({"mixed_precision": "fp16"}, "mixed_precision"),
+    ],
+)
+def test_bad_input_fails_before_any_model_is_loaded(tiny_models, sample_data, tmp_path, monkeypatch, capsys,
+                                                     overrides, culprit):
+    monkeypatch.setattr(ModelFamily, "load", classmethod(_failing_load))
+    file = write_parameter_file(tmp_path / "run.json", base_parameters(tiny_models["sd"], sample_data, tmp_path, **overrides))
+    assert main(["--config", str(file)]) == 2
+    assert culprit in capsys.readouterr().err
+
+
+def test_unsupported_family_and_empty_dataset_are_named(tmp_path, sample_data, tiny_models, monkeypatch):
+    monkeypatch.setattr(ModelFamily, "load", classmethod(_failing_load))
+    other = tmp_path / "kandinsky"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ConfigError, match="KandinskyPipeline.*supported: StableDiffusionPipeline"):
+        run_with(base_parameters(other, sample_data, tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metadata.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="empty|no rows|no images"):
+        run_with(base_parameters(tiny_models["sd"], empty, tmp_path))
+
+
+def run_with(parameters: dict):
+    from plugin.trainer import RunPaths, train
+
+    cfg = parse_parameters(parameters)
+    return train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
+
+
+def test_an_interrupted_save_leaves_the_last_good_adapter(run_training, monkeypatch):
+    """A crash or Ctrl-C while writing never corrupts the adapter already on disk."""
+    _, _, paths = run_training(max_train_steps=2, eval_prompt="")
+    good = (paths.adapter_dir / WEIGHTS_NAME).read_bytes()
+
+    def interrupted(self, folder, layers, metadata):
+        (Path(folder) / WEIGHTS_NAME).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ModelFamily, "save_lora", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(max_train_steps=4, eval_prompt="", learning_rate=1e-2)
+    assert (paths.adapter_dir / WEIGHTS_NAME).read_bytes() == good
+    assert not [p for p in paths.adapter_dir.iterdir() if p.name.startswith(".")], "no temp files left behind"
+
+
+def test_transformer_lab_input_file(tiny_models, sample_data, tmp_path):
+    """--input_file: launcher keys accepted, adapter goes to adaptor_output_dir, eval images to output_dir."""
+    parameters = base_parameters(tiny_models["sd"], sample_data, tmp_path / "logs", max_train_steps=2)
+    launcher = {"job_id": 12, "template_name": "t", "plugin_name": "diffusion_lora_trainer", "model_architecture":
+                "StableDiffusionPipeline", "foundation_model_file_path": "", "model_path": "", "type": "trainer",
+                "run_sweeps": False, "embedding_model": "", "chatml_formatted_column": "",
+                "adaptor_output_dir": str(tmp_path / "adaptors" / "test-adapter")}
+    file = write_parameter_file(tmp_path / "input.json", {"experiment": {"name": "e"}, "config": {**parameters, **launcher}})
+    assert main(["--input_file", str(file)]) == 0
+    assert (tmp_path / "adaptors" / "test-adapter" / WEIGHTS_NAME).is_file()
+    assert (tmp_path / "logs" / "test-adapter" / "eval_images" / "epoch_1.png").is_file()
+    assert json.loads((tmp_path / "logs" / "test-adapter" / "config.json").read_text())["max_train_steps"] == 2
+
+
+def test_demo_command_trains_renders_and_saves(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--demo"]) == 0
+    out = tmp_path / "output" / "demo-sd"
+    assert (out / WEIGHTS_NAME).is_file() and (out / "config.json").is_file()
+    assert sorted(p.name for p in (out / "eval_images").glob("epoch_?.png")) == ["epoch_4.png", "epoch_8.png"]
+    assert "adapter" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("loss_weighting", ["uniform", "min_snr"])
+def test_every_objective_learns(run_training, tiny_models, prediction_type, loss_weighting):
+    """Issue 3: for each prediction type x {uniform, min_snr}, training lowers the held-out loss measured
+    in that same objective."""
+    cfg, _, paths = run_training(prediction_type=prediction_type, loss_weighting=loss_weighting, snr_gamma=5.0,
+                                 max_train_steps=40, learning_rate=3e-3, lora_r=8, lora_alpha=8, eval_prompt="",
+                                 train_batch_size=4)
+    before = heldout_loss(tiny_models["sd"], cfg)
+    after = heldout_loss(tiny_models["sd"], cfg, paths.adapter_dir)
+    assert after < 0.97 * before, (before, after)
+
+
+def test_bf16_keeps_lora_weights_and_optimizer_state_fp32(run_training, monkeypatch):
+    """Pitfall 9: the frozen base runs in bf16 under autocast; trainable weights and Adam state stay fp32."""
+    import plugin.trainer as trainer
+
+    seen = {"params": set(), "state": set(), "base": set()}
+    original_step = torch.optim.AdamW.step
+    original_loss = trainer.denoising_loss
+
+    def recording_step(self, *args, **kwargs):
+        out = original_step(self, *args, **kwargs)
+        for group in self.param_groups:
+            for p in group["params"]:
+                seen["params"].add(p.dtype)
+                seen["state"].update(v.dtype for v in self.state[p].values() if torch.is_tensor(v) and v.ndim)
+        return out
+
+    def recording_loss(family, *args):
+        seen["base"].add(family.denoiser.conv_in.weight.dtype)
+        loss = original_loss(family, *args)
+        assert torch.isfinite(loss)
+        return loss
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    monkeypatch.setattr(trainer, "denoising_loss", recording_loss)
+    _, result, paths = run_training(mixed_precision="bf16", max_train_steps=3, eval_prompt="")
+    assert seen == {"params": {torch.float32}, "state": {torch.float32}, "base": {torch.bfloat16}}
+    assert all(t.dtype == torch.float32 for t in adapter(paths).values())
+
+
+def test_gradient_checkpointing_gives_the_same_update(run_training):
+    """Checkpointing only trades memory for compute: the trained adapter is the same."""
+    options = dict(max_train_steps=2, eval_prompt="", learning_rate=1e-2)
+    _, _, plain = run_training(adaptor_name="plain", **options)
+    _, _, checkpointed = run_training(adaptor_name="ckpt", gradient_checkpointing=True, **options)
+    a, b = adapter(plain), adapter(checkpointed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_xformers_request_falls_back_to_sdpa_with_a_warning(run_training):
+    with pytest.warns(UserWarning, match="xFormers is not usable here"):
+        run_training(enable_xformers_memory_efficient_attention=True, max_train_steps=1, eval_prompt="")
+
+
+def test_logging_sinks_write_offline(run_training, monkeypatch):
+    """TensorBoard event files appear; W&B runs offline without an API key and never prompts."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", "/nonexistent")
+    monkeypatch.setenv("HOME", str(Path.cwd() / "no-home"))  # no ~/.netrc with a key
+    from plugin.reporting import wandb_mode
+
+    assert wandb_mode() == "offline"
+    _, _, paths = run_training(log_to_tensorboard=True, log_to_wandb=True, max_train_steps=2, eval_prompt="")
+    assert list((paths.run_dir / "logs").glob("events.out.tfevents.*"))
+    assert list((paths.run_dir / "logs").rglob("offline-run-*"))
