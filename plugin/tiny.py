@@ -108,7 +108,8 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def _clip_tokenizer() -> CLIPTokenizer:
+def offline_clip_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP BPE tokenizer written from a small vocabulary: no download, 77-token prompts."""
     vocab, merges = _clip_vocab_and_merges()
     return CLIPTokenizer(vocab, merges, model_max_length=_MAX_TOKENS)
 
@@ -215,7 +216,7 @@ def _sd_scheduler() -> EulerDiscreteScheduler:
 
 
 def _build_sd() -> StableDiffusionPipeline:
-    tokenizer = _clip_tokenizer()
+    tokenizer = offline_clip_tokenizer()
     return StableDiffusionPipeline(
         vae=_vae(4, scaling_factor=0.18215),
         text_encoder=_clip_text_encoder(tokenizer, with_projection=False),
@@ -230,7 +231,7 @@ def _build_sd() -> StableDiffusionPipeline:
 
 def _build_sdxl() -> StableDiffusionXLPipeline:
     """Added-condition input = 6 size/crop numbers x addition_time_embed_dim + text_encoder_2's projection."""
-    tokenizer, tokenizer_2 = _clip_tokenizer(), _clip_tokenizer()
+    tokenizer, tokenizer_2 = offline_clip_tokenizer(), offline_clip_tokenizer()
     text_encoder = _clip_text_encoder(tokenizer, with_projection=False)
     text_encoder_2 = _clip_text_encoder(tokenizer_2, with_projection=True)
     time_embed_dim = 8
@@ -254,7 +255,7 @@ def _build_sdxl() -> StableDiffusionXLPipeline:
 
 
 def _build_sd3() -> StableDiffusion3Pipeline:
-    tokenizer, tokenizer_2, tokenizer_3 = _clip_tokenizer(), _clip_tokenizer(), _t5_tokenizer()
+    tokenizer, tokenizer_2, tokenizer_3 = offline_clip_tokenizer(), offline_clip_tokenizer(), _t5_tokenizer()
     text_encoder = _clip_text_encoder(tokenizer, with_projection=True)
     text_encoder_2 = _clip_text_encoder(tokenizer_2, with_projection=True)
     text_encoder_3 = _t5_encoder(tokenizer_3)
@@ -286,7 +287,7 @@ def _build_sd3() -> StableDiffusion3Pipeline:
 
 def _build_flux() -> FluxPipeline:
     """Flux packs 2x2 latent patches into tokens, so the transformer sees 4x the VAE's latent channels."""
-    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    tokenizer, tokenizer_2 = offline_clip_tokenizer(), _t5_tokenizer()
     text_encoder = _clip_text_encoder(tokenizer, with_projection=False)
     text_encoder_2 = _t5_encoder(tokenizer_2)
     latent_channels = 4

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -28,6 +29,11 @@ from .families import detect_family
 from .reporting import Reporter
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# cuDNN's fused attention backward returns NaN gradients for some sequence lengths on Hopper GPUs
+# (pytorch/pytorch#196678; seen here training Flux at 512 text + 64 image tokens). Training steps, forward and
+# backward (where gradient checkpointing recomputes), use the flash, memory-efficient and math kernels instead.
+TRAINING_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class RunResult:
     adapter_path: Path
     eval_images: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # per optimizer step, mean over its micro-batches
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step, eval excluded
     steps: int = 0
 
 
@@ -192,17 +199,18 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     result = RunResult(adapter_path=paths.adapter_dir / WEIGHTS_NAME)
     step = 0
     progress = tqdm(total=max_steps, desc="training", disable=not accelerator.is_local_main_process)
-    started = time.perf_counter()
     for module in modules.values():
         module.train()
     for epoch in range(num_epochs):
         examples.set_epoch(epoch)
         for group in accumulation_groups(loader, cfg.gradient_accumulation_steps):
+            step_started = time.perf_counter()
             step_loss = 0.0
             for batch in group:
-                with accelerator.autocast():
-                    loss = denoising_loss(family, objective, batch, sample_generators(cfg.seed, epoch, batch["indices"]))
-                accelerator.backward(loss / len(group))
+                with sdpa_kernel(list(TRAINING_ATTENTION)):
+                    with accelerator.autocast():
+                        loss = denoising_loss(family, objective, batch, sample_generators(cfg.seed, epoch, batch["indices"]))
+                    accelerator.backward(loss / len(group))
                 step_loss += loss.item() / len(group)
             grad_norm = accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             optimizer.step()
@@ -212,6 +220,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
             if ema is not None:
                 ema.update(step)
             result.losses.append(step_loss)
+            result.step_seconds.append(time.perf_counter() - step_started)
             metrics = {"train/loss": step_loss, "train/lr": lr_schedule.get_last_lr()[0]}
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
@@ -227,7 +236,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     progress.close()
     reporter.close()
     result.steps = step
-    log(f"trained {step} steps in {time.perf_counter() - started:.1f}s; adapter: {result.adapter_path}")
+    log(f"trained {step} steps in {sum(result.step_seconds):.1f}s (evaluation excluded); adapter: {result.adapter_path}")
     if result.eval_images:
         log(f"eval images: {result.eval_images[-1].parent}")
     return result

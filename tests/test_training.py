@@ -291,15 +291,36 @@ def test_xformers_request_falls_back_to_sdpa_with_a_warning(run_training):
         run_training(enable_xformers_memory_efficient_attention=True, max_train_steps=1, eval_prompt="")
 
 
-def test_logging_sinks_write_offline(run_training, monkeypatch):
+def test_logging_sinks_write_offline(run_training, monkeypatch, tmp_path):
     """TensorBoard event files appear; W&B runs offline without an API key and never prompts."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", "/nonexistent")
-    monkeypatch.setenv("HOME", str(Path.cwd() / "no-home"))  # no ~/.netrc with a key
+    monkeypatch.setenv("HOME", str(tmp_path / "no-home"))  # no ~/.netrc with a key
     from plugin.reporting import wandb_mode
 
     assert wandb_mode() == "offline"
     _, _, paths = run_training(log_to_tensorboard=True, log_to_wandb=True, max_train_steps=2, eval_prompt="")
     assert list((paths.run_dir / "logs").glob("events.out.tfevents.*"))
     assert list((paths.run_dir / "logs").rglob("offline-run-*"))
+
+
+def test_training_steps_avoid_the_cudnn_attention_kernel(run_training, monkeypatch):
+    """cuDNN's attention backward gives NaN gradients on Hopper for some sequence lengths (Flux on an H100
+    trained to NaN after one step): forward and backward of every step run with it disabled, and the
+    setting is restored afterwards for the rest of the process."""
+    seen = []
+    original = ModelFamily.encode_images
+
+    def spying_encode(self, pixel_values):
+        seen.append(("forward", torch.backends.cuda.cudnn_sdp_enabled()))
+        latents = original(self, pixel_values).requires_grad_()
+        latents.register_hook(lambda grad: seen.append(("backward", torch.backends.cuda.cudnn_sdp_enabled())))
+        return latents
+
+    monkeypatch.setattr(ModelFamily, "encode_images", spying_encode)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    run_training(max_train_steps=2, eval_prompt="")
+    assert {phase for phase, _ in seen} == {"forward", "backward"}
+    assert not any(enabled for _, enabled in seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -1,0 +1,92 @@
+"""Training speed of every family on its tiny pipeline, across precision and memory options.
+
+On a CUDA machine this is also the check of the GPU paths: bf16 and fp16 (loss scaling) autocast,
+gradient checkpointing and xFormers, each run end to end (train, render eval images, save, reload the
+adapter into a fresh fp32 pipeline). Prints one row per run:
+
+    .venv/bin/python bench/families.py [--steps 30] [--families sd,sdxl,sd3,flux] 2>/dev/null
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from plugin.config import parse_parameters  # noqa: E402
+from plugin.families import detect_family  # noqa: E402
+from plugin.main import quiet_libraries  # noqa: E402
+from plugin.tiny import FAMILIES, SAMPLE_RESOLUTION, save_tiny_pipeline, write_sample_dataset  # noqa: E402
+from plugin.trainer import RunPaths, train  # noqa: E402
+
+
+def variants(cuda: bool) -> list[dict]:
+    """Option sets worth timing here: fp16 and xFormers only exist on CUDA."""
+    runs = [{"mixed_precision": "no"}, {"mixed_precision": "bf16"}, {"mixed_precision": "bf16", "gradient_checkpointing": True}]
+    if cuda:
+        runs += [{"mixed_precision": "fp16"}, {"mixed_precision": "bf16", "enable_xformers_memory_efficient_attention": True}]
+    return runs
+
+
+def adapter_reloads(model: Path, adapter_dir: Path, prompt: str) -> bool:
+    """The saved adapter loads into a fresh fp32 pipeline and changes its image."""
+    family = detect_family(str(model)).load(str(model), torch.float32)
+    pipe = family.pipe
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 2, "height": SAMPLE_RESOLUTION, "width": SAMPLE_RESOLUTION, "output_type": "pt"}
+    base = pipe(prompt, generator=torch.Generator("cpu").manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(str(adapter_dir))
+    tuned = pipe(prompt, generator=torch.Generator("cpu").manual_seed(0), **kwargs).images
+    return bool(torch.isfinite(tuned).all() and not torch.equal(base, tuned))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    args = parser.parse_args()
+    quiet_libraries()
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"device: {device}; torch {torch.__version__}; {args.steps} steps, batch 2, {SAMPLE_RESOLUTION} px")
+    print(f"{'family':6} {'options':44} {'ms/step':>8} {'loss first5→last5':>20} {'peak MiB':>9} reload")
+    with tempfile.TemporaryDirectory() as workdir:
+        root = Path(workdir)
+        data = write_sample_dataset(root / "data")
+        for family in args.families.split(","):
+            model = save_tiny_pipeline(family, root / family)
+            for options in variants(cuda):
+                prompt = "a red circle on a blue background"
+                cfg = parse_parameters({
+                    "model_name": str(model), "dataset_name": str(data), "output_dir": str(root / "out"),
+                    "adaptor_name": f"{family}-run", "resolution": SAMPLE_RESOLUTION, "train_batch_size": 2,
+                    "max_train_steps": args.steps, "learning_rate": 1e-3, "lr_warmup_steps": 0,
+                    "eval_prompt": prompt, "eval_num_inference_steps": 4, "log_to_tensorboard": False, **options,
+                })  # fmt: skip
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    result = train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
+                peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+                step_ms = 1000 * statistics.median(result.step_seconds[3:] or result.step_seconds)
+                first, last = statistics.mean(result.losses[:5]), statistics.mean(result.losses[-5:])
+                reload = adapter_reloads(model, result.adapter_path.parent, prompt)
+                label = ", ".join(f"{k}={v}" for k, v in options.items()).replace("enable_xformers_memory_efficient_attention", "xformers")
+                print(f"{family:6} {label:44} {step_ms:8.1f} {first:9.4f} → {last:8.4f} {peak:9.1f} {'ok' if reload else 'FAILED'}")
+                for warning in caught:
+                    if "xFormers" in str(warning.message):
+                        print(f"       note: {warning.message}")
+
+
+if __name__ == "__main__":
+    main()
