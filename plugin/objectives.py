@@ -389,15 +389,16 @@ class _Objective:
 
     def __init__(
         self,
-        timestep_sampling: str,
-        logit_mean: float,
-        logit_std: float,
-        mode_scale: float,
-        noise_offset: float,
-        input_perturbation: float,
-        loss_type: str,
-        huber_c: float,
-        huber_schedule: str,
+        *,
+        timestep_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        noise_offset: float = 0.0,
+        input_perturbation: float = 0.0,
+        loss_type: str = "l2",
+        huber_c: float = 0.1,
+        huber_schedule: str = "snr",
     ):
         _check_choice("timestep_sampling", timestep_sampling, TIMESTEP_SAMPLINGS)
         _check_positive("logit_std", logit_std)
@@ -457,30 +458,13 @@ class DiffusionObjective(_Objective):
         *,
         zero_terminal_snr: bool = False,
         prediction_type: str = "epsilon",
-        timestep_sampling: str = "uniform",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-        mode_scale: float = 1.29,
         loss_weighting: str = "uniform",
         snr_gamma: float = 5.0,
         sigma_data: float = 1.0,
-        noise_offset: float = 0.0,
-        input_perturbation: float = 0.0,
-        loss_type: str = "l2",
-        huber_c: float = 0.1,
-        huber_schedule: str = "snr",
+        **shared,
     ):
-        super().__init__(
-            timestep_sampling,
-            logit_mean,
-            logit_std,
-            mode_scale,
-            noise_offset,
-            input_perturbation,
-            loss_type,
-            huber_c,
-            huber_schedule,
-        )
+        """``shared``: the sampling, noise and loss options of ``_Objective``."""
+        super().__init__(**shared)
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         if betas.ndim != 1 or betas.numel() < 2 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ConfigError("betas must be a 1-D tensor of at least 2 values, each in (0, 1)")
@@ -525,28 +509,12 @@ class FlowMatchingObjective(_Objective):
         *,
         num_train_timesteps: int = 1000,
         shift: float = 1.0,
-        timestep_sampling: str = "logit_normal",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-        mode_scale: float = 1.29,
         loss_weighting: str = "none",
-        noise_offset: float = 0.0,
-        input_perturbation: float = 0.0,
-        loss_type: str = "l2",
-        huber_c: float = 0.1,
-        huber_schedule: str = "snr",
+        timestep_sampling: str = "logit_normal",
+        **shared,
     ):
-        super().__init__(
-            timestep_sampling,
-            logit_mean,
-            logit_std,
-            mode_scale,
-            noise_offset,
-            input_perturbation,
-            loss_type,
-            huber_c,
-            huber_schedule,
-        )
+        """``shared``: the other sampling, noise and loss options of ``_Objective``."""
+        super().__init__(timestep_sampling=timestep_sampling, **shared)
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ConfigError(f"num_train_timesteps={num_train_timesteps!r} must be a positive integer")
         _check_positive("shift", shift)
