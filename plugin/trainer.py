@@ -67,12 +67,17 @@ def sample_generators(seed: int, epoch: int, indices) -> list[torch.Generator]:
     ]
 
 
-def denoising_loss(family, objective, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
-    """The objective's loss on one batch: encode, noise, predict, compare. Used for training and held-out eval."""
+def denoising_loss(family, objective, batch: dict, generators: list[torch.Generator], autocast=nullcontext) -> torch.Tensor:
+    """The objective's loss on one batch: encode, noise, predict, compare. Used for training and held-out eval.
+
+    Only the denoiser runs under autocast: the VAE and text encoders keep the precision they were loaded in
+    (an fp32 VAE, T5's fp32 layers), which autocast would otherwise override with fp16 and overflow.
+    """
     latents = family.encode_images(batch["pixel_values"])
     text = family.encode_prompts(batch["captions"])
     noised = objective.noise(latents, generators)
-    prediction = family.predict(noised.model_input, noised.timesteps, text, batch)
+    with autocast():
+        prediction = family.predict(noised.model_input, noised.timesteps, text, batch)
     return objective.loss(prediction, noised)
 
 
@@ -181,18 +186,18 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     )
 
     def save_and_render(epoch: int) -> None:
-        """Eval images and the adapter from the weights that count (EMA when on); raw weights beside them."""
+        """The adapter, then eval images, from the weights that count (EMA when on); raw weights beside them.
+        Saving first means a failure while rendering cannot cost the trained weights."""
         for module in modules.values():
             module.eval()
         if ema is not None:
             save_adapter_atomic(family, modules, paths.adapter_dir / "raw")
         with ema.swapped_in() if ema is not None else nullcontext():
+            save_adapter_atomic(family, modules, paths.adapter_dir)
             if prompts:
-                with accelerator.autocast():
-                    images = render_images(family, prompts, cfg.eval_seed)
+                images = render_images(family, prompts, cfg.eval_seed)
                 result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch))
                 reporter.images(step, "eval", images)
-            save_adapter_atomic(family, modules, paths.adapter_dir)
         for module in modules.values():
             module.train()
 
@@ -207,9 +212,9 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
             step_started = time.perf_counter()
             step_loss = 0.0
             for batch in group:
+                generators = sample_generators(cfg.seed, epoch, batch["indices"])
                 with sdpa_kernel(list(TRAINING_ATTENTION)):
-                    with accelerator.autocast():
-                        loss = denoising_loss(family, objective, batch, sample_generators(cfg.seed, epoch, batch["indices"]))
+                    loss = denoising_loss(family, objective, batch, generators, accelerator.autocast)
                     accelerator.backward(loss / len(group))
                 step_loss += loss.item() / len(group)
             grad_norm = accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None

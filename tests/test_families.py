@@ -168,13 +168,13 @@ def test_sdxl_unet_gets_the_real_crop_coordinates(tiny_models, tmp_path, monkeyp
     seen = []  # (indices, time_ids) per UNet call during training
     original = trainer_module.denoising_loss
 
-    def spy(family, objective, batch, generators):
+    def spy(family, objective, batch, generators, *rest):
         def hook(module, args, kwargs):
             seen.append((batch["indices"].tolist(), kwargs["added_cond_kwargs"]["time_ids"].detach().clone()))
 
         handle = family.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            return original(family, objective, batch, generators)
+            return original(family, objective, batch, generators, *rest)
         finally:
             handle.remove()
 

@@ -7,6 +7,7 @@ which objective (DDPM or flow matching) it trains with, and which pipeline class
 
 from __future__ import annotations
 
+import math
 import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -16,7 +17,7 @@ from diffusers import DDPMScheduler, DDIMScheduler, DiffusionPipeline
 from peft import LoraConfig
 
 from ..errors import ConfigError
-from ..objectives import DiffusionObjective, FlowMatchingObjective
+from ..objectives import DiffusionObjective, FlowMatchingObjective, flux_mu
 
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -42,7 +43,7 @@ class ModelFamily(ABC):
         """The pipeline from a local folder or hub id, frozen and in eval mode."""
         pipe = cls.pipeline_class.from_pretrained(model_name, dtype=dtype)
         if dtype == torch.float16:
-            pipe.vae.to(torch.float32)  # fp16 VAEs overflow (SDXL's notably); the VAE is small
+            _keep_in_fp32(pipe.vae)
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(False).eval()
@@ -128,11 +129,27 @@ class ModelFamily(ABC):
             raise ConfigError(
                 f"resolution: {resolution} must be a multiple of {self.resolution_multiple} for {self.title} models"
             )
+        self._check_trainable_model()
         if cfg.train_text_encoder and not self.lora_text_encoders:
             raise ConfigError(f"train_text_encoder: not supported for {self.title}; it is for SD 1.x/2.x and SDXL")
         filled.update(self._resolve_objective(cfg))
         self.cfg = cfg.replace(**filled)
         return self.cfg, filled
+
+    @property
+    def denoiser_input_channels(self) -> int:
+        """Channels a text-to-image denoiser of this family takes: the VAE's latent channels."""
+        return self.pipe.vae.config.latent_channels
+
+    def _check_trainable_model(self) -> None:
+        """Inpainting checkpoints (latents + mask + masked image) load but cannot train text-to-image."""
+        channels = self.denoiser.config.in_channels
+        if channels != self.denoiser_input_channels:
+            raise ConfigError(
+                f"model_name: this {self.title} {self.denoiser_name} takes {channels} input channels, not the "
+                f"{self.denoiser_input_channels} of a text-to-image model (an inpainting checkpoint?); "
+                "use the text-to-image base model"
+            )
 
     @abstractmethod
     def _resolve_objective(self, cfg) -> dict[str, Any]:
@@ -185,8 +202,9 @@ class ModelFamily(ABC):
 
     # ----- evaluation and export ---------------------------------------------------------------------
     def eval_pipeline(self) -> DiffusionPipeline:
-        """An inference pipeline sharing the loaded (LoRA-carrying) modules: nothing reloaded from disk."""
-        return self.pipeline_class(**self.pipe.components)
+        """An inference pipeline sharing the loaded (LoRA-carrying) modules and the pipeline's own settings:
+        nothing reloaded from disk."""
+        return self.pipeline_class.from_pipe(self.pipe)
 
     def eval_call_kwargs(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -217,8 +235,11 @@ class DDPMFamily(ModelFamily):
 
     def _resolve_objective(self, cfg) -> dict[str, Any]:
         filled: dict[str, Any] = {}
+        scheduler_config = self.pipe.scheduler.config
         if cfg.prediction_type == "auto":
-            filled["prediction_type"] = self.pipe.scheduler.config.get("prediction_type", "epsilon")
+            filled["prediction_type"] = scheduler_config.get("prediction_type", "epsilon")
+        if scheduler_config.get("rescale_betas_zero_snr", False) and not cfg.rescale_betas_zero_snr:
+            filled["rescale_betas_zero_snr"] = True  # the model was trained with a zero-terminal-SNR schedule
         if cfg.timestep_sampling == "auto":
             filled["timestep_sampling"] = "uniform"
         if cfg.loss_weighting == "auto":
@@ -231,8 +252,9 @@ class DDPMFamily(ModelFamily):
         return filled
 
     def training_betas(self) -> torch.Tensor:
-        """The model's own beta schedule, read from its scheduler config."""
-        return DDPMScheduler.from_config(self.pipe.scheduler.config).betas
+        """The model's own beta schedule, read from its scheduler config, before any zero-SNR rescaling (the
+        objective applies that itself when rescale_betas_zero_snr is on)."""
+        return DDPMScheduler.from_config(self.pipe.scheduler.config, rescale_betas_zero_snr=False).betas
 
     def make_objective(self) -> DiffusionObjective:
         cfg = self.cfg
@@ -246,15 +268,16 @@ class DDPMFamily(ModelFamily):
         )
 
     def eval_pipeline(self) -> DiffusionPipeline:
-        """Sampling uses the prediction type trained; zero terminal SNR needs trailing timesteps (Lin et al.)."""
+        """Sampling uses the prediction type trained. The model's own sampler is kept when it was made for
+        that prediction type; otherwise DDIM, which takes all three (PNDM, SD 1.5's, has no x0 mode). Zero
+        terminal SNR samples with DDIM on trailing timesteps, as Lin et al. prescribe."""
         pipe = super().eval_pipeline()
-        scheduler_config = dict(pipe.scheduler.config, prediction_type=self.cfg.prediction_type)
+        own = pipe.scheduler.config
+        config = dict(own, prediction_type=self.cfg.prediction_type)
         if self.cfg.rescale_betas_zero_snr:
-            pipe.scheduler = DDIMScheduler.from_config(
-                scheduler_config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
-            )
-        else:
-            pipe.scheduler = type(pipe.scheduler).from_config(scheduler_config)
+            pipe.scheduler = DDIMScheduler.from_config(config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        elif own.get("prediction_type", "epsilon") != self.cfg.prediction_type:
+            pipe.scheduler = DDIMScheduler.from_config(config)
         return pipe
 
     def eval_call_kwargs(self) -> dict[str, Any]:
@@ -287,9 +310,22 @@ class FlowFamily(ModelFamily):
             raise ConfigError(f"rescale_betas_zero_snr: {self.title} trains with flow matching, which reaches pure noise already")
         return filled
 
-    @abstractmethod
     def training_shift(self) -> float:
-        """The sigma shift the scheduler applies at this resolution (training uses the same)."""
+        """The sigma shift the scheduler applies when sampling at this resolution, so training sees the same
+        noise levels: its static shift, or with dynamic shifting μ from the patch-token count, applied as
+        exp(μ) (exponential time shift) or μ (linear), which is the shift of σ' = sσ / (1 + (s − 1)σ)."""
+        config = self.pipe.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return float(config.shift)
+        tokens = (self.cfg.resolution // self.resolution_multiple) ** 2
+        mu = flux_mu(
+            tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return mu if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
 
     def make_objective(self) -> FlowMatchingObjective:
         return FlowMatchingObjective(
@@ -297,6 +333,18 @@ class FlowFamily(ModelFamily):
             shift=self.training_shift(),
             **self._objective_kwargs(),
         )
+
+
+def _keep_in_fp32(vae: torch.nn.Module) -> None:
+    """fp16 VAEs overflow (SDXL's notably) and the VAE is small, so it stays fp32 while the rest runs in
+    fp16. Pipelines hand it latents in the prompt embeddings' dtype, so its decode casts them first."""
+    vae.to(torch.float32)
+    decode = vae.decode
+
+    def decode_fp32(latents, *args, **kwargs):
+        return decode(latents.to(torch.float32), *args, **kwargs)
+
+    vae.decode = decode_fp32
 
 
 def _check_targets_exist(module: torch.nn.Module, targets: list[str], field: str) -> None:

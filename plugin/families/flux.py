@@ -4,12 +4,9 @@ shift."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers import FluxPipeline
 
-from ..objectives import flux_mu
 from .base import FlowFamily
 
 
@@ -43,20 +40,9 @@ class Flux(FlowFamily):
     denoiser_name = "transformer"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
-    def training_shift(self) -> float:
-        """The shift the scheduler uses when sampling at this resolution, so training sees the same noise levels."""
-        config = self.pipe.scheduler.config
-        if not config.get("use_dynamic_shifting", False):
-            return float(config.shift)
-        latent_side = self.cfg.resolution // self.vae_scale_factor
-        mu = flux_mu(
-            (latent_side // 2) ** 2,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        return math.exp(mu)
+    @property
+    def denoiser_input_channels(self) -> int:
+        return 4 * self.pipe.vae.config.latent_channels  # 2x2 patches packed into channels
 
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():

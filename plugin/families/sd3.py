@@ -16,9 +16,6 @@ class StableDiffusion3(FlowFamily):
     denoiser_name = "transformer"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
-    def training_shift(self) -> float:
-        return float(self.pipe.scheduler.config.shift)
-
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             embeds, _, pooled, _ = self.pipe.encode_prompt(

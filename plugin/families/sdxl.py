@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from ..errors import ConfigError
 from .base import DDPMFamily
 
 
@@ -27,6 +28,12 @@ class StableDiffusionXL(DDPMFamily):
     denoiser_name = "unet"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     lora_text_encoders = ("text_encoder", "text_encoder_2")
+
+    def _check_trainable_model(self) -> None:
+        """The SDXL refiner has only the second text encoder and other micro-conditioning: not trainable here."""
+        if self.pipe.text_encoder is None:
+            raise ConfigError("model_name: this SDXL model has no first text encoder (the refiner?); use the SDXL base model")
+        super()._check_trainable_model()
 
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         with torch.set_grad_enabled(self.trains_text_encoder):
