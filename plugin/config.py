@@ -156,15 +156,19 @@ def parse_parameters(raw: Mapping[str, Any], *, ignore: frozenset = frozenset(),
     """
     parameters = manifest_parameters(manifest)
     values: dict[str, Any] = {}
+    aliased: dict[str, tuple[str, Any]] = {}
     for key, value in raw.items():
         if key.startswith("_") or key in ignore:
             continue
         name = ALIASES.get(key, key)
         if name not in parameters:
             raise ConfigError(f"unknown parameter {key!r}{_suggestion(key, parameters)}")
-        if name in values and key != name:
-            continue  # the canonical spelling wins over an alias
-        values[name] = parameters[name].coerce(value)
+        if key != name:
+            aliased[name] = (key, parameters[name].coerce(value))
+        else:
+            values[name] = parameters[name].coerce(value)
+    for name, (alias, value) in aliased.items():
+        values[name] = _merge_alias(name, values.get(name), alias, value, parameters[name].coerce(parameters[name].default))
     for name, parameter in parameters.items():
         if name in values:
             continue
@@ -173,6 +177,23 @@ def parse_parameters(raw: Mapping[str, Any], *, ignore: frozenset = frozenset(),
         values[name] = parameter.coerce(parameter.default)
     _check_adaptor_name(values["adaptor_name"])
     return Config(values)
+
+
+def unknown_keys(raw: Mapping[str, Any], manifest: Mapping | None = None) -> set[str]:
+    """Keys of a parameter file that are neither parameters, aliases nor '_' comments."""
+    parameters = manifest_parameters(manifest)
+    return {key for key in raw if not key.startswith("_") and ALIASES.get(key, key) not in parameters}
+
+
+def _merge_alias(name: str, canonical: Any, alias: str, value: Any, default: Any) -> Any:
+    """A launcher sends every parameter, the canonical one at its default included, so an alias set to
+    something else (min_snr_gamma: 5 beside snr_gamma: 0) is what the user meant; two different
+    non-default values are a contradiction to report rather than resolve."""
+    if canonical is None or canonical == default:
+        return value
+    if value in (default, canonical):
+        return canonical
+    raise ConfigError(f"{name} = {canonical!r} and its alias {alias} = {value!r} disagree: set only one")
 
 
 def _check_adaptor_name(name: str) -> None:

@@ -13,8 +13,8 @@ if __package__ in (None, ""):  # run as a script: make `plugin` importable as a 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read at import: optional-backend notices are noise
 
-from plugin.config import LAUNCHER_KEYS, parse_parameters, read_parameter_file  # noqa: E402
-from plugin.errors import ConfigError  # noqa: E402
+from plugin.config import LAUNCHER_KEYS, parse_parameters, read_parameter_file, unknown_keys  # noqa: E402
+from plugin.errors import ConfigError, TrainingDiverged  # noqa: E402
 from plugin.trainer import RunPaths, train  # noqa: E402
 
 
@@ -52,7 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--input_file", help="the JSON file Transformer Lab writes when it launches the plugin")
     source.add_argument("--demo", action="store_true", help="train on a tiny built-in model and sample data")
     parser.add_argument("--demo-family", default="sd", help="model family of the demo: sd, sdxl, sd3 or flux")
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # Transformer Lab's harness adds --plugin_dir and --experiment_name; nothing here needs them
+        print(f"ignoring arguments: {' '.join(extra)}", file=sys.stderr)
+    return args
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
     launcher_model = raw.get("model_path") or ""
     if launcher_model and Path(launcher_model).is_dir():
         raw = {**raw, "model_name": launcher_model}  # a local copy the launcher points at beats a hub id
-    cfg = parse_parameters(raw, ignore=LAUNCHER_KEYS)
+    extra = unknown_keys(raw) - LAUNCHER_KEYS
+    if extra:  # launchers add keys of their own across versions; only parameter values are validated here
+        print(f"ignoring keys that are not parameters: {', '.join(sorted(extra))}", file=sys.stderr)
+    cfg = parse_parameters(raw, ignore=LAUNCHER_KEYS | extra)
     train(cfg, RunPaths.for_config(cfg, raw.get("adaptor_output_dir") or None))
     return 0
 
@@ -95,8 +101,11 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted: the last saved adapter and eval images are intact", file=sys.stderr)
+        print("interrupted: adapters and eval images saved before this point are intact", file=sys.stderr)
         return 130
 
 

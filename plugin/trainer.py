@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 
 from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, load_image_dataset
 from .ema import EMA
-from .errors import ConfigError
+from .errors import ConfigError, TrainingDiverged
 from .evaluation import eval_prompts, render_images, save_evaluation
 from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
 from .families import detect_family
 from .reporting import Reporter
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+POLYNOMIAL_END_LR = 1e-7  # diffusers.optimization's polynomial schedule decays to this learning rate
 
 # cuDNN's fused attention backward returns NaN gradients for some sequence lengths on Hopper GPUs
 # (pytorch/pytorch#196678; seen here training Flux at 512 text + 64 image tokens). Training steps, forward and
@@ -81,9 +82,15 @@ def denoising_loss(family, objective, batch: dict, generators: list[torch.Genera
     return objective.loss(prediction, noised)
 
 
-def check_hardware(cfg) -> None:
+def check_settings(cfg) -> None:
+    """Combinations that per-field bounds in the manifest cannot express, caught before any weights load."""
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision: 'fp16' needs a CUDA GPU (loss scaling); use 'bf16' or 'no' on this machine")
+    if cfg.lr_scheduler == "polynomial" and cfg.learning_rate <= POLYNOMIAL_END_LR:
+        raise ConfigError(
+            f"learning_rate: {cfg.learning_rate:g} is not above {POLYNOMIAL_END_LR:g}, where the polynomial schedule "
+            "decays to; raise it or pick another lr_scheduler"
+        )
 
 
 def new_accelerator(cfg) -> Accelerator:
@@ -128,7 +135,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     """One whole run: validate cheaply, load, train, evaluate, save. Returns where things went."""
     # Everything that can be wrong with the input is checked before any weights are read.
     family_class = detect_family(cfg.model_name)
-    check_hardware(cfg)
+    check_settings(cfg)
     dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
     prompts = eval_prompts(cfg.eval_prompt)
     accelerator = new_accelerator(cfg)
@@ -206,40 +213,47 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     progress = tqdm(total=max_steps, desc="training", disable=not accelerator.is_local_main_process)
     for module in modules.values():
         module.train()
-    for epoch in range(num_epochs):
-        examples.set_epoch(epoch)
-        for group in accumulation_groups(loader, cfg.gradient_accumulation_steps):
-            step_started = time.perf_counter()
-            step_loss = 0.0
-            for batch in group:
-                generators = sample_generators(cfg.seed, epoch, batch["indices"])
-                with sdpa_kernel(list(TRAINING_ATTENTION)):
-                    loss = denoising_loss(family, objective, batch, generators, accelerator.autocast)
-                    accelerator.backward(loss / len(group))
-                step_loss += loss.item() / len(group)
-            grad_norm = accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            optimizer.step()
-            lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if ema is not None:
-                ema.update(step)
-            result.losses.append(step_loss)
-            result.step_seconds.append(time.perf_counter() - step_started)
-            metrics = {"train/loss": step_loss, "train/lr": lr_schedule.get_last_lr()[0]}
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            reporter.metrics(step, metrics)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
+    try:
+        for epoch in range(num_epochs):
+            examples.set_epoch(epoch)
+            for group in accumulation_groups(loader, cfg.gradient_accumulation_steps):
+                step_started = time.perf_counter()
+                step_loss = 0.0
+                for batch in group:
+                    generators = sample_generators(cfg.seed, epoch, batch["indices"])
+                    with sdpa_kernel(list(TRAINING_ATTENTION)):
+                        loss = denoising_loss(family, objective, batch, generators, accelerator.autocast)
+                        accelerator.backward(loss / len(group))
+                    step_loss += loss.item() / len(group)
+                if not math.isfinite(step_loss):
+                    raise TrainingDiverged(
+                        f"the loss became {step_loss} at step {step + 1}; the adapter saved before it is kept. "
+                        "Lower learning_rate, or use bf16 instead of fp16"
+                    )
+                grad_norm = accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if ema is not None:
+                    ema.update(step)
+                result.losses.append(step_loss)
+                result.step_seconds.append(time.perf_counter() - step_started)
+                metrics = {"train/loss": step_loss, "train/lr": lr_schedule.get_last_lr()[0]}
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                reporter.metrics(step, metrics)
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
+                if step >= max_steps:
+                    break
+            if (epoch + 1) % cfg.eval_steps == 0 or step >= max_steps:
+                save_and_render(epoch + 1)
             if step >= max_steps:
                 break
-        if (epoch + 1) % cfg.eval_steps == 0 or step >= max_steps:
-            save_and_render(epoch + 1)
-        if step >= max_steps:
-            break
-    progress.close()
-    reporter.close()
+    finally:  # logs flushed and the W&B run closed on errors and Ctrl-C too
+        progress.close()
+        reporter.close()
     result.steps = step
     log(f"trained {step} steps in {sum(result.step_seconds):.1f}s (evaluation excluded); adapter: {result.adapter_path}")
     if result.eval_images:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.config import ALIASES, LAUNCHER_KEYS, load_manifest, parse_parameters, read_parameter_file
+from plugin.config import ALIASES, LAUNCHER_KEYS, load_manifest, parse_parameters, read_parameter_file, unknown_keys
 from plugin.docs import BEGIN, END, README_PATH, parameter_table
 from plugin.errors import ConfigError
 
@@ -119,8 +119,25 @@ def test_enum_error_lists_allowed_values():
 def test_comment_keys_are_ignored_and_aliases_map():
     cfg = parse_parameters({"adaptor_name": "a", "_comment": "anything", "min_snr_gamma": 5})
     assert cfg.snr_gamma == 5.0
-    assert parse_parameters({"adaptor_name": "a", "min_snr_gamma": 5, "snr_gamma": 3}).snr_gamma == 3.0
     assert set(ALIASES.values()) <= set(PARAMETERS)
+
+
+@pytest.mark.parametrize("order", [("snr_gamma", "min_snr_gamma"), ("min_snr_gamma", "snr_gamma")])
+def test_alias_beats_a_canonical_key_left_at_its_default(order):
+    """Pitfall 5: a launcher sends snr_gamma at its default 0 beside the older min_snr_gamma; min-SNR must
+    still apply, in either key order. Two different settings are reported, not silently resolved."""
+    values = {"snr_gamma": 0, "min_snr_gamma": 5}
+    raw = {"adaptor_name": "a", **{key: values[key] for key in order}}
+    assert parse_parameters(raw).snr_gamma == 5.0
+    assert parse_parameters({"adaptor_name": "a", "min_snr_gamma": 0, "snr_gamma": 3}).snr_gamma == 3.0
+    assert parse_parameters({"adaptor_name": "a", "min_snr_gamma": 3, "snr_gamma": 3}).snr_gamma == 3.0
+    with pytest.raises(ConfigError, match="snr_gamma = 3.0 and its alias min_snr_gamma = 5.0 disagree"):
+        parse_parameters({"adaptor_name": "a", "min_snr_gamma": 5, "snr_gamma": 3})
+
+
+def test_unknown_keys_are_those_no_parameter_or_alias_explains():
+    raw = {"adaptor_name": "a", "min_snr_gamma": 5, "_note": 1, "train_final_model": True, "job_id": 3}
+    assert unknown_keys(raw) == {"train_final_model", "job_id"}
 
 
 def test_launcher_keys_are_accepted_only_when_ignored():
