@@ -180,19 +180,15 @@ def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
-def flux_time_shift(mu: float, sigmas: Tensor) -> Tensor:
-    """Flux dynamic shift σ' = e^μ/(e^μ + (1/σ − 1)); equals ``shift_sigmas(σ, e^μ)``."""
-    return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
-
-
-def flux_mu(
+def dynamic_shift_mu(
     image_seq_len: int,
     base_seq_len: int = 256,
     max_seq_len: int = 4096,
     base_shift: float = 0.5,
     max_shift: float = 1.15,
 ) -> float:
-    """μ linear in the packed-latent sequence length: base_shift at base_seq_len, max_shift at max_seq_len."""
+    """Resolution-dependent shift μ (Flux; SD3 with dynamic shifting), linear in the number of image tokens:
+    base_shift at base_seq_len, max_shift at max_seq_len. The scheduler applies it as shift e^μ."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * slope + base_shift - slope * base_seq_len
 

@@ -392,9 +392,6 @@ def test_ddpm_family_defaults_and_rejections(family, tiny_models, sample_data, t
 
 LOOP_FILES = ("trainer.py", "evaluation.py", "export.py", "objectives.py", "data.py")
 FAMILY_WORDS = ("sdxl", "sd3", "flux", "stablediffusion", "unet", "transformer")  # substrings, so "transformers" too
-# objectives.py hosts two pure formulas named after the paper/model they come from (Flux's resolution-dependent
-# shift), used only by plugin/families/flux.py: naming a formula is not branching on a family.
-FORMULA_NAMES = {"objectives.py": {"flux_mu", "flux_time_shift"}}
 
 
 def code_words(path: Path) -> list[tuple[int, str]]:
@@ -417,12 +414,9 @@ def code_words(path: Path) -> list[tuple[int, str]]:
 
 
 def family_word_hits(path: Path, words=FAMILY_WORDS, exact=("sd", "sdxl", "sd3", "flux")) -> list[str]:
-    allowed = FORMULA_NAMES.get(path.name, set())
     hits = []
     for line, word in code_words(path):
         lowered = word.lower()
-        if word in allowed:
-            continue
         if any(w in lowered for w in words) or any(part in exact for part in re.split(r"_+", lowered)):
             hits.append(f"{path.name}:{line}: {word}")
     return hits
@@ -455,5 +449,3 @@ def test_family_names_only_in_families_tiny_and_main():
     assert {p.name for p in checked} >= set(LOOP_FILES) | {"config.py"}
     hits = [h for p in checked for h in family_word_hits(p, words=("sdxl", "sd3", "flux"))]
     assert hits == []
-    formulas = {w for name in LOOP_FILES if name != "objectives.py" for _, w in code_words(PLUGIN / name)}
-    assert not formulas & FORMULA_NAMES["objectives.py"]

@@ -117,16 +117,18 @@ def test_shift_sigmas_closed_form_and_matches_diffusers_scheduler():
     close(obj.shift_sigmas(unshifted, 3.0), scheduler.sigmas)
 
 
-def test_flux_time_shift_equals_static_shift_of_exp_mu():
-    assert obj.flux_mu(256) == pytest.approx(0.5)
-    assert obj.flux_mu(4096) == pytest.approx(1.15)
-    assert obj.flux_mu(2176) == pytest.approx(0.825)
+def test_dynamic_time_shift_is_a_static_shift_of_exp_mu_or_mu():
+    """The scheduler's exponential time shift at μ is shift_sigmas with shift e^μ; its linear one, shift μ."""
+    assert obj.dynamic_shift_mu(256) == pytest.approx(0.5)
+    assert obj.dynamic_shift_mu(4096) == pytest.approx(1.15)
+    assert obj.dynamic_shift_mu(2176) == pytest.approx(0.825)
     sigmas = torch.linspace(0.001, 1.0, 1000)
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
-    for mu in (obj.flux_mu(1024), obj.flux_mu(4096), -0.3):
-        shifted = obj.flux_time_shift(mu, sigmas)
-        close(shifted, obj.shift_sigmas(sigmas, math.exp(mu)))
-        close(shifted, scheduler.time_shift(mu, 1.0, sigmas))
+    exponential = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    linear = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear")
+    for mu in (obj.dynamic_shift_mu(1024), obj.dynamic_shift_mu(4096), -0.3):
+        close(obj.shift_sigmas(sigmas, math.exp(mu)), exponential.time_shift(mu, 1.0, sigmas))
+        if mu > 0:
+            close(obj.shift_sigmas(sigmas, mu), linear.time_shift(mu, 1.0, sigmas))
 
 
 # --- Loss weights ---------------------------------------------------------------------------------------

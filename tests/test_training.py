@@ -211,15 +211,18 @@ def test_an_interrupted_save_leaves_the_last_good_adapter(run_training, monkeypa
     assert not [p for p in paths.adapter_dir.iterdir() if p.name.startswith(".")], "no temp files left behind"
 
 
-def test_transformer_lab_input_file(tiny_models, sample_data, tmp_path):
+def test_transformer_lab_input_file(tiny_models, sample_data, tmp_path, capsys):
     """--input_file: launcher keys accepted, adapter goes to adaptor_output_dir, eval images to output_dir."""
     parameters = base_parameters(tiny_models["sd"], sample_data, tmp_path / "logs", max_train_steps=2)
     launcher = {"job_id": 12, "template_name": "t", "plugin_name": "diffusion_lora_trainer", "model_architecture":
                 "StableDiffusionPipeline", "foundation_model_file_path": "", "model_path": "", "type": "trainer",
                 "run_sweeps": False, "embedding_model": "", "chatml_formatted_column": "",
                 "adaptor_output_dir": str(tmp_path / "adaptors" / "test-adapter")}
+    launcher["train_final_model"] = True  # a key from another launcher version: ignored with a note
     file = write_parameter_file(tmp_path / "input.json", {"experiment": {"name": "e"}, "config": {**parameters, **launcher}})
-    assert main(["--input_file", str(file)]) == 0
+    # the harness also passes flags of its own
+    assert main(["--plugin_dir", str(tmp_path), "--input_file", str(file), "--experiment_name", "e"]) == 0
+    assert "train_final_model" in capsys.readouterr().err
     assert (tmp_path / "adaptors" / "test-adapter" / WEIGHTS_NAME).is_file()
     assert (tmp_path / "logs" / "test-adapter" / "eval_images" / "epoch_1.png").is_file()
     assert json.loads((tmp_path / "logs" / "test-adapter" / "config.json").read_text())["max_train_steps"] == 2
@@ -324,3 +327,88 @@ def test_training_steps_avoid_the_cudnn_attention_kernel(run_training, monkeypat
     assert {phase for phase, _ in seen} == {"forward", "backward"}
     assert not any(enabled for _, enabled in seen)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_ema_adapter_is_the_average_of_the_raw_trajectory(run_training):
+    """Pitfall 3, by numbers: with decay 0.5 updated every step, the saved lora_B weights (which start at
+    zero) equal the warmed-up EMA of the raw weights after steps 1..4, taken from runs stopped at each step;
+    raw/ holds the last raw weights."""
+    options = dict(eval_prompt="", lr_scheduler="constant", learning_rate=1e-2)
+    trajectory = [adapter(run_training(adaptor_name=f"raw{k}", max_train_steps=k, **options)[2]) for k in range(1, 5)]
+    _, _, paths = run_training(adaptor_name="ema", use_ema=True, ema_decay=0.5, ema_update_every=1, max_train_steps=4, **options)
+    averaged, raw = adapter(paths), load_file(str(paths.adapter_dir / "raw" / WEIGHTS_NAME))
+    up = [k for k in averaged if "lora_B" in k]
+    expected = {k: torch.zeros_like(averaged[k]) for k in up}
+    for n, weights in enumerate(trajectory):
+        decay = min(0.5, (1 + n) / (10 + n))
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in up}
+    for k in up:
+        torch.testing.assert_close(averaged[k], expected[k], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(raw[k], trajectory[-1][k])
+    assert max((averaged[k] - raw[k]).abs().max().item() for k in up) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "baseline, changed",
+    [
+        ({"lr_scheduler": "constant"}, {"lr_scheduler": "linear"}),
+        ({"lr_scheduler": "constant_with_warmup"}, {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2}),
+        ({"lr_scheduler": "cosine_with_restarts"}, {"lr_scheduler": "cosine_with_restarts", "lr_num_cycles": 3}),
+        ({"lr_scheduler": "polynomial"}, {"lr_scheduler": "polynomial", "lr_power": 3.0}),
+        ({}, {"adam_beta1": 0.5}),
+        ({}, {"adam_beta2": 0.9}),
+        ({}, {"adam_weight_decay": 0.5}),
+        ({}, {"adam_epsilon": 1e-2}),
+        ({}, {"lora_dropout": 0.5}),
+        ({"family": "flux"}, {"family": "flux", "guidance_scale": 4.0}),
+    ],
+    ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()) or "default",
+)
+def test_optimisation_parameters_change_the_trained_adapter(run_training, baseline, changed):
+    """Each of these parameters reaches the optimizer, schedule or model: changing it changes the weights."""
+    options = dict(max_train_steps=4, eval_prompt="", learning_rate=1e-2)
+    _, _, before = run_training(adaptor_name="before", **options, **baseline)
+    _, _, after = run_training(adaptor_name="after", **options, **changed)
+    a, b = adapter(before), adapter(after)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-6
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_adapter(run_training, tiny_models, sample_data, tmp_path,
+                                                               monkeypatch, capsys):
+    """A NaN loss ends the run with a one-line error (exit 1) instead of saving NaN weights over the last
+    good adapter: here the one saved after epoch 1 (8 images, batch 4: steps 1-2), NaN coming at step 3."""
+    options = dict(max_train_steps=4, train_batch_size=4, eval_prompt="", eval_steps=1)
+    _, _, clean = run_training(adaptor_name="clean", **{**options, "max_train_steps": 2})
+    from plugin import trainer as trainer_module
+
+    calls = []
+    original = trainer_module.denoising_loss
+
+    def nan_from_step_three(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(trainer_module, "denoising_loss", nan_from_step_three)
+    file = write_parameter_file(tmp_path / "run.json", base_parameters(tiny_models["sd"], sample_data, tmp_path / "out", adaptor_name="diverged", **options))
+    assert main(["--config", str(file)]) == 1
+    assert "the loss became nan at step 3" in capsys.readouterr().err
+    kept = load_file(str(tmp_path / "out" / "diverged" / WEIGHTS_NAME))
+    expected = adapter(clean)
+    assert all(torch.isfinite(t).all() and torch.equal(t, expected[k]) for k, t in kept.items())
+
+
+def test_evaluation_reuses_the_loaded_pipeline(run_training, monkeypatch):
+    """Pitfall 11: the model is read from disk once per run; evaluations share the training modules."""
+    from diffusers import DiffusionPipeline
+
+    loads = []
+    original = DiffusionPipeline.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", classmethod(counting))
+    _, result, _ = run_training(max_train_steps=4, eval_steps=1)
+    assert len(result.eval_images) == 2 and loads == ["StableDiffusionPipeline"]

@@ -17,7 +17,7 @@ from diffusers import DDPMScheduler, DDIMScheduler, DiffusionPipeline
 from peft import LoraConfig
 
 from ..errors import ConfigError
-from ..objectives import DiffusionObjective, FlowMatchingObjective, flux_mu
+from ..objectives import DiffusionObjective, FlowMatchingObjective, dynamic_shift_mu
 
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -318,7 +318,7 @@ class FlowFamily(ModelFamily):
         if not config.get("use_dynamic_shifting", False):
             return float(config.shift)
         tokens = (self.cfg.resolution // self.resolution_multiple) ** 2
-        mu = flux_mu(
+        mu = dynamic_shift_mu(
             tokens,
             config.get("base_image_seq_len", 256),
             config.get("max_image_seq_len", 4096),
