@@ -388,6 +388,128 @@ def test_ddpm_family_defaults_and_rejections(family, tiny_models, sample_data, t
             configured(tiny_models[family], sample_data, tmp_path, loss_weighting=weighting)
 
 
+# --- 8b. models that differ from the stock configs ----------------------------------------------------------
+
+
+def saved_variant(family: str, folder: Path, edit) -> Path:
+    """A tiny pipeline changed by edit(pipe) (which may return a replacement pipe), saved to folder."""
+    from plugin.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(family)
+    pipe = edit(pipe) or pipe
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_sampler_without_x0_mode_is_replaced_for_evaluation(run_training, sample_data, tmp_path):
+    """SD 1.5 ships PNDM, which cannot sample an x0-prediction model: evaluation switches to DDIM (with the
+    model's betas), the adapter is saved, and the eval images render."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    def pndm(pipe):
+        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+
+    model = saved_variant("sd", tmp_path / "pndm", pndm)
+    family, cfg, _ = configured(model, sample_data, tmp_path, prediction_type="sample")
+    scheduler = family.eval_pipeline().scheduler
+    assert isinstance(scheduler, DDIMScheduler) and scheduler.config.prediction_type == "sample"
+    family.configure(cfg.replace(prediction_type="epsilon"))
+    assert isinstance(family.eval_pipeline().scheduler, PNDMScheduler), "the model's own sampler when it fits"
+    params = base_parameters(model, sample_data, tmp_path / "out", prediction_type="sample", max_train_steps=2)
+    result = train(parse_parameters(params), RunPaths.for_config(parse_parameters(params)), log=lambda *_: None)
+    assert result.adapter_path.is_file() and result.eval_images[-1].is_file()
+
+
+def test_zero_terminal_snr_model_trains_with_its_own_schedule(sample_data, tmp_path):
+    """A v-prediction model whose scheduler config already rescales to zero terminal SNR: the objective
+    gets the model's plain betas and rescales them itself (rather than failing on a final beta of 1)."""
+    def zero_snr(pipe):
+        pipe.scheduler.register_to_config(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+
+    model = saved_variant("sd", tmp_path / "zsnr", zero_snr)
+    family, cfg, filled = configured(model, sample_data, tmp_path)
+    assert filled["rescale_betas_zero_snr"] is True and cfg.prediction_type == "v_prediction"
+    objective = family.make_objective()
+    assert objective.alphas_cumprod[-1] < 1e-6 and objective.alphas_cumprod[0] > 0.99
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_inpainting_checkpoints_are_refused_by_name(family, sample_data, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    def nine_channels(pipe):
+        pipe.unet = UNet2DConditionModel.from_config({**pipe.unet.config, "in_channels": 9})
+
+    model = saved_variant(family, tmp_path / "inpaint", nine_channels)
+    with pytest.raises(ConfigError, match=r"model_name: .* takes 9 input channels, not the 4"):
+        configured(model, sample_data, tmp_path)
+
+
+def test_sdxl_refiner_is_refused_by_name(sample_data, tmp_path):
+    model = saved_variant("sdxl", tmp_path / "refiner", lambda pipe: pipe.register_modules(text_encoder=None, tokenizer=None))
+    with pytest.raises(ConfigError, match="no first text encoder"):
+        configured(model, sample_data, tmp_path)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_training_noise_levels_are_the_samplers(family, dynamic, sample_data, tmp_path):
+    """Training's shifted sigmas equal the ones the pipeline's scheduler samples at this resolution, with a
+    static shift and with dynamic (resolution-dependent) shifting, computed as the pipeline computes μ."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from plugin.objectives import shift_sigmas
+
+    def dynamic_shifting(pipe):
+        pipe.scheduler.register_to_config(use_dynamic_shifting=dynamic)
+
+    model = saved_variant(family, tmp_path / "shift", dynamic_shifting)
+    obj, cfg, _ = configured(model, sample_data, tmp_path, resolution=64)
+    scheduler = obj.pipe.scheduler
+    steps = 20
+    tokens = (cfg.resolution // obj.vae_scale_factor // 2) ** 2
+    c = scheduler.config
+    mu = calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    unshifted = torch.linspace(1.0, 1.0 / steps, steps)
+    scheduler.set_timesteps(sigmas=unshifted.numpy(), mu=mu if dynamic else None)
+    torch.testing.assert_close(shift_sigmas(unshifted, obj.training_shift()), scheduler.sigmas[:-1].float(), rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_denoiser_runs_under_autocast(tiny_models, sample_data, tmp_path):
+    """The VAE and text encoder keep their own precision inside a mixed-precision step (autocast would run
+    an fp32 VAE and T5's fp32 layers in half precision, which overflows); the denoiser is autocast."""
+    family, cfg, _ = configured(tiny_models["sd"], sample_data, tmp_path)
+    pipe = family.pipe
+    dtypes = {}
+    probes = {"vae": pipe.vae.encoder.conv_in, "text": pipe.text_encoder.encoder.layers[0].mlp.fc1,
+              "denoiser": pipe.unet.conv_in}
+    def record(name):
+        def hook(module, args, output):
+            dtypes.setdefault(name, output.dtype)
+        return hook
+
+    for name, module in probes.items():
+        module.register_forward_hook(record(name))
+    examples = build_examples(cfg, load_image_dataset(str(sample_data), "image", "text"))
+    batch = collate_examples([examples[0], examples[1]])
+    denoising_loss(family, family.make_objective(), batch, sample_generators(0, 0, batch["indices"]),
+                   lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert dtypes == {"vae": torch.float32, "text": torch.float32, "denoiser": torch.bfloat16}
+
+
+def test_fp16_load_keeps_the_vae_fp32_and_it_decodes_half_latents(tiny_models):
+    family = detect_family(str(tiny_models["sd"])).load(str(tiny_models["sd"]), torch.float16)
+    assert family.pipe.vae.dtype == torch.float32 and family.pipe.unet.dtype == torch.float16
+    image = family.pipe.vae.decode(torch.randn(1, 4, 16, 16, dtype=torch.float16)).sample
+    assert image.dtype == torch.float32 and torch.isfinite(image).all()
+
+
+def test_eval_pipeline_keeps_the_pipelines_own_settings(sample_data, tmp_path):
+    model = saved_variant("sdxl", tmp_path / "nozeros", lambda pipe: pipe.register_to_config(force_zeros_for_empty_prompt=False))
+    family, _, _ = configured(model, sample_data, tmp_path)
+    assert family.eval_pipeline().config.force_zeros_for_empty_prompt is False
+
+
 # --- 9. the training loop never branches on the family -----------------------------------------------------
 
 LOOP_FILES = ("trainer.py", "evaluation.py", "export.py", "objectives.py", "data.py")
