@@ -79,10 +79,17 @@ def load_fresh(model: Path):
     return DiffusionPipeline.from_pretrained(str(model))
 
 
-def heldout_loss(model: Path, cfg, adapter_dir: Path | None = None, draws: int = 4) -> float:
-    """The objective's loss on fixed images, noise and timesteps (eval mode, no grad), for the base model
-    or with a saved adapter loaded through Diffusers. Lower after training means the adapter learned."""
-    from plugin.data import collate_examples
+@pytest.fixture(scope="session")
+def heldout_data(tmp_path_factory) -> Path:
+    """Images the runs never train on: the sample set's generator with another seed."""
+    return write_sample_dataset(tmp_path_factory.mktemp("heldout") / "shapes", seed=99)
+
+
+def heldout_loss(model: Path, cfg, data: Path, adapter_dir: Path | None = None, draws: int = 4) -> float:
+    """The objective's loss on held-out images with fixed noise and timesteps (eval mode, no grad), for the
+    base model or with a saved adapter loaded through Diffusers. Lower after training means the adapter
+    learned the data's distribution, not just its training images."""
+    from plugin.data import collate_examples, load_image_dataset
     from plugin.families import detect_family
     from plugin.trainer import build_examples, denoising_loss, sample_generators
 
@@ -92,7 +99,7 @@ def heldout_loss(model: Path, cfg, adapter_dir: Path | None = None, draws: int =
     if adapter_dir is not None:
         family.pipe.load_lora_weights(str(adapter_dir))
     objective = family.make_objective()
-    examples = build_examples(cfg, load_dataset_for(cfg))
+    examples = build_examples(cfg, load_image_dataset(str(data), cfg.image_column, cfg.caption_column))
     batch = collate_examples([examples[i] for i in range(len(examples))])
     with torch.no_grad():
         losses = [
@@ -100,12 +107,6 @@ def heldout_loss(model: Path, cfg, adapter_dir: Path | None = None, draws: int =
             for draw in range(draws)
         ]
     return float(np.mean(losses))
-
-
-def load_dataset_for(cfg):
-    from plugin.data import load_image_dataset
-
-    return load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
 
 
 def final_eval_image(result, prompt_index: int = 0) -> np.ndarray:

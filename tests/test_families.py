@@ -19,7 +19,7 @@ from diffusers import FluxPipeline
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import base_parameters, load_fresh, render, write_parameter_file
+from conftest import base_parameters, heldout_loss, load_fresh, render, write_parameter_file
 from plugin import trainer as trainer_module
 from plugin.config import load_manifest, parse_parameters
 from plugin.data import collate_examples, load_image_dataset
@@ -95,39 +95,15 @@ def test_trains_from_parameter_file_and_adapter_reproduces_eval_image(family, ti
 # --- 2. training lowers a held-out denoising loss ----------------------------------------------------------
 
 
-def heldout_batch(cfg, data: Path) -> dict:
-    dataset = load_image_dataset(str(data), cfg.image_column, cfg.caption_column)
-    examples = build_examples(cfg, dataset)
-    examples.set_epoch(0)
-    return collate_examples([examples[i] for i in range(len(examples))])
-
-
-@torch.no_grad()
-def heldout_loss(family, objective, batch: dict, draws: int = 4) -> float:
-    """Mean loss over every example x `draws` fixed noise/timestep draws, denoiser in eval mode."""
-    family.denoiser.eval()
-    losses = [
-        denoising_loss(family, objective, batch, sample_generators(1234, draw, batch["indices"])).item()
-        for draw in range(draws)
-    ]
-    return float(np.mean(losses))
-
-
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_training_lowers_heldout_denoising_loss(family, run_training, tiny_models, sample_data):
+def test_training_lowers_heldout_denoising_loss(family, run_training, tiny_models, heldout_data):
     cfg, result, paths = run_training(
         family, max_train_steps=40, learning_rate=2e-3, lora_r=8, lora_alpha=8, eval_prompt="", seed=3
     )
     assert result.steps == 40 and Path(result.adapter_path).is_file()
-
-    evaluator = load_family(tiny_models[family])
-    resolved, _ = evaluator.configure(cfg)
-    objective = evaluator.make_objective()
-    batch = heldout_batch(resolved, sample_data)
-    before = heldout_loss(evaluator, objective, batch)
-    assert heldout_loss(evaluator, objective, batch) == before  # fixed noise and timesteps: deterministic
-    evaluator.pipe.load_lora_weights(str(paths.adapter_dir))
-    after = heldout_loss(evaluator, objective, batch)
+    before = heldout_loss(tiny_models[family], cfg, heldout_data)
+    assert heldout_loss(tiny_models[family], cfg, heldout_data) == before  # fixed noise and timesteps
+    after = heldout_loss(tiny_models[family], cfg, heldout_data, paths.adapter_dir)
     assert after < 0.95 * before, f"{family}: held-out loss {before:.4f} -> {after:.4f}"
 
 

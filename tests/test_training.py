@@ -239,14 +239,14 @@ def test_demo_command_trains_renders_and_saves(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("loss_weighting", ["uniform", "min_snr"])
-def test_every_objective_learns(run_training, tiny_models, prediction_type, loss_weighting):
+def test_every_objective_learns(run_training, tiny_models, heldout_data, prediction_type, loss_weighting):
     """Issue 3: for each prediction type x {uniform, min_snr}, training lowers the held-out loss measured
     in that same objective."""
     cfg, _, paths = run_training(prediction_type=prediction_type, loss_weighting=loss_weighting, snr_gamma=5.0,
                                  max_train_steps=40, learning_rate=3e-3, lora_r=8, lora_alpha=8, eval_prompt="",
                                  train_batch_size=4)
-    before = heldout_loss(tiny_models["sd"], cfg)
-    after = heldout_loss(tiny_models["sd"], cfg, paths.adapter_dir)
+    before = heldout_loss(tiny_models["sd"], cfg, heldout_data)
+    after = heldout_loss(tiny_models["sd"], cfg, heldout_data, paths.adapter_dir)
     assert after < 0.97 * before, (before, after)
 
 
@@ -410,5 +410,5 @@ def test_evaluation_reuses_the_loaded_pipeline(run_training, monkeypatch):
         return original(cls, *args, **kwargs)
 
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", classmethod(counting))
-    _, result, _ = run_training(max_train_steps=4, eval_steps=1)
+    _, result, _ = run_training(max_train_steps=4, train_batch_size=4, eval_steps=1)  # two epochs
     assert len(result.eval_images) == 2 and loads == ["StableDiffusionPipeline"]
