@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-
 from .config import MANIFEST_PATH, load_manifest
 
 README_PATH = MANIFEST_PATH.parent / "README.md"

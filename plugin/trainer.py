@@ -208,6 +208,24 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
         for module in modules.values():
             module.train()
 
+    def accumulate_gradients(group: list[dict], epoch: int) -> float:
+        """Backward over one optimizer step's micro-batches, each scaled by 1/len(group) so accumulation
+        keeps the learning rate; returns their mean loss. A non-finite loss stops the run here, before the
+        optimizer can write it into the weights."""
+        step_loss = 0.0
+        with sdpa_kernel(list(TRAINING_ATTENTION)):
+            for batch in group:
+                generators = sample_generators(cfg.seed, epoch, batch["indices"])
+                loss = denoising_loss(family, objective, batch, generators, accelerator.autocast)
+                accelerator.backward(loss / len(group))
+                step_loss += loss.item() / len(group)
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(
+                f"the loss became {step_loss} at step {step + 1}; the adapter saved before it is kept. "
+                "Lower learning_rate, or use bf16 instead of fp16"
+            )
+        return step_loss
+
     result = RunResult(adapter_path=paths.adapter_dir / WEIGHTS_NAME)
     step = 0
     progress = tqdm(total=max_steps, desc="training", disable=not accelerator.is_local_main_process)
@@ -218,18 +236,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
             examples.set_epoch(epoch)
             for group in accumulation_groups(loader, cfg.gradient_accumulation_steps):
                 step_started = time.perf_counter()
-                step_loss = 0.0
-                for batch in group:
-                    generators = sample_generators(cfg.seed, epoch, batch["indices"])
-                    with sdpa_kernel(list(TRAINING_ATTENTION)):
-                        loss = denoising_loss(family, objective, batch, generators, accelerator.autocast)
-                        accelerator.backward(loss / len(group))
-                    step_loss += loss.item() / len(group)
-                if not math.isfinite(step_loss):
-                    raise TrainingDiverged(
-                        f"the loss became {step_loss} at step {step + 1}; the adapter saved before it is kept. "
-                        "Lower learning_rate, or use bf16 instead of fp16"
-                    )
+                step_loss = accumulate_gradients(group, epoch)
                 grad_norm = accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
                 optimizer.step()
                 lr_schedule.step()
