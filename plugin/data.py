@@ -6,13 +6,14 @@ Augmentations use PIL and numpy only (no torchvision).
 """
 
 import csv
+import hashlib
 import io
 import math
 import os
 import random
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .errors import ConfigError
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+EXIF_ORIENTATION = 0x0112
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 INTERPOLATIONS = {
@@ -228,6 +230,29 @@ def _open_raw(value: dict) -> Image.Image:
     return Image.open(value["path"])
 
 
+def image_sizes(dataset: datasets.Dataset, image_column: str) -> list[tuple[int, int]]:
+    """(height, width) of every image as displayed, read from file headers (no pixels decoded): what bucket
+    assignment needs before training. EXIF orientations 5-8 turn the stored image by 90 degrees."""
+    sizes = []
+    for value in dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]:
+        with _open_raw(value) as image:
+            width, height = image.size
+            if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                width, height = height, width
+        sizes.append((height, width))
+    return sizes
+
+
+def image_digests(dataset: datasets.Dataset, image_column: str) -> list[str]:
+    """SHA-256 of every image's encoded bytes: the identity of its content for the disk cache's keys (a
+    file replaced under the same name gets a new digest)."""
+    digests = []
+    for value in dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]:
+        data = value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
+        digests.append(hashlib.sha256(data).hexdigest())
+    return digests
+
+
 def _image_label(value: dict | None, index: int) -> str:
     """How to name an image in a message: its file path when known, else its row."""
     if value and value.get("path"):
@@ -270,6 +295,12 @@ class AugmentOptions:
         _check_range("rotation_degrees", self.rotation_degrees, 0.0, 180.0)
         _check_range("rotation_prob", self.rotation_prob, 0.0, 1.0)
 
+    def pixels_vary_per_epoch(self) -> list[str]:
+        """The enabled settings that give an image other pixels in every epoch (a flip only mirrors them).
+        Latents cannot be cached under any of these."""
+        varying = {"center_crop": not self.center_crop, "color_jitter": self.color_jitter, "random_rotation": self.random_rotation}
+        return [name for name, on in varying.items() if on]
+
 
 @dataclass(frozen=True)
 class CaptionOptions:
@@ -301,47 +332,89 @@ def example_rng(seed: int, epoch: int, index: int) -> random.Random:
 # Image transform
 
 
+@dataclass(frozen=True)
+class ImagePlan:
+    """Everything `apply_plan` does to one image, drawn before any pixel is read.
+
+    A plan with its image fully determines the training pixels, so it is what the latent cache keys on.
+    Sizes are (height, width); the crop is (top, left) in the resized, rotated and flipped image.
+    """
+
+    target: tuple[int, int]
+    resized: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    flip: bool
+    interpolation: str
+    rotation: float | None = None  # degrees, None when this example is not rotated
+    jitter: tuple[tuple[str, float], ...] | None = None  # (adjustment, amount) in the order applied
+
+
+def plan_transform(
+    original_size: tuple[int, int], target: tuple[int, int], options: AugmentOptions, rng: random.Random
+) -> ImagePlan:
+    """Draw one example's augmentations for an image of `original_size` trained at `target`.
+
+    Draws from `rng`, in this order and only for enabled steps: rotation (chance, then angle), flip, crop
+    (top, then left), color jitter (four amounts, then their order).
+    """
+    resized = _cover_size(original_size, target)
+    rotation = None
+    if options.random_rotation and rng.random() < options.rotation_prob:
+        rotation = rng.uniform(-options.rotation_degrees, options.rotation_degrees)
+    flip = options.random_flip and rng.random() < 0.5
+    crop = _crop_origin(resized, target, options.center_crop, rng)
+    jitter = _draw_jitter(options, rng) if options.color_jitter else None
+    return ImagePlan(target, resized, crop, flip, options.interpolation, rotation, jitter)
+
+
+def apply_plan(image: Image.Image, plan: ImagePlan) -> torch.Tensor:
+    """The planned resize (to cover the target), rotation, flip, crop and jitter: a (3, H, W) tensor in [-1, 1]."""
+    image = upright_rgb(image)
+    image = image.resize(plan.resized[::-1], resample=INTERPOLATIONS[plan.interpolation])
+    if plan.rotation is not None:
+        image = _rotate(image, plan.rotation)
+    if plan.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    (top, left), (height, width) = plan.crop_top_left, plan.target
+    image = image.crop((left, top, left + width, top + height))
+    for adjustment, amount in plan.jitter or ():
+        image = JITTER_ADJUSTMENTS[adjustment](image, amount)
+    return _to_tensor(image)
+
+
 def transform_image(
-    image: Image.Image, options: AugmentOptions, rng: random.Random
+    image: Image.Image, options: AugmentOptions, rng: random.Random, target: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """Resize, augment and crop one image to a (3, R, R) float32 tensor in [-1, 1].
+    """Plan and apply in one call, at `target` (default: the square of side `options.resolution`).
 
     Returns the tensor, the original (height, width) and the crop's (top, left) in the resized (and flipped)
-    image, which are the real values SDXL's add_time_ids need. Draws from `rng`, in this order and only for
-    enabled steps: rotation (chance, then angle), flip, crop (top, then left), color jitter.
-    EXIF orientation is applied first, so "original" means the image as it is displayed.
+    image, which are the real values SDXL's add_time_ids need. EXIF orientation is applied first, so
+    "original" means the image as it is displayed.
     """
-    image = ImageOps.exif_transpose(image).convert("RGB")
-    original_size = (image.height, image.width)
-    image = _resize_shorter_side(image, options.resolution, INTERPOLATIONS[options.interpolation])
-    if options.random_rotation:
-        image = _maybe_rotate(image, options.rotation_degrees, options.rotation_prob, rng)
-    if options.random_flip and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    top, left = _crop_origin(image, options.resolution, options.center_crop, rng)
-    image = image.crop((left, top, left + options.resolution, top + options.resolution))
-    if options.color_jitter:
-        image = _color_jitter(image, options, rng)
-    return _to_tensor(image), original_size, (top, left)
+    upright = upright_rgb(image)
+    original_size = (upright.height, upright.width)
+    plan = plan_transform(original_size, target or (options.resolution, options.resolution), options, rng)
+    return apply_plan(upright, plan), original_size, plan.crop_top_left
 
 
-def _resize_shorter_side(image: Image.Image, resolution: int, resample: Image.Resampling) -> Image.Image:
-    """Scale so the shorter side is `resolution`, keeping the aspect ratio."""
-    scale = resolution / min(image.width, image.height)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    return image.resize(size, resample=resample)
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """The image as displayed (EXIF orientation applied), in RGB."""
+    return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def _maybe_rotate(image: Image.Image, degrees: float, probability: float, rng: random.Random) -> Image.Image:
-    """With `probability`, rotate by a uniform angle in [-degrees, degrees] (bicubic, same size).
+def _cover_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the image scaled, keeping its aspect ratio, to just cover `target`."""
+    scale = max(target[0] / size[0], target[1] / size[1])
+    return max(target[0], round(size[0] * scale)), max(target[1], round(size[1] * scale))
+
+
+def _rotate(image: Image.Image, angle: float) -> Image.Image:
+    """Rotate by `angle` degrees (bicubic, same size).
 
     The corners are filled by mirroring the image at its edges instead of black, so the model is not
     taught black wedges: the image is reflect-padded just enough to cover the rotated frame, rotated about
     its unchanged centre, and cut back to its size.
     """
-    if rng.random() >= probability:
-        return image
-    angle = rng.uniform(-degrees, degrees)
     pad_x, pad_y = _rotation_padding(image.width, image.height, angle)
     padded = Image.fromarray(np.pad(np.asarray(image), ((pad_y, pad_y), (pad_x, pad_x), (0, 0)), mode="reflect"))
     rotated = padded.rotate(angle, resample=Image.Resampling.BICUBIC, expand=False)
@@ -359,9 +432,10 @@ def _rotation_padding(width: int, height: int, angle: float) -> tuple[int, int]:
     return pad_x, pad_y
 
 
-def _crop_origin(image: Image.Image, resolution: int, center: bool, rng: random.Random) -> tuple[int, int]:
-    """(top, left) of an R x R crop: centred (rounded down), or uniform over all valid positions."""
-    spare_y, spare_x = image.height - resolution, image.width - resolution
+def _crop_origin(size: tuple[int, int], target: tuple[int, int], center: bool, rng: random.Random) -> tuple[int, int]:
+    """(top, left) of a target-sized crop from an image of `size`: centred (rounded down), or uniform over all
+    valid positions."""
+    spare_y, spare_x = size[0] - target[0], size[1] - target[1]
     if center:
         return spare_y // 2, spare_x // 2
     top = rng.randint(0, spare_y)
@@ -369,21 +443,19 @@ def _crop_origin(image: Image.Image, resolution: int, center: bool, rng: random.
     return top, left
 
 
-def _color_jitter(image: Image.Image, options: AugmentOptions, rng: random.Random) -> Image.Image:
-    """Brightness, contrast, saturation and hue jitter, applied in an rng-shuffled order like torchvision's.
+def _draw_jitter(options: AugmentOptions, rng: random.Random) -> tuple[tuple[str, float], ...]:
+    """Brightness, contrast, saturation and hue amounts, in an rng-shuffled order like torchvision's.
 
-    All four factors are drawn first (a fixed number of draws), then the order is shuffled.
+    All four amounts are drawn first (a fixed number of draws), then the order is shuffled.
     """
     steps = [
-        (partial(_enhance, ImageEnhance.Brightness), _jitter_factor(options.brightness, rng)),
-        (partial(_enhance, ImageEnhance.Contrast), _jitter_factor(options.contrast, rng)),
-        (partial(_enhance, ImageEnhance.Color), _jitter_factor(options.saturation, rng)),
-        (_shift_hue, rng.uniform(-options.hue, options.hue)),
+        ("brightness", _jitter_factor(options.brightness, rng)),
+        ("contrast", _jitter_factor(options.contrast, rng)),
+        ("saturation", _jitter_factor(options.saturation, rng)),
+        ("hue", rng.uniform(-options.hue, options.hue)),
     ]
     rng.shuffle(steps)
-    for step, amount in steps:
-        image = step(image, amount)
-    return image
+    return tuple(steps)
 
 
 def _jitter_factor(strength: float, rng: random.Random) -> float:
@@ -406,6 +478,14 @@ def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
     return Image.fromarray(hsv, mode="HSV").convert("RGB")
 
 
+JITTER_ADJUSTMENTS = {
+    "brightness": partial(_enhance, ImageEnhance.Brightness),
+    "contrast": partial(_enhance, ImageEnhance.Contrast),
+    "saturation": partial(_enhance, ImageEnhance.Color),
+    "hue": _shift_hue,
+}
+
+
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image to a contiguous (3, H, W) float32 tensor scaled to [-1, 1]."""
     pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -421,12 +501,18 @@ def caption_for(caption, options: CaptionOptions, rng: random.Random) -> str:
 
     Always draws exactly one number from `rng`, so the draws after it do not depend on the rate.
     """
+    text = caption_text(caption, options)
+    drop = rng.random() < options.caption_dropout_rate
+    return "" if drop else text
+
+
+def caption_text(caption, options: CaptionOptions) -> str:
+    """The caption cleaned and with the trigger word in front, before any dropout."""
     text = _clean_caption(caption)
     trigger = options.trigger_word.strip()
     if trigger:
         text = f"{trigger}, {text}" if text else trigger
-    drop = rng.random() < options.caption_dropout_rate
-    return "" if drop else text
+    return text
 
 
 def _clean_caption(caption) -> str:
@@ -444,8 +530,10 @@ class TrainingExamples(torch.utils.data.Dataset):
     """Rows of a checked `datasets.Dataset` as augmented training examples.
 
     Example `index` in epoch `e` uses `example_rng(seed, e, index)`: first the caption draw, then the image
-    draws (see `transform_image`). Call `set_epoch` before each epoch; with data-loader workers, do not use
-    `persistent_workers=True`, or the workers keep the epoch they were started with.
+    draws (see `plan_transform`). Each image trains at its bucket in `layout` (default: the square of side
+    `augment.resolution`). With `load_pixels` off no image is read: items carry the plan only, and the
+    latent cache supplies the latents. Call `set_epoch` before each epoch; with data-loader workers, do not
+    use `persistent_workers=True`, or the workers keep the epoch they were started with.
     """
 
     def __init__(
@@ -456,13 +544,20 @@ class TrainingExamples(torch.utils.data.Dataset):
         augment: AugmentOptions,
         captions: CaptionOptions,
         seed: int,
+        layout=None,
+        load_pixels: bool = True,
     ):
+        if layout is None and not load_pixels:
+            raise ValueError("TrainingExamples: without pixels the image sizes must come from a bucket layout")
         self.dataset = dataset
         self.image_column = image_column
         self.caption_column = caption_column
+        self.caption_rows = dataset.select_columns([caption_column])  # reading a caption decodes no image
         self.augment = augment
         self.captions = captions
         self.seed = seed
+        self.layout = layout
+        self.load_pixels = load_pixels
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -472,27 +567,48 @@ class TrainingExamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def target(self, index: int) -> tuple[int, int]:
+        """(height, width) this image trains at."""
+        return self.layout.targets[index] if self.layout else (self.augment.resolution, self.augment.resolution)
+
+    def image(self, index: int) -> Image.Image:
+        """The image as displayed, in RGB."""
+        return upright_rgb(self.dataset[index][self.image_column])
+
+    def caption_texts(self) -> set[str]:
+        """Every caption an example can train with: each row's caption, and "" when captions may drop out."""
+        texts = {caption_text(row[self.caption_column], self.captions) for row in self.caption_rows}
+        return texts | {""} if self.captions.caption_dropout_rate > 0 else texts
+
+    def fixed_plans(self, index: int) -> list[ImagePlan]:
+        """The plans this image can have in any epoch when only the flip varies (see `AugmentOptions.
+        pixels_vary_per_epoch`): the latent cache precomputes exactly these."""
+        plan = plan_transform(self.layout.sizes[index], self.target(index), self.augment, random.Random(0))
+        flips = (False, True) if self.augment.random_flip else (False,)
+        return [replace(plan, flip=flip) for flip in flips]
+
     def __getitem__(self, index: int) -> dict:
         index = int(index)
-        row = self.dataset[index]
         rng = example_rng(self.seed, self.epoch, index)
-        caption = caption_for(row[self.caption_column], self.captions, rng)
-        pixel_values, original_size, crop_top_left = transform_image(row[self.image_column], self.augment, rng)
-        return {
-            "pixel_values": pixel_values,
-            "caption": caption,
-            "original_size": original_size,
-            "crop_top_left": crop_top_left,
-            "index": index,
-        }
+        caption = caption_for(self.caption_rows[index][self.caption_column], self.captions, rng)
+        image = self.image(index) if self.load_pixels else None
+        original_size = (image.height, image.width) if image is not None else self.layout.sizes[index]
+        plan = plan_transform(original_size, self.target(index), self.augment, rng)
+        item = {"caption": caption, "original_size": original_size, "crop_top_left": plan.crop_top_left, "index": index, "plan": plan}
+        if image is not None:
+            item["pixel_values"] = apply_plan(image, plan)
+        return item
 
 
 def collate_examples(examples: list[dict]) -> dict:
-    """Batch `TrainingExamples` items for a DataLoader."""
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous().float(),
+    """Batch `TrainingExamples` items for a DataLoader (pixels only when the items carry them)."""
+    batch = {
         "captions": [e["caption"] for e in examples],
         "original_sizes": torch.tensor([e["original_size"] for e in examples], dtype=torch.long),
         "crop_top_lefts": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.long),
         "indices": torch.tensor([e["index"] for e in examples], dtype=torch.long),
+        "plans": [e["plan"] for e in examples],
     }
+    if "pixel_values" in examples[0]:
+        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in examples]).contiguous().float()
+    return batch

@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read at import: opti
 
 from plugin.config import LAUNCHER_KEYS, parse_parameters, read_parameter_file, unknown_keys  # noqa: E402
 from plugin.errors import ConfigError, TrainingDiverged  # noqa: E402
+from plugin.host_memory import keep_freed_memory  # noqa: E402
 from plugin.trainer import RunPaths, train  # noqa: E402
 
 
@@ -95,6 +96,7 @@ def quiet_libraries() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()
     quiet_libraries()
     try:
         return run(args)

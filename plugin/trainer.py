@@ -8,6 +8,7 @@ import math
 import random
 from contextlib import nullcontext
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, load_image_dataset
+from .buckets import BucketBatchSampler, BucketLayout
+from .cache import Conditioning, build_conditioning, resolve_caching
+from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, image_sizes, load_image_dataset
 from .ema import EMA
 from .errors import ConfigError, TrainingDiverged
 from .evaluation import eval_prompts, render_images, save_evaluation
@@ -57,6 +60,7 @@ class RunResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step, mean over its micro-batches
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step, eval excluded
     steps: int = 0
+    cache_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # (encoded, reused) per cache
 
 
 def sample_generators(seed: int, epoch: int, indices) -> list[torch.Generator]:
@@ -68,14 +72,16 @@ def sample_generators(seed: int, epoch: int, indices) -> list[torch.Generator]:
     ]
 
 
-def denoising_loss(family, objective, batch: dict, generators: list[torch.Generator], autocast=nullcontext) -> torch.Tensor:
-    """The objective's loss on one batch: encode, noise, predict, compare. Used for training and held-out eval.
+def denoising_loss(
+    family, objective, conditioning: Conditioning, batch: dict, generators: list[torch.Generator], autocast=nullcontext
+) -> torch.Tensor:
+    """The objective's loss on one batch: encode (or look up), noise, predict, compare. Used for training and
+    held-out eval.
 
     Only the denoiser runs under autocast: the VAE and text encoders keep the precision they were loaded in
     (an fp32 VAE, T5's fp32 layers), which autocast would otherwise override with fp16 and overflow.
     """
-    latents = family.encode_images(batch["pixel_values"])
-    text = family.encode_prompts(batch["captions"])
+    latents, text = conditioning(batch)
     noised = objective.noise(latents, generators)
     with autocast():
         prediction = family.predict(noised.model_input, noised.timesteps, text, batch)
@@ -100,8 +106,8 @@ def new_accelerator(cfg) -> Accelerator:
     return Accelerator(mixed_precision=cfg.mixed_precision)
 
 
-def build_examples(cfg, dataset) -> TrainingExamples:
-    augment = AugmentOptions(
+def augment_options(cfg) -> AugmentOptions:
+    return AugmentOptions(
         resolution=cfg.resolution,
         center_crop=cfg.center_crop,
         random_flip=cfg.random_flip,
@@ -115,8 +121,31 @@ def build_examples(cfg, dataset) -> TrainingExamples:
         rotation_degrees=cfg.rotation_degrees,
         rotation_prob=cfg.rotation_prob,
     )
+
+
+def build_examples(cfg, dataset, layout: BucketLayout | None = None) -> TrainingExamples:
+    """Examples at their buckets; with the latent cache on they carry plans, not pixels."""
     captions = CaptionOptions(trigger_word=cfg.trigger_word, caption_dropout_rate=cfg.caption_dropout_rate)
-    return TrainingExamples(dataset, cfg.image_column, cfg.caption_column, augment, captions, cfg.seed)
+    return TrainingExamples(
+        dataset, cfg.image_column, cfg.caption_column, augment_options(cfg), captions, cfg.seed,
+        layout=layout, load_pixels=not cfg.cache_latents,
+    )  # fmt: skip
+
+
+def bucket_layout(cfg, family, dataset, log=print) -> BucketLayout:
+    """Each image's bucket, printed as a table; images smaller than their bucket are named (they are upscaled)."""
+    sizes = image_sizes(dataset, cfg.image_column)
+    layout = BucketLayout.assign(sizes, cfg.resolution, family.resolution_multiple, cfg.aspect_ratio_buckets)
+    log(layout.table())
+    small = layout.undersized()
+    if small:
+        names = [f"row {i} ({sizes[i][1]}x{sizes[i][0]})" for i in small[:10]]
+        warnings.warn(
+            f"{len(small)} of {len(sizes)} images are smaller than their bucket and are upscaled, which blurs them: "
+            + ", ".join(names) + (" ..." if len(small) > 10 else ""),
+            stacklevel=2,
+        )
+    return layout
 
 
 def accumulation_groups(loader, size: int):
@@ -136,6 +165,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     # Everything that can be wrong with the input is checked before any weights are read.
     family_class = detect_family(cfg.model_name)
     check_settings(cfg)
+    cfg = resolve_caching(cfg, augment_options(cfg), log)
     dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
     prompts = eval_prompts(cfg.eval_prompt)
     accelerator = new_accelerator(cfg)
@@ -153,15 +183,11 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     parameters = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
     objective = family.make_objective()
 
-    examples = build_examples(cfg, dataset)
-    loader = DataLoader(
-        examples,
-        batch_size=cfg.train_batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        collate_fn=collate_examples,
-        num_workers=cfg.dataloader_num_workers,
-    )
+    layout = bucket_layout(cfg, family, dataset, log)
+    examples = build_examples(cfg, dataset, layout)
+    conditioning = build_conditioning(cfg, family, examples, log)
+    sampler = BucketBatchSampler(layout.bucket_ids(), cfg.train_batch_size, cfg.seed)
+    loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate_examples, num_workers=cfg.dataloader_num_workers)
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
@@ -202,7 +228,8 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
         with ema.swapped_in() if ema is not None else nullcontext():
             save_adapter_atomic(family, modules, paths.adapter_dir)
             if prompts:
-                images = render_images(family, prompts, cfg.eval_seed)
+                with family.unparked():
+                    images = render_images(family, prompts, cfg.eval_seed)
                 result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch))
                 reporter.images(step, "eval", images)
         for module in modules.values():
@@ -216,7 +243,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
         with sdpa_kernel(list(TRAINING_ATTENTION)):
             for batch in group:
                 generators = sample_generators(cfg.seed, epoch, batch["indices"])
-                loss = denoising_loss(family, objective, batch, generators, accelerator.autocast)
+                loss = denoising_loss(family, objective, conditioning, batch, generators, accelerator.autocast)
                 accelerator.backward(loss / len(group))
                 step_loss += loss.item() / len(group)
         if not math.isfinite(step_loss):
@@ -234,6 +261,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     try:
         for epoch in range(num_epochs):
             examples.set_epoch(epoch)
+            sampler.set_epoch(epoch)
             for group in accumulation_groups(loader, cfg.gradient_accumulation_steps):
                 step_started = time.perf_counter()
                 step_loss = accumulate_gradients(group, epoch)
@@ -262,6 +290,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
         progress.close()
         reporter.close()
     result.steps = step
+    result.cache_counts = conditioning.counts()
     log(f"trained {step} steps in {sum(result.step_seconds):.1f}s (evaluation excluded); adapter: {result.adapter_path}")
     if result.eval_images:
         log(f"eval images: {result.eval_images[-1].parent}")

@@ -89,13 +89,15 @@ def heldout_loss(model: Path, cfg, data: Path, adapter_dir: Path | None = None, 
     """The objective's loss on held-out images with fixed noise and timesteps (eval mode, no grad), for the
     base model or with a saved adapter loaded through Diffusers. Lower after training means the adapter
     learned the data's distribution, not just its training images."""
+    from plugin.cache import Conditioning
     from plugin.data import collate_examples, load_image_dataset
     from plugin.families import detect_family
     from plugin.trainer import build_examples, denoising_loss, sample_generators
 
     family = detect_family(str(model)).load(str(model), torch.float32)
     cfg, _ = family.configure(cfg.replace(caption_dropout_rate=0.0, random_flip=False, color_jitter=False,
-                                          random_rotation=False, center_crop=True))
+                                          random_rotation=False, center_crop=True,
+                                          cache_latents=False))
     if adapter_dir is not None:
         family.pipe.load_lora_weights(str(adapter_dir))
     objective = family.make_objective()
@@ -103,7 +105,7 @@ def heldout_loss(model: Path, cfg, data: Path, adapter_dir: Path | None = None, 
     batch = collate_examples([examples[i] for i in range(len(examples))])
     with torch.no_grad():
         losses = [
-            denoising_loss(family, objective, batch, sample_generators(1234, draw, batch["indices"])).item()
+            denoising_loss(family, objective, Conditioning(family), batch, sample_generators(1234, draw, batch["indices"])).item()
             for draw in range(draws)
         ]
     return float(np.mean(losses))

@@ -462,7 +462,7 @@ def test_another_epoch_gives_other_augmentations():
 
 def test_example_fields():
     example = training_examples(training_rows())[2]
-    assert set(example) == {"pixel_values", "caption", "original_size", "crop_top_left", "index"}
+    assert set(example) == {"pixel_values", "caption", "original_size", "crop_top_left", "index", "plan"}
     assert example["index"] == 2 and example["original_size"] == (32, 40)
     assert example["caption"] in ("", "sks, photo 2")
 
@@ -473,7 +473,7 @@ def test_dataloader_batches_and_does_not_depend_on_workers_or_batch_size():
     loader = torch.utils.data.DataLoader(examples, batch_size=2, collate_fn=collate_examples)
     batches = list(loader)
     batch = batches[0]
-    assert set(batch) == {"pixel_values", "captions", "original_sizes", "crop_top_lefts", "indices"}
+    assert set(batch) == {"pixel_values", "captions", "original_sizes", "crop_top_lefts", "indices", "plans"}
     assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
     assert batch["pixel_values"].is_contiguous()
     assert len(batch["captions"]) == 2 and all(isinstance(c, str) for c in batch["captions"])

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from conftest import base_parameters, heldout_loss, load_fresh, render, write_parameter_file
 from plugin import trainer as trainer_module
 from plugin.config import load_manifest, parse_parameters
+from plugin.cache import Conditioning
 from plugin.data import collate_examples, load_image_dataset
 from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME
@@ -138,19 +139,19 @@ def test_sdxl_unet_gets_the_real_crop_coordinates(tiny_models, tmp_path, monkeyp
     cfg = parse_parameters(
         base_parameters(
             tiny_models["sdxl"], data, tmp_path / "out", center_crop=False, train_batch_size=2,
-            max_train_steps=2, eval_prompt="", seed=11,
+            max_train_steps=2, eval_prompt="", seed=11, aspect_ratio_buckets=False, cache_latents=False,
         )
     )
     seen = []  # (indices, time_ids) per UNet call during training
     original = trainer_module.denoising_loss
 
-    def spy(family, objective, batch, generators, *rest):
+    def spy(family, objective, conditioning, batch, generators, *rest):
         def hook(module, args, kwargs):
             seen.append((batch["indices"].tolist(), kwargs["added_cond_kwargs"]["time_ids"].detach().clone()))
 
         handle = family.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            return original(family, objective, batch, generators, *rest)
+            return original(family, objective, conditioning, batch, generators, *rest)
         finally:
             handle.remove()
 
@@ -454,7 +455,7 @@ def test_training_noise_levels_are_the_samplers(family, dynamic, sample_data, tm
 def test_only_the_denoiser_runs_under_autocast(tiny_models, sample_data, tmp_path):
     """The VAE and text encoder keep their own precision inside a mixed-precision step (autocast would run
     an fp32 VAE and T5's fp32 layers in half precision, which overflows); the denoiser is autocast."""
-    family, cfg, _ = configured(tiny_models["sd"], sample_data, tmp_path)
+    family, cfg, _ = configured(tiny_models["sd"], sample_data, tmp_path, cache_latents=False)
     pipe = family.pipe
     dtypes = {}
     probes = {"vae": pipe.vae.encoder.conv_in, "text": pipe.text_encoder.encoder.layers[0].mlp.fc1,
@@ -468,7 +469,7 @@ def test_only_the_denoiser_runs_under_autocast(tiny_models, sample_data, tmp_pat
         module.register_forward_hook(record(name))
     examples = build_examples(cfg, load_image_dataset(str(sample_data), "image", "text"))
     batch = collate_examples([examples[0], examples[1]])
-    denoising_loss(family, family.make_objective(), batch, sample_generators(0, 0, batch["indices"]),
+    denoising_loss(family, family.make_objective(), Conditioning(family), batch, sample_generators(0, 0, batch["indices"]),
                    lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     assert dtypes == {"vae": torch.float32, "text": torch.float32, "denoiser": torch.bfloat16}
 

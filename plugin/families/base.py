@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +37,7 @@ class ModelFamily(ABC):
     def __init__(self, pipe: DiffusionPipeline):
         self.pipe = pipe
         self.cfg = None  # the resolved run config, set by configure()
+        self.parked: list[torch.nn.Module] = []  # encoders kept off the accelerator while caches stand in
 
     # ----- loading and preparation -------------------------------------------------------------------
     @classmethod
@@ -68,6 +70,26 @@ class ModelFamily(ABC):
 
     def to(self, device: torch.device) -> None:
         self.pipe.to(device)
+
+    def park_encoders(self, images: bool, text: bool) -> None:
+        """Move the VAE (`images`) and the text encoders (`text`) to the CPU, where caches replace them, so
+        their accelerator memory goes to training; `unparked` brings them back for evaluation images."""
+        names = (["vae"] if images else []) + ([n for n in self.pipe.components if n.startswith("text_encoder")] if text else [])
+        self.parked = [m for m in (getattr(self.pipe, n, None) for n in names) if isinstance(m, torch.nn.Module)]
+        for module in self.parked:
+            module.to("cpu")
+
+    @contextmanager
+    def unparked(self):
+        """Within the block the parked encoders sit on the denoiser's device (a no-op on a CPU run)."""
+        device = self.denoiser.device
+        for module in self.parked:
+            module.to(device)
+        try:
+            yield
+        finally:
+            for module in self.parked:
+                module.to("cpu")
 
     def attach_lora(self) -> dict[str, torch.nn.Module]:
         """Put LoRA adapters on the denoiser (and text encoders when asked); returns the modules that train.
@@ -129,6 +151,9 @@ class ModelFamily(ABC):
             raise ConfigError(
                 f"resolution: {resolution} must be a multiple of {self.resolution_multiple} for {self.title} models"
             )
+        for field in ("eval_width", "eval_height"):
+            if getattr(cfg, field) % self.resolution_multiple:
+                raise ConfigError(f"{field}: {getattr(cfg, field)} must be a multiple of {self.resolution_multiple} for {self.title} models (or 0)")
         self._check_trainable_model()
         if cfg.train_text_encoder and not self.lora_text_encoders:
             raise ConfigError(f"train_text_encoder: not supported for {self.title}; it is for SD 1.x/2.x and SDXL")
@@ -211,8 +236,8 @@ class ModelFamily(ABC):
         return {
             "num_inference_steps": cfg.eval_num_inference_steps,
             "guidance_scale": cfg.eval_guidance_scale,
-            "height": cfg.resolution,
-            "width": cfg.resolution,
+            "height": cfg.eval_height or cfg.resolution,
+            "width": cfg.eval_width or cfg.resolution,
         }
 
     def save_lora(self, folder, layers: dict[str, dict], metadata: dict[str, dict]) -> None:

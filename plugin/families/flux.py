@@ -32,6 +32,13 @@ def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+def text_ids(length: int, device, dtype) -> torch.Tensor:
+    """(length, 3) positional ids of the text tokens: all zero, as FluxPipeline.encode_prompt makes them.
+    Built here rather than carried with the embeddings, so every entry of a text encoding is per caption
+    (what the text cache stores)."""
+    return torch.zeros(length, 3, device=device, dtype=dtype)
+
+
 class Flux(FlowFamily):
     name = "flux"
     title = "Flux"
@@ -46,8 +53,8 @@ class Flux(FlowFamily):
 
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            embeds, pooled, text_ids = self.pipe.encode_prompt(captions, None, device=self.denoiser.device)
-        return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
+            embeds, pooled, _ = self.pipe.encode_prompt(captions, None, device=self.denoiser.device)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:
         transformer = self.pipe.transformer
@@ -61,7 +68,7 @@ class Flux(FlowFamily):
             guidance=guidance,
             pooled_projections=text["pooled_projections"],
             encoder_hidden_states=text["encoder_hidden_states"],
-            txt_ids=text["txt_ids"],
+            txt_ids=text_ids(text["encoder_hidden_states"].shape[1], transformer.device, transformer.dtype),
             img_ids=latent_image_ids(height, width, transformer.device, transformer.dtype),
             return_dict=False,
         )[0]

@@ -1,0 +1,278 @@
+"""Latent and text-embedding caches: each image and caption is encoded once before training, not at every step.
+
+A cached tensor is stored under a key that hashes everything that shapes it. Latents: the image's content,
+its `ImagePlan` (bucket, resize, crop box, flip, interpolation) and the VAE (config, weights, dtype). Text:
+the caption as trained (trigger word in front) and the text encoders and tokenizers (config, weights,
+dtype, vocabulary). Changing any of them gives a new key, so a stale tensor is never read. Caches live in
+memory for one run by default; with `cache_dir` they are safetensors files, written atomically, that later
+runs reuse and a stopped precomputation resumes from.
+
+Precision: latents are stored in fp32 (what `encode_images` returns whatever the VAE's dtype, and what the
+objective noises), text embeddings in the dtype the encoders produce (bf16 when the model runs in bf16):
+exactly the tensors an uncached step would feed the denoiser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import ImagePlan, TrainingExamples, apply_plan, image_digests
+from .errors import ConfigError
+from .export import atomic_path
+
+CACHE_FORMAT = 1  # bump when the meaning of a cached tensor changes, so older files are never read
+
+
+def resolve_caching(cfg, augment, log=print):
+    """The config with the caches that cannot apply turned off (with a note saying why), checked before any
+    weights load: latents when the pixels change every epoch, text when the text encoder trains."""
+    changes = {}
+    varying = augment.pixels_vary_per_epoch()
+    if cfg.cache_latents and varying:
+        log(
+            "cache_latents: off, because " + ", ".join(_VARYING_REASON[name] for name in varying) + " gives every "
+            "epoch other pixels; images are encoded at every step (set center_crop on and color_jitter and "
+            "random_rotation off to cache them)"
+        )
+        changes["cache_latents"] = False
+    if cfg.cache_text_embeddings and cfg.train_text_encoder:
+        log("cache_text_embeddings: off, because the text encoder trains and its embeddings change every step")
+        changes["cache_text_embeddings"] = False
+    cfg = cfg.replace(**changes) if changes else cfg
+    if cfg.cache_dir and (cfg.cache_latents or cfg.cache_text_embeddings):
+        _check_writable(Path(cfg.cache_dir).expanduser())
+    return cfg
+
+
+_VARYING_REASON = {"center_crop": "a random crop (center_crop off)", "color_jitter": "color_jitter", "random_rotation": "random_rotation"}
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / ".write-test") as probe:
+            probe.write_bytes(b"")
+        (folder / ".write-test").unlink()
+    except OSError as error:
+        raise ConfigError(f"cache_dir: cannot write to {str(folder)!r} ({error.strerror or error}); expected a writable folder") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stores
+
+
+class MemoryStore:
+    """Cached tensors for this run only."""
+
+    def __init__(self):
+        self.entries: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.entries[key] = tensors
+
+
+class DiskStore:
+    """Cached tensors as `<root>/<key[:2]>/<key>.safetensors`, each written atomically. A file that cannot be
+    read (truncated by a crash of another tool, or corrupted) is reported by name and recomputed."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))
+        except Exception as error:
+            warnings.warn(f"cache_dir: {path} cannot be read ({type(error).__name__}: {error}); recomputing it", stacklevel=2)
+            return None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        with atomic_path(self.path(key)) as tmp:
+            save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keys
+
+
+def digest(*parts) -> str:
+    """SHA-256 of JSON-encoded parts: a cache key."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def module_identity(module: torch.nn.Module) -> str:
+    """A hash of a module's class, config, and every weight's name, dtype, shape and bytes."""
+    sha = hashlib.sha256(type(module).__name__.encode())
+    config = getattr(module, "config", None)
+    sha.update(json.dumps(dict(config) if config is not None else {}, sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        sha.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        sha.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """A hash of a tokenizer's full definition (vocabulary, merges, normalisation, special tokens, length)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return digest(type(tokenizer).__name__, tokenizer.model_max_length, definition)
+
+
+def text_identity(family) -> str:
+    """Everything besides the caption that shapes a text embedding: the family's encoding code and its text
+    encoders and tokenizers."""
+    components = family.pipe.components
+    parts = [family.name]
+    for name in sorted(components):
+        component = components[name]
+        if name.startswith("text_encoder") and component is not None:
+            parts.append((name, module_identity(component)))
+        elif name.startswith("tokenizer") and component is not None:
+            parts.append((name, tokenizer_identity(component)))
+    return digest(*parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Caches
+
+
+class LatentCache:
+    """VAE latents of every (image, plan) the run trains on."""
+
+    def __init__(self, store, vae_identity: str, image_ids: list[str]):
+        self.store = store
+        self.vae_identity = vae_identity
+        self.image_ids = image_ids
+        self.computed = self.reused = 0
+
+    def key(self, index: int, plan: ImagePlan) -> str:
+        return digest("latents", CACHE_FORMAT, self.vae_identity, self.image_ids[index], plan)
+
+    def fill(self, examples: TrainingExamples, family, batch_size: int) -> None:
+        """Encode every (image, plan) not yet stored, batched per bucket; a progress bar counts images."""
+        missing: dict[tuple[int, int], list[tuple[int, ImagePlan]]] = {}
+        for index in range(len(examples)):
+            for plan in examples.fixed_plans(index):
+                if self.store.get(self.key(index, plan)) is None:
+                    missing.setdefault(plan.target, []).append((index, plan))
+                else:
+                    self.reused += 1
+        jobs = [group[i : i + batch_size] for group in missing.values() for i in range(0, len(group), batch_size)]
+        with tqdm(total=sum(map(len, jobs)), desc="caching latents", disable=not jobs) as progress:
+            for job in jobs:
+                pixels = torch.stack([apply_plan(examples.image(index), plan) for index, plan in job])
+                latents = family.encode_images(pixels).cpu()
+                for (index, plan), latent in zip(job, latents):
+                    self.store.put(self.key(index, plan), {"latents": latent.clone()})
+                self.computed += len(job)
+                progress.update(len(job))
+
+    def lookup(self, indices, plans: list[ImagePlan]) -> torch.Tensor:
+        return torch.stack([self._get(int(index), plan) for index, plan in zip(indices, plans)])
+
+    def _get(self, index: int, plan: ImagePlan) -> torch.Tensor:
+        entry = self.store.get(self.key(index, plan))
+        if entry is None:
+            raise RuntimeError(f"latent cache: no entry for image {index} with {plan}; the cache was filled for other plans")
+        return entry["latents"]
+
+
+class TextCache:
+    """Text-encoder outputs of every caption the run trains with, "" (caption dropout) included."""
+
+    def __init__(self, store, identity: str):
+        self.store = store
+        self.identity = identity
+        self.computed = self.reused = 0
+
+    def key(self, caption: str) -> str:
+        return digest("text", CACHE_FORMAT, self.identity, caption)
+
+    def fill(self, captions: set[str], family, batch_size: int) -> None:
+        missing = []
+        for caption in sorted(captions):
+            if self.store.get(self.key(caption)) is None:
+                missing.append(caption)
+            else:
+                self.reused += 1
+        with tqdm(total=len(missing), desc="caching text embeddings", disable=not missing) as progress:
+            for start in range(0, len(missing), batch_size):
+                chunk = missing[start : start + batch_size]
+                encoded = family.encode_prompts(chunk)
+                for k, caption in enumerate(chunk):
+                    self.store.put(self.key(caption), {name: t[k].detach().cpu().clone() for name, t in encoded.items()})
+                self.computed += len(chunk)
+                progress.update(len(chunk))
+
+    def lookup(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        entries = [self.store.get(self.key(caption)) for caption in captions]
+        if any(entry is None for entry in entries):
+            raise RuntimeError("text cache: a caption of this batch was not cached")
+        return {name: torch.stack([entry[name] for entry in entries]) for name in entries[0]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the training step calls
+
+
+class Conditioning:
+    """Latents and text embeddings of a batch: looked up in the caches that are on, encoded now otherwise."""
+
+    def __init__(self, family, latents: LatentCache | None = None, text: TextCache | None = None):
+        self.family = family
+        self.latent_cache = latents
+        self.text_cache = text
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        device = self.family.denoiser.device
+        if self.latent_cache is not None:
+            latents = self.latent_cache.lookup(batch["indices"], batch["plans"]).to(device)
+        else:
+            latents = self.family.encode_images(batch["pixel_values"])
+        if self.text_cache is not None:
+            text = {name: t.to(device) for name, t in self.text_cache.lookup(batch["captions"]).items()}
+        else:
+            text = self.family.encode_prompts(batch["captions"])
+        return latents, text
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """(computed, reused) entries per cache that is on."""
+        caches = {"latents": self.latent_cache, "text": self.text_cache}
+        return {name: (cache.computed, cache.reused) for name, cache in caches.items() if cache is not None}
+
+
+def build_conditioning(cfg, family, examples: TrainingExamples, log=print) -> Conditioning:
+    """Fill the caches the config asks for, then move the encoders they replace off the accelerator (they come
+    back only to render evaluation images). Keys hash model weights and image files only for a disk cache:
+    an in-memory cache lives and dies with this run's models and images."""
+    on_disk = bool(cfg.cache_dir)
+    root = Path(cfg.cache_dir).expanduser() if on_disk else None
+    latents = text = None
+    if cfg.cache_latents:
+        image_ids = image_digests(examples.dataset, examples.image_column) if on_disk else [str(i) for i in range(len(examples))]
+        vae = f"{module_identity(family.pipe.vae)}:{family.name}" if on_disk else "this run"
+        latents = LatentCache(DiskStore(root / "latents") if on_disk else MemoryStore(), vae, image_ids)
+        latents.fill(examples, family, cfg.train_batch_size)
+    if cfg.cache_text_embeddings:
+        text = TextCache(DiskStore(root / "text") if on_disk else MemoryStore(), text_identity(family) if on_disk else "this run")
+        text.fill(examples.caption_texts(), family, cfg.train_batch_size)
+    conditioning = Conditioning(family, latents, text)
+    for name, (computed, reused) in conditioning.counts().items():
+        log(f"{name} cache: {computed} encoded, {reused} reused" + (f" ({root / name})" if on_disk else " (in memory)"))
+    family.park_encoders(images=latents is not None, text=text is not None)
+    return conditioning
