@@ -27,6 +27,8 @@ from .data import ImagePlan, TrainingExamples, apply_plan, image_digests
 from .errors import ConfigError
 from .export import atomic_path
 
+# Config entries that say where a model came from or which library saved it, not what it computes.
+PROVENANCE_KEYS = frozenset({"_name_or_path", "_commit_hash", "_diffusers_version", "transformers_version", "_use_default_values"})
 CACHE_FORMAT = 1  # bump when the meaning of a cached tensor changes, so older files are never read
 
 
@@ -118,8 +120,10 @@ def digest(*parts) -> str:
 def module_identity(module: torch.nn.Module) -> str:
     """A hash of a module's class, config, and every weight's name, dtype, shape and bytes."""
     sha = hashlib.sha256(type(module).__name__.encode())
-    config = getattr(module, "config", None)
-    sha.update(json.dumps(dict(config) if config is not None else {}, sort_keys=True, default=str).encode())
+    config = getattr(module, "config", None)  # a Diffusers FrozenDict or a Transformers PretrainedConfig
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    config = {k: v for k, v in config.items() if k not in PROVENANCE_KEYS}
+    sha.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in module.state_dict().items():
         sha.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         sha.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

@@ -213,13 +213,15 @@ class ModelFamily(ABC):
         """Pixels in [-1, 1] to the shifted and scaled latents the denoiser works in (fp32).
 
         The posterior mean is used rather than a sample: the VAE's posterior std is tiny, and a deterministic
-        latent is what makes latent caching possible.
+        latent is what makes latent caching possible. Returned in the standard (contiguous) memory layout.
         """
         vae = self.pipe.vae
         with torch.no_grad():
             latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
         shift = vae.config.get("shift_factor") or 0.0  # SD3/Flux VAEs shift as well as scale
-        return (latents.float() - shift) * vae.config.scaling_factor
+        # oneDNN's convolutions may hand back channels-last tensors; the standard layout makes a fresh latent
+        # and a cached one take the same kernels in the denoiser, so cached and uncached runs agree.
+        return ((latents.float() - shift) * vae.config.scaling_factor).contiguous()
 
     @abstractmethod
     def predict(self, noisy_latents, timesteps, text: dict, batch: dict) -> torch.Tensor:
