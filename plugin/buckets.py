@@ -93,9 +93,12 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Choose the epoch to yield, leaving out its first `skip` batches (already trained before a resume)."""
         self.epoch = epoch
+        self.skip = skip
 
     def batches(self, epoch: int) -> list[list[int]]:
         order = list(range(len(self.bucket_ids)))
@@ -109,7 +112,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return batches + list(open_batches.values())
 
     def __iter__(self):
-        return iter(self.batches(self.epoch))
+        return iter(self.batches(self.epoch)[self.skip :])
 
     def __len__(self) -> int:
         return sum(math.ceil(n / self.batch_size) for n in Counter(self.bucket_ids).values())

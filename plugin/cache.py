@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .data import ImagePlan, TrainingExamples, apply_plan, image_digests
 from .errors import ConfigError
-from .export import atomic_path
+from .export import READABLE_FILE, atomic_path
 
 # Config entries that say where a model came from or which library saved it, not what it computes.
 PROVENANCE_KEYS = frozenset({"_name_or_path", "_commit_hash", "_diffusers_version", "transformers_version", "_use_default_values"})
@@ -106,6 +107,7 @@ class DiskStore:
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         with atomic_path(self.path(key)) as tmp:
             save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp))
+            os.chmod(tmp, READABLE_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------------

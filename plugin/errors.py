@@ -1,4 +1,4 @@
-"""Errors main.py reports as one line, without a traceback: bad input, and a run that diverged."""
+"""Errors main.py reports as one line, without a traceback: bad input, a run that diverged, a run stopped on request."""
 
 
 class ConfigError(ValueError):
@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stops before it can overwrite the last good adapter."""
+
+
+class TrainingStopped(RuntimeError):
+    """A stop was requested (SIGTERM, SIGINT); a checkpoint and the adapter were written, the run can resume."""

@@ -13,6 +13,14 @@ import torch
 from peft.utils import get_peft_model_state_dict
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+READABLE_FILE, READABLE_FOLDER = 0o644, 0o755  # results are read by other users and services (a launcher, a web UI)
+
+
+def make_readable(folder: Path) -> None:
+    """Give a folder written by temp-file helpers (0700 folders, 0600 files) the usual modes, recursively."""
+    os.chmod(folder, READABLE_FOLDER)
+    for path in Path(folder).rglob("*"):
+        os.chmod(path, READABLE_FOLDER if path.is_dir() else READABLE_FILE)
 
 
 @contextmanager
@@ -22,7 +30,7 @@ def atomic_path(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results unreadable to other users of a shared machine
+    os.chmod(tmp, READABLE_FILE)  # mkstemp's 0600 would make results unreadable to other users of a shared machine
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -63,6 +71,7 @@ def save_adapter_atomic(family, modules: dict[str, torch.nn.Module], folder: Pat
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".saving-"))
     try:
         family.save_lora(staging, layers, metadata)
+        os.chmod(staging / WEIGHTS_NAME, READABLE_FILE)  # the library writes it 0600: unreadable to other users
         os.replace(staging / WEIGHTS_NAME, folder / WEIGHTS_NAME)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -14,8 +14,9 @@ if __package__ in (None, ""):  # run as a script: make `plugin` importable as a 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read at import: optional-backend notices are noise
 
 from plugin.config import LAUNCHER_KEYS, parse_parameters, read_parameter_file, unknown_keys  # noqa: E402
-from plugin.errors import ConfigError, TrainingDiverged  # noqa: E402
+from plugin.errors import ConfigError, TrainingDiverged, TrainingStopped  # noqa: E402
 from plugin.host_memory import keep_freed_memory  # noqa: E402
+from plugin.stopping import STOPPED_EXIT_CODE  # noqa: E402
 from plugin.trainer import RunPaths, train  # noqa: E402
 
 
@@ -106,8 +107,11 @@ def main(argv=None) -> int:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except TrainingStopped as error:
+        print(str(error), file=sys.stderr)
+        return STOPPED_EXIT_CODE
     except KeyboardInterrupt:
-        print("interrupted: adapters and eval images saved before this point are intact", file=sys.stderr)
+        print("interrupted: the checkpoints, adapters and eval images saved before this point are intact", file=sys.stderr)
         return 130
 
 

@@ -23,13 +23,18 @@ from tqdm.auto import tqdm
 
 from .buckets import BucketBatchSampler, BucketLayout
 from .cache import Conditioning, build_conditioning, resolve_caching
+from .checkpoints import (
+    Position, TrainingState, check_resumable, checkpoint_root, load_checkpoint, read_checkpoint_config, resolve_resume,
+    try_save_checkpoint,
+)  # fmt: skip
 from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, image_sizes, load_image_dataset
 from .ema import EMA
-from .errors import ConfigError, TrainingDiverged
+from .errors import ConfigError, TrainingDiverged, TrainingStopped
 from .evaluation import eval_prompts, render_images, save_evaluation
 from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
 from .families import detect_family
 from .reporting import Reporter
+from .stopping import StopRequest
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 POLYNOMIAL_END_LR = 1e-7  # diffusers.optimization's polynomial schedule decays to this learning rate
@@ -165,6 +170,10 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     # Everything that can be wrong with the input is checked before any weights are read.
     family_class = detect_family(cfg.model_name)
     check_settings(cfg)
+    resume_from = resolve_resume(cfg.resume_from_checkpoint, paths.run_dir)
+    if resume_from is not None:
+        check_resumable(read_checkpoint_config(resume_from / "input_config.json"), cfg, log)
+    input_config = cfg.as_dict()
     cfg = resolve_caching(cfg, augment_options(cfg), log)
     dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
     prompts = eval_prompts(cfg.eval_prompt)
@@ -180,14 +189,20 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
         family.enable_gradient_checkpointing(modules)
     if cfg.enable_xformers_memory_efficient_attention:
         family.enable_xformers()
-    parameters = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
+    named_parameters = {
+        f"{component}.{name}": p for component, module in modules.items() for name, p in module.named_parameters() if p.requires_grad
+    }
+    parameters = list(named_parameters.values())
     objective = family.make_objective()
 
     layout = bucket_layout(cfg, family, dataset, log)
     examples = build_examples(cfg, dataset, layout)
     conditioning = build_conditioning(cfg, family, examples, log)
     sampler = BucketBatchSampler(layout.bucket_ids(), cfg.train_batch_size, cfg.seed)
-    loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate_examples, num_workers=cfg.dataloader_num_workers)
+    # The loader's own generator: each epoch's iterator draws a worker base seed from it, which from the global
+    # RNG would shift LoRA dropout's draws and make a resumed run differ from an unbroken one.
+    loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate_examples, num_workers=cfg.dataloader_num_workers,
+                        generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
@@ -209,6 +224,10 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     )
     optimizer, lr_schedule = accelerator.prepare(optimizer, lr_schedule)
     ema = EMA(parameters, cfg.ema_decay, cfg.ema_update_every) if cfg.use_ema else None
+    state = TrainingState(named_parameters, optimizer, lr_schedule, ema, accelerator.scaler)
+    position = load_checkpoint(resume_from, state) if resume_from is not None else Position(0, 0, 0)
+    if resume_from is not None:
+        log(f"resumed from {resume_from} at step {position.step} (epoch {position.epoch + 1}, {position.batches_done} batches in)")
 
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(paths.run_dir / "config.json", {**cfg.as_dict(), "model_family": family.name})
@@ -218,7 +237,12 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
         f"epochs; {sum(p.numel() for p in parameters):,} trainable parameters on {accelerator.device}"
     )
 
-    def save_and_render(epoch: int) -> None:
+    def checkpoint(epoch: int, batches_done: int) -> None:
+        checkpoint_config = {"config.json": {**cfg.as_dict(), "model_family": family.name}, "input_config.json": input_config}
+        try_save_checkpoint(checkpoint_root(paths.run_dir), Position(step, epoch, batches_done), state,
+                            checkpoint_config, cfg.checkpoints_total_limit, log)  # fmt: skip
+
+    def save_and_render(epoch: int, render: bool = True) -> None:
         """The adapter, then eval images, from the weights that count (EMA when on); raw weights beside them.
         Saving first means a failure while rendering cannot cost the trained weights."""
         for module in modules.values():
@@ -227,7 +251,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
             save_adapter_atomic(family, modules, paths.adapter_dir / "raw")
         with ema.swapped_in() if ema is not None else nullcontext():
             save_adapter_atomic(family, modules, paths.adapter_dir)
-            if prompts:
+            if prompts and render:
                 with family.unparked():
                     images = render_images(family, prompts, cfg.eval_seed)
                 result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch))
@@ -248,47 +272,62 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
                 step_loss += loss.item() / len(group)
         if not math.isfinite(step_loss):
             raise TrainingDiverged(
-                f"the loss became {step_loss} at step {step + 1}; the adapter saved before it is kept. "
+                f"the loss became {step_loss} at step {step}; the adapter saved before it is kept. "
                 "Lower learning_rate, or use bf16 instead of fp16"
             )
         return step_loss
 
+    def update(group: list[dict], epoch: int) -> None:
+        """Optimizer step number `step`: gradients, clipping, the update, the LR schedule, EMA, metrics."""
+        step_started = time.perf_counter()
+        step_loss = accumulate_gradients(group, epoch)
+        grad_norm = accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(step)
+        result.losses.append(step_loss)
+        result.step_seconds.append(time.perf_counter() - step_started)
+        metrics = {"train/loss": step_loss, "train/lr": lr_schedule.get_last_lr()[0]}
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        reporter.metrics(step, metrics)
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
+
     result = RunResult(adapter_path=paths.adapter_dir / WEIGHTS_NAME)
-    step = 0
-    progress = tqdm(total=max_steps, desc="training", disable=not accelerator.is_local_main_process)
+    step, epoch = position.step, position.epoch
+    progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
     for module in modules.values():
         module.train()
-    try:
-        for epoch in range(num_epochs):
-            examples.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            for group in accumulation_groups(loader, cfg.gradient_accumulation_steps):
-                step_started = time.perf_counter()
-                step_loss = accumulate_gradients(group, epoch)
-                grad_norm = accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-                optimizer.step()
-                lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if ema is not None:
-                    ema.update(step)
-                result.losses.append(step_loss)
-                result.step_seconds.append(time.perf_counter() - step_started)
-                metrics = {"train/loss": step_loss, "train/lr": lr_schedule.get_last_lr()[0]}
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                reporter.metrics(step, metrics)
-                progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
+    with StopRequest(log) as stop:
+        try:
+            for epoch in range(position.epoch, num_epochs):
                 if step >= max_steps:
                     break
-            if (epoch + 1) % cfg.eval_steps == 0 or step >= max_steps:
-                save_and_render(epoch + 1)
-            if step >= max_steps:
-                break
-    finally:  # logs flushed and the W&B run closed on errors and Ctrl-C too
-        progress.close()
-        reporter.close()
+                skip = position.batches_done if epoch == position.epoch else 0
+                examples.set_epoch(epoch)
+                sampler.set_epoch(epoch, skip)
+                batches_done = skip
+                for group in accumulation_groups(loader, cfg.gradient_accumulation_steps):
+                    step += 1
+                    update(group, epoch)
+                    batches_done += len(group)
+                    if stop.requested or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0):
+                        checkpoint(epoch, batches_done)
+                    if stop.requested:
+                        save_and_render(epoch + 1, render=False)
+                        raise TrainingStopped(f"stopped by {stop.reason} at step {step}; checkpoint and adapter written. "
+                                              "Resume with resume_from_checkpoint: latest")  # fmt: skip
+                    if step >= max_steps:
+                        break
+                if (epoch + 1) % cfg.eval_steps == 0 and step < max_steps:
+                    save_and_render(epoch + 1)
+            save_and_render(epoch + 1)
+        finally:  # logs flushed and the W&B run closed on errors and Ctrl-C too
+            progress.close()
+            reporter.close()
     result.steps = step
     result.cache_counts = conditioning.counts()
     log(f"trained {step} steps in {sum(result.step_seconds):.1f}s (evaluation excluded); adapter: {result.adapter_path}")

@@ -1,0 +1,240 @@
+"""Full-state checkpoints: everything a run needs to continue as if it had never stopped.
+
+`<run>/checkpoints/step_<n>/` holds
+  trainable.safetensors   the LoRA weights, by parameter name
+  optimizer.safetensors   the optimizer's per-parameter tensors (Adam moments, step), by parameter name
+  ema.safetensors         the EMA shadow weights, when EMA is on
+  rng.safetensors         the torch RNG states (CPU, and every CUDA device): LoRA dropout draws from them
+  state.json              step, data position (epoch, micro-batches done), optimizer hyper-parameters, LR
+                          schedule, EMA counter, loss-scaler state
+  config.json             the resolved config of the run that wrote it (family defaults filled in)
+  input_config.json       the config as given, which a resumption is compared with before any model loads
+
+Nothing is pickled, so loading a checkpoint from someone else runs no code. A checkpoint is written into a
+hidden temporary folder and renamed into place, so a kill mid-write leaves only complete `step_<n>` folders;
+older ones beyond the limit are deleted after the new one is complete. Data order, augmentation, noise and
+timesteps are pure functions of (seed, epoch, example), so (epoch, micro-batches done) is the whole data state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ConfigError
+from .export import make_readable
+
+STEP_FOLDER = re.compile(r"step_(\d+)")
+STATE_FILE = "state.json"
+
+# Parameters that may change between a checkpoint and its resumption without making it another run.
+RESUMABLE_CHANGES = frozenset({
+    "max_train_steps", "num_train_epochs", "eval_prompt", "eval_steps", "eval_num_inference_steps",
+    "eval_guidance_scale", "eval_seed", "eval_width", "eval_height", "log_to_wandb", "log_to_tensorboard",
+    "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "output_dir",
+    "dataloader_num_workers", "cache_latents", "cache_text_embeddings", "cache_dir", "gradient_checkpointing",
+    "enable_xformers_memory_efficient_attention",
+})  # fmt: skip
+
+
+@dataclass
+class TrainingState:
+    """The live objects a checkpoint captures and restores."""
+
+    parameters: dict[str, torch.nn.Parameter]  # trainable, by a stable name
+    optimizer: torch.optim.Optimizer
+    lr_schedule: object  # a torch LR scheduler (possibly wrapped by Accelerate)
+    ema: object | None
+    scaler: torch.amp.GradScaler | None
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the run is: optimizer steps done, and micro-batches done in `epoch`."""
+
+    step: int
+    epoch: int
+    batches_done: int
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The `step_<n>` folders under root, oldest first (temporary folders are hidden and never match)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_FOLDER.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(value: str, run_dir: Path) -> Path | None:
+    """The checkpoint folder `resume_from_checkpoint` names: "" none, "latest" the newest complete one under
+    this run (none yet: a fresh start), else a path that must be a checkpoint."""
+    if not value:
+        return None
+    if value == "latest":
+        found = complete_checkpoints(checkpoint_root(run_dir))
+        return found[-1] if found else None
+    path = Path(value).expanduser()
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"resume_from_checkpoint: {value!r} is not a checkpoint folder (no {STATE_FILE}); "
+                          "expected '', 'latest' or a <run>/checkpoints/step_<n> folder")  # fmt: skip
+    return path
+
+
+def check_resumable(saved_config: dict, cfg, log=print) -> None:
+    """A checkpoint continues only the run it came from: other values of the settings that shape training
+    are an error naming them; changes to the rest are printed."""
+    current = cfg.as_dict()
+    differing = sorted(k for k in current if k in saved_config and saved_config[k] != current[k])
+    blocking = [k for k in differing if k not in RESUMABLE_CHANGES]
+    if blocking:
+        details = "; ".join(f"{k}: {saved_config[k]!r} in the checkpoint, {current[k]!r} now" for k in blocking)
+        raise ConfigError(f"resume_from_checkpoint: the checkpoint belongs to another run ({details}); "
+                          "set them back or start a fresh run")  # fmt: skip
+    for key in differing:
+        log(f"resuming with {key} changed: {saved_config[key]!r} -> {current[key]!r}")
+
+
+def read_checkpoint_config(path: Path) -> dict:
+    return _read_json(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Save
+
+
+def save_checkpoint(root: Path, position: Position, state: TrainingState, configs: dict[str, dict], keep: int) -> Path:
+    """Write step_<n> atomically, then delete the oldest beyond `keep` (0 keeps all). Returns its folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{position.step}"
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{position.step}."))
+    try:
+        _write(staging, position, state, configs)
+        make_readable(staging)  # mkdtemp's 0700 would hide the checkpoint from other users of the machine
+        if final.exists():  # the same step written again (a resumed run stopping where it started)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if keep > 0:
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(folder: Path, position: Position, state: TrainingState, configs: dict[str, dict]) -> None:
+    names = list(state.parameters)
+    save_file({n: p.detach().cpu().contiguous() for n, p in state.parameters.items()}, str(folder / "trainable.safetensors"))
+    optimizer = state.optimizer.state_dict()
+    moments = {f"{names[i]}::{key}": value.detach().cpu().contiguous()
+               for i, slots in optimizer["state"].items() for key, value in slots.items() if torch.is_tensor(value)}  # fmt: skip
+    save_file(moments, str(folder / "optimizer.safetensors"))
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer["param_groups"]]
+    save_file(_rng_states(), str(folder / "rng.safetensors"))
+    if state.ema is not None:
+        save_file({n: s.detach().cpu().contiguous() for n, s in zip(names, state.ema.shadow)}, str(folder / "ema.safetensors"))
+    summary = {
+        "step": position.step,
+        "epoch": position.epoch,
+        "batches_done": position.batches_done,
+        "parameter_names": names,
+        "optimizer_param_groups": groups,
+        "lr_schedule": {k: v for k, v in _scheduler(state.lr_schedule).state_dict().items() if k != "lr_lambdas"},
+        "ema_num_updates": state.ema.num_updates if state.ema is not None else None,
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+    }
+    (folder / STATE_FILE).write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    for name, config in configs.items():
+        (folder / name).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    states = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def _scheduler(lr_schedule):
+    """The torch scheduler inside Accelerate's wrapper (or the scheduler itself)."""
+    return getattr(lr_schedule, "scheduler", lr_schedule)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Load
+
+
+def load_checkpoint(folder: Path, state: TrainingState) -> Position:
+    """Restore every part of `state` from `folder`; a missing or unreadable file is a ConfigError naming it."""
+    summary = _read_json(folder / STATE_FILE)
+    names = list(state.parameters)
+    if summary.get("parameter_names") != names:
+        raise ConfigError(f"resume_from_checkpoint: {folder} holds LoRA weights for other layers than this run "
+                          f"trains ({len(summary.get('parameter_names') or [])} saved, {len(names)} now)")  # fmt: skip
+    weights = _read_tensors(folder / "trainable.safetensors")
+    with torch.no_grad():
+        for name, parameter in state.parameters.items():
+            parameter.copy_(weights[name])
+    moments = _read_tensors(folder / "optimizer.safetensors")
+    slots: dict[int, dict] = {}
+    for key, value in moments.items():
+        name, slot = key.split("::")
+        slots.setdefault(names.index(name), {})[slot] = value
+    groups = [{**group, "params": saved["params"]} for group, saved in
+              zip(summary["optimizer_param_groups"], state.optimizer.state_dict()["param_groups"])]  # fmt: skip
+    state.optimizer.load_state_dict({"state": slots, "param_groups": groups})
+    scheduler = _scheduler(state.lr_schedule)
+    scheduler.load_state_dict({**scheduler.state_dict(), **summary["lr_schedule"]})
+    if state.ema is not None:
+        shadow = _read_tensors(folder / "ema.safetensors")
+        state.ema.shadow = [shadow[n].float() for n in names]
+        state.ema.num_updates = summary["ema_num_updates"]
+    if state.scaler is not None and summary.get("scaler"):
+        state.scaler.load_state_dict(summary["scaler"])
+    rng = _read_tensors(folder / "rng.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))])
+    return Position(summary["step"], summary["epoch"], summary["batches_done"])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"resume_from_checkpoint: cannot read {path} ({error})") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as error:
+        raise ConfigError(f"resume_from_checkpoint: cannot read {path} ({type(error).__name__}: {error})") from None
+
+
+def try_save_checkpoint(
+    root: Path, position: Position, state: TrainingState, configs: dict[str, dict], keep: int, log=print
+) -> Path | None:
+    """save_checkpoint, but a failure to write (a full disk) is a warning naming the folder: training goes on
+    and the previous checkpoint stays the latest."""
+    try:
+        folder = save_checkpoint(root, position, state, configs, keep)
+    except OSError as error:
+        warnings.warn(f"checkpoint at step {position.step} not written under {root} ({error}); "
+                      "the previous checkpoint is kept", stacklevel=2)  # fmt: skip
+        return None
+    log(f"checkpoint: {folder}")
+    return folder

@@ -1,0 +1,197 @@
+"""Checkpoints and resume: a run killed at any step and resumed equals the unbroken run bit for bit, a clean
+stop on SIGTERM, atomic checkpoint writes and retention, and bad checkpoints named in clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import base_parameters, write_parameter_file
+from plugin import checkpoints as checkpoints_module
+from plugin.config import parse_parameters
+from plugin.errors import ConfigError
+from plugin.export import WEIGHTS_NAME
+from plugin.stopping import STOPPED_EXIT_CODE
+from plugin.trainer import RunPaths, train
+
+ROOT = Path(__file__).resolve().parent.parent
+HARD = dict(use_ema=True, ema_decay=0.9, gradient_accumulation_steps=2, train_batch_size=1, lr_scheduler="cosine",
+            lr_warmup_steps=3, lora_dropout=0.1)  # EMA, accumulation, a non-constant schedule, dropout's RNG  # fmt: skip
+PLAIN = dict(train_batch_size=2)
+
+
+def parameters(tiny_models, sample_data, out: Path, **overrides) -> dict:
+    return base_parameters(tiny_models["sd"], sample_data, out, **{"eval_prompt": "", "checkpointing_steps": 3, **overrides})
+
+
+def train_in_process(params: dict, log=None):
+    cfg = parse_parameters(params)
+    paths = RunPaths.for_config(cfg)
+    result = train(cfg, paths, log=log or (lambda *_: None))
+    return result, load_file(str(paths.adapter_dir / WEIGHTS_NAME)), paths
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def launch(config: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "plugin" / "main.py"), "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before {path.name} appeared:\n{process.stdout.read()}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("settings", [HARD, PLAIN], ids=["ema-accumulation-cosine", "plain"])
+def test_a_run_killed_at_a_random_step_resumes_to_the_unbroken_adapter(settings, tiny_models, sample_data, tmp_path):
+    params = parameters(tiny_models, sample_data, tmp_path / "killed", max_train_steps=60, **settings)
+    _, unbroken, _ = train_in_process({**params, "output_dir": str(tmp_path / "unbroken")})
+
+    process = launch(write_parameter_file(tmp_path / "run.json", params))
+    checkpoints = tmp_path / "killed" / "test-adapter" / "checkpoints"
+    wait_for(checkpoints / "step_3", process)
+    time.sleep(random.Random().uniform(0.0, 0.3))
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    steps = sorted(int(p.name.split("_")[1]) for p in checkpoints.glob("step_*"))
+    assert steps and steps[-1] < 60, "killed before the end"
+
+    logged = []
+    result, resumed, _ = train_in_process({**params, "resume_from_checkpoint": "latest"}, log=logged.append)
+    assert any(line.startswith(f"resumed from {checkpoints / f'step_{steps[-1]}'}") for line in logged)
+    assert result.steps == 60 and len(result.losses) == 60 - steps[-1]
+    assert_identical(unbroken, resumed)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_adapter(tiny_models, sample_data, tmp_path):
+    """The schedule here does not depend on the total (warm-up, then constant), so the stopped 400-step run
+    can be resumed as a shorter one and compared with an unbroken run of that length."""
+    settings = {**HARD, "lr_scheduler": "constant_with_warmup"}
+    params = parameters(tiny_models, sample_data, tmp_path / "stopped", max_train_steps=400, checkpointing_steps=5, **settings)
+    process = launch(write_parameter_file(tmp_path / "run.json", params))
+    run_dir = tmp_path / "stopped" / "test-adapter"
+    wait_for(run_dir / "checkpoints" / "step_5", process)
+    process.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == STOPPED_EXIT_CODE, output
+    assert time.monotonic() - started < 5, "stopped within a step or so"
+    stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert stopped_at < 400
+    assert (run_dir / "checkpoints" / f"step_{stopped_at}" / "state.json").is_file()
+    assert (run_dir / WEIGHTS_NAME).is_file() and (run_dir / "raw" / WEIGHTS_NAME).is_file()
+
+    shortened = {**params, "max_train_steps": stopped_at + 10}
+    _, resumed, _ = train_in_process({**shortened, "resume_from_checkpoint": "latest"})
+    _, unbroken, _ = train_in_process({**shortened, "output_dir": str(tmp_path / "unbroken")})
+    assert_identical(unbroken, resumed)
+
+
+def test_checkpoint_contents_permissions_and_retention(tiny_models, sample_data, tmp_path):
+    params = parameters(tiny_models, sample_data, tmp_path / "out", max_train_steps=10, checkpointing_steps=2,
+                        checkpoints_total_limit=2, use_ema=True)  # fmt: skip
+    _, adapter, paths = train_in_process(params)
+    root = paths.run_dir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_10", "step_8"], "exactly the limit, newest kept"
+    newest = root / "step_10"
+    assert sorted(p.name for p in newest.iterdir()) == sorted(["trainable.safetensors", "optimizer.safetensors", "ema.safetensors",
+        "rng.safetensors", "state.json", "config.json", "input_config.json"])  # fmt: skip
+    state = json.loads((newest / "state.json").read_text())
+    assert (state["step"], state["epoch"], state["batches_done"]) == (10, 2, 2)  # 4 steps an epoch
+    assert json.loads((newest / "config.json").read_text())["resolution"] == 32
+    for path in [newest, *newest.iterdir(), paths.adapter_dir / WEIGHTS_NAME]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), f"{path}: {oct(mode)}"
+    trainable = load_file(str(newest / "trainable.safetensors"))
+    raw = load_file(str(paths.adapter_dir / "raw" / WEIGHTS_NAME))
+    assert len(trainable) == len(raw) and all(torch.equal(a, b) for a, b in zip(sorted(trainable.values(), key=lambda t: t.sum().item()),
+                                                                          sorted(raw.values(), key=lambda t: t.sum().item())))  # fmt: skip
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tiny_models, sample_data, tmp_path, monkeypatch):
+    """A full disk while writing step_6: a warning naming the folder, training goes on, step_3 stays loadable
+    and no half-written folder is left. A kill mid-write (here KeyboardInterrupt) leaves the same."""
+    original = checkpoints_module.save_file
+    calls = {"n": 0}
+
+    def filling_disk(tensors, path):
+        calls["n"] += 1
+        if "step_6" in path and path.endswith("optimizer.safetensors"):
+            original(tensors, path)
+            raise OSError(28, "No space left on device")
+        return original(tensors, path)
+
+    monkeypatch.setattr(checkpoints_module, "save_file", filling_disk)
+    params = parameters(tiny_models, sample_data, tmp_path / "out", max_train_steps=7, checkpoints_total_limit=1)
+    with pytest.warns(UserWarning, match=r"checkpoint at step 6 not written under .*checkpoints \(\[Errno 28\] No space"):
+        result, _, paths = train_in_process(params)
+    assert result.steps == 7
+    root = paths.run_dir / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step_3"], "the older one kept; nothing half-written"
+
+    def killed(tensors, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints_module, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process({**params, "resume_from_checkpoint": "latest"})
+    assert [p.name for p in root.iterdir()] == ["step_3"]
+    monkeypatch.setattr(checkpoints_module, "save_file", original)
+    assert train_in_process({**params, "resume_from_checkpoint": str(root / "step_3")})[0].steps == 7
+
+
+def test_bad_checkpoints_are_clear_errors_before_any_model_loads(tiny_models, sample_data, tmp_path, monkeypatch):
+    params = parameters(tiny_models, sample_data, tmp_path / "out", max_train_steps=3)
+    _, _, paths = train_in_process(params)
+    step_3 = paths.run_dir / "checkpoints" / "step_3"
+
+    from plugin.families.base import ModelFamily
+
+    original_load = ModelFamily.load.__func__
+    monkeypatch.setattr(ModelFamily, "load", classmethod(lambda *a: pytest.fail("the model was loaded")))
+    with pytest.raises(ConfigError, match="resume_from_checkpoint: .*missing.* is not a checkpoint folder"):
+        train_in_process({**params, "resume_from_checkpoint": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match=r"another run \(dataset_name: .* in the checkpoint, .* now; lora_r: 4 in the checkpoint, 8 now\)"):
+        train_in_process({**params, "resume_from_checkpoint": str(step_3), "lora_r": 8, "dataset_name": str(tmp_path)})
+    with pytest.raises(ConfigError, match="model_name"):
+        train_in_process({**params, "resume_from_checkpoint": str(step_3), "model_name": str(tiny_models["sdxl"])})
+
+    monkeypatch.setattr(ModelFamily, "load", classmethod(original_load))
+    weights = step_3 / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(ConfigError, match=f"cannot read {weights}"):
+        train_in_process({**params, "resume_from_checkpoint": str(step_3)})
+
+
+def test_harmless_changes_are_allowed_and_printed(tiny_models, sample_data, tmp_path):
+    params = parameters(tiny_models, sample_data, tmp_path / "out", max_train_steps=3)
+    train_in_process(params)
+    logged = []
+    result, _, _ = train_in_process({**params, "resume_from_checkpoint": "latest", "max_train_steps": 5,
+                                     "eval_prompt": "a red circle"}, log=logged.append)  # fmt: skip
+    assert result.steps == 5 and len(result.losses) == 2 and result.eval_images
+    assert "resuming with eval_prompt changed: '' -> 'a red circle'" in logged
+    assert "resuming with max_train_steps changed: 3 -> 5" in logged
+
+
+def test_latest_without_a_checkpoint_starts_fresh(tiny_models, sample_data, tmp_path):
+    params = parameters(tiny_models, sample_data, tmp_path / "out", max_train_steps=2, resume_from_checkpoint="latest")
+    assert train_in_process(params)[0].steps == 2
