@@ -86,12 +86,19 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     its bucket's open batch, and a batch is emitted when it is full; the buckets' unfilled batches follow
     at the end, so no image is left out. With one bucket the batches are consecutive slices of the
     permutation, so batch 4 sees what two batches of 2 (gradient accumulation) see.
+
+    With `num_processes` > 1 the global batches hold batch_size x num_processes images and each process
+    iterates over its slice of every one (an unfilled batch is split as evenly as it goes, so a slice may
+    be empty); `shares` gives the weight of each slice's mean loss that makes the processes' average the
+    global batch's mean.
     """
 
-    def __init__(self, bucket_ids: list[int], batch_size: int, seed: int):
+    def __init__(self, bucket_ids: list[int], batch_size: int, seed: int, num_processes: int = 1, process_index: int = 0):
         self.bucket_ids = list(bucket_ids)
-        self.batch_size = batch_size
+        self.batch_size = batch_size * num_processes
         self.seed = seed
+        self.num_processes = num_processes
+        self.process_index = process_index
         self.epoch = 0
         self.skip = 0
 
@@ -101,6 +108,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.skip = skip
 
     def batches(self, epoch: int) -> list[list[int]]:
+        """The global batches of an epoch."""
         order = list(range(len(self.bucket_ids)))
         random.Random(f"{self.seed}:{epoch}:order").shuffle(order)
         batches, open_batches = [], {}
@@ -111,8 +119,21 @@ class BucketBatchSampler(torch.utils.data.Sampler):
                 batches.append(open_batches.pop(self.bucket_ids[index]))
         return batches + list(open_batches.values())
 
+    def slices(self) -> list[tuple[list[int], float]]:
+        """This process's (indices, share) of each remaining global batch of the current epoch."""
+        result = []
+        for batch in self.batches(self.epoch)[self.skip :]:
+            base, extra = divmod(len(batch), self.num_processes)
+            start = self.process_index * base + min(self.process_index, extra)
+            size = base + (self.process_index < extra)
+            result.append((batch[start : start + size], size * self.num_processes / len(batch)))
+        return result
+
+    def shares(self) -> list[float]:
+        return [share for _, share in self.slices()]
+
     def __iter__(self):
-        return iter(self.batches(self.epoch)[self.skip :])
+        return iter([indices for indices, _ in self.slices()])
 
     def __len__(self) -> int:
         return sum(math.ceil(n / self.batch_size) for n in Counter(self.bucket_ids).values())

@@ -600,8 +600,11 @@ class TrainingExamples(torch.utils.data.Dataset):
         return item
 
 
-def collate_examples(examples: list[dict]) -> dict:
-    """Batch `TrainingExamples` items for a DataLoader (pixels only when the items carry them)."""
+def collate_examples(examples: list[dict]) -> dict | None:
+    """Batch `TrainingExamples` items for a DataLoader (pixels only when the items carry them); None for a
+    process's empty slice of a small global batch."""
+    if not examples:
+        return None
     batch = {
         "captions": [e["caption"] for e in examples],
         "original_sizes": torch.tensor([e["original_size"] for e in examples], dtype=torch.long),

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
@@ -27,6 +27,7 @@ from .checkpoints import (
     Position, TrainingState, check_resumable, checkpoint_root, load_checkpoint, read_checkpoint_config, resolve_resume,
     try_save_checkpoint,
 )  # fmt: skip
+from .distributed import any_process, average_gradients
 from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, image_sizes, load_image_dataset
 from .ema import EMA
 from .errors import ConfigError, TrainingDiverged, TrainingStopped
@@ -108,7 +109,8 @@ def new_accelerator(cfg) -> Accelerator:
     """Accelerate keeps its settings in a process-wide singleton; a run starts from a clean one so that a
     second run in the same process (a test, a sweep) may use another precision."""
     AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=cfg.mixed_precision)
+    # split_batches: the LR schedule steps once per optimizer step, not once per process (we shard the data).
+    return Accelerator(mixed_precision=cfg.mixed_precision, dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def augment_options(cfg) -> AugmentOptions:
@@ -178,6 +180,8 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
     prompts = eval_prompts(cfg.eval_prompt)
     accelerator = new_accelerator(cfg)
+    processes, is_main = accelerator.num_processes, accelerator.is_main_process
+    log = log if is_main else (lambda *_: None)  # one process speaks and writes files; all of them train
 
     set_seed(cfg.seed)
     family = family_class.load(cfg.model_name, WEIGHT_DTYPES[cfg.mixed_precision])
@@ -197,8 +201,9 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
 
     layout = bucket_layout(cfg, family, dataset, log)
     examples = build_examples(cfg, dataset, layout)
-    conditioning = build_conditioning(cfg, family, examples, log)
-    sampler = BucketBatchSampler(layout.bucket_ids(), cfg.train_batch_size, cfg.seed)
+    with accelerator.main_process_first():  # a disk cache is filled once, then read by the other processes
+        conditioning = build_conditioning(cfg, family, examples, log)
+    sampler = BucketBatchSampler(layout.bucket_ids(), cfg.train_batch_size, cfg.seed, processes, accelerator.process_index)
     # The loader's own generator: each epoch's iterator draws a worker base seed from it, which from the global
     # RNG would shift LoRA dropout's draws and make a resumed run differ from an unbroken one.
     loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate_examples, num_workers=cfg.dataloader_num_workers,
@@ -229,22 +234,31 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     if resume_from is not None:
         log(f"resumed from {resume_from} at step {position.step} (epoch {position.epoch + 1}, {position.batches_done} batches in)")
 
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(paths.run_dir / "config.json", {**cfg.as_dict(), "model_family": family.name})
-    reporter = Reporter(cfg, paths.run_dir / "logs")
+    if is_main:
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(paths.run_dir / "config.json", {**cfg.as_dict(), "model_family": family.name})
+    reporter = Reporter(cfg if is_main else cfg.replace(log_to_tensorboard=False, log_to_wandb=False), paths.run_dir / "logs")
     log(
         f"{len(examples)} images, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
         f"epochs; {sum(p.numel() for p in parameters):,} trainable parameters on {accelerator.device}"
     )
 
     def checkpoint(epoch: int, batches_done: int) -> None:
-        checkpoint_config = {"config.json": {**cfg.as_dict(), "model_family": family.name}, "input_config.json": input_config}
-        try_save_checkpoint(checkpoint_root(paths.run_dir), Position(step, epoch, batches_done), state,
-                            checkpoint_config, cfg.checkpoints_total_limit, log)  # fmt: skip
+        """Written by the main process (the state is the same on all), while the others wait."""
+        if is_main:
+            configs = {"config.json": {**cfg.as_dict(), "model_family": family.name}, "input_config.json": input_config}
+            try_save_checkpoint(checkpoint_root(paths.run_dir), Position(step, epoch, batches_done), state, configs,
+                                cfg.checkpoints_total_limit, log)  # fmt: skip
+        accelerator.wait_for_everyone()
 
     def save_and_render(epoch: int, render: bool = True) -> None:
         """The adapter, then eval images, from the weights that count (EMA when on); raw weights beside them.
-        Saving first means a failure while rendering cannot cost the trained weights."""
+        Saving first means a failure while rendering cannot cost the trained weights. Main process only."""
+        if is_main:
+            save_adapters_and_render(epoch, render)
+        accelerator.wait_for_everyone()
+
+    def save_adapters_and_render(epoch: int, render: bool) -> None:
         for module in modules.values():
             module.eval()
         if ema is not None:
@@ -259,17 +273,21 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
         for module in modules.values():
             module.train()
 
-    def accumulate_gradients(group: list[dict], epoch: int) -> float:
+    def accumulate_gradients(group: list[tuple[dict | None, float]], epoch: int) -> float:
         """Backward over one optimizer step's micro-batches, each scaled by 1/len(group) so accumulation
-        keeps the learning rate; returns their mean loss. A non-finite loss stops the run here, before the
-        optimizer can write it into the weights."""
+        keeps the learning rate (and by this process's share of the global batch), then the gradients are
+        averaged over the processes; returns the step's mean loss. A non-finite loss stops the run here,
+        before the optimizer can write it into the weights."""
         step_loss = 0.0
         with sdpa_kernel(list(TRAINING_ATTENTION)):
-            for batch in group:
+            for batch, share in group:
+                if batch is None:  # this process's slice of a small global batch is empty
+                    continue
                 generators = sample_generators(cfg.seed, epoch, batch["indices"])
                 loss = denoising_loss(family, objective, conditioning, batch, generators, accelerator.autocast)
-                accelerator.backward(loss / len(group))
-                step_loss += loss.item() / len(group)
+                accelerator.backward(loss * share / len(group))
+                step_loss += loss.item() * share / len(group)
+        step_loss = average_gradients(parameters, step_loss, processes)
         if not math.isfinite(step_loss):
             raise TrainingDiverged(
                 f"the loss became {step_loss} at step {step}; the adapter saved before it is kept. "
@@ -310,15 +328,16 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
                 examples.set_epoch(epoch)
                 sampler.set_epoch(epoch, skip)
                 batches_done = skip
-                for group in accumulation_groups(loader, cfg.gradient_accumulation_steps):
+                for group in accumulation_groups(zip(loader, sampler.shares()), cfg.gradient_accumulation_steps):
                     step += 1
                     update(group, epoch)
                     batches_done += len(group)
-                    if stop.requested or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0):
+                    stopping = any_process(stop.requested, processes, accelerator.device)
+                    if stopping or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0):
                         checkpoint(epoch, batches_done)
-                    if stop.requested:
+                    if stopping:
                         save_and_render(epoch + 1, render=False)
-                        raise TrainingStopped(f"stopped by {stop.reason} at step {step}; checkpoint and adapter written. "
+                        raise TrainingStopped(f"stopped by {stop.reason or 'another process'} at step {step}; checkpoint and adapter written. "
                                               "Resume with resume_from_checkpoint: latest")  # fmt: skip
                     if step >= max_steps:
                         break
