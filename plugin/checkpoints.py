@@ -4,9 +4,9 @@
   trainable.safetensors   the LoRA weights, by parameter name
   optimizer.safetensors   the optimizer's per-parameter tensors (Adam moments, step), by parameter name
   ema.safetensors         the EMA shadow weights, when EMA is on
-  rng.safetensors         the torch RNG states (CPU, and every CUDA device): LoRA dropout draws from them
-  state.json              step, data position (epoch, micro-batches done), optimizer hyper-parameters, LR
-                          schedule, EMA counter, loss-scaler state
+  rng.safetensors         every process's torch RNG states (CPU, and its CUDA device): LoRA dropout draws from them
+  state.json              step, data position (epoch, micro-batches done), number of processes, optimizer
+                          hyper-parameters, LR schedule, EMA counter, loss-scaler state
   config.json             the resolved config of the run that wrote it (family defaults filled in)
   input_config.json       the config as given, which a resumption is compared with before any model loads
 
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import restore_rng_states
 from .errors import ConfigError
 from .export import make_readable
 
@@ -55,6 +56,8 @@ class TrainingState:
     lr_schedule: object  # a torch LR scheduler (possibly wrapped by Accelerate)
     ema: object | None
     scaler: torch.amp.GradScaler | None
+    num_processes: int = 1
+    process_index: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,13 +118,15 @@ def read_checkpoint_config(path: Path) -> dict:
 # Save
 
 
-def save_checkpoint(root: Path, position: Position, state: TrainingState, configs: dict[str, dict], keep: int) -> Path:
+def save_checkpoint(
+    root: Path, position: Position, state: TrainingState, rng: dict[str, torch.Tensor], configs: dict[str, dict], keep: int
+) -> Path:
     """Write step_<n> atomically, then delete the oldest beyond `keep` (0 keeps all). Returns its folder."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{position.step}"
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{position.step}."))
     try:
-        _write(staging, position, state, configs)
+        _write(staging, position, state, rng, configs)
         make_readable(staging)  # mkdtemp's 0700 would hide the checkpoint from other users of the machine
         if final.exists():  # the same step written again (a resumed run stopping where it started)
             shutil.rmtree(final)
@@ -135,7 +140,7 @@ def save_checkpoint(root: Path, position: Position, state: TrainingState, config
     return final
 
 
-def _write(folder: Path, position: Position, state: TrainingState, configs: dict[str, dict]) -> None:
+def _write(folder: Path, position: Position, state: TrainingState, rng: dict[str, torch.Tensor], configs: dict[str, dict]) -> None:
     names = list(state.parameters)
     save_file({n: p.detach().cpu().contiguous() for n, p in state.parameters.items()}, str(folder / "trainable.safetensors"))
     optimizer = state.optimizer.state_dict()
@@ -143,13 +148,14 @@ def _write(folder: Path, position: Position, state: TrainingState, configs: dict
                for i, slots in optimizer["state"].items() for key, value in slots.items() if torch.is_tensor(value)}  # fmt: skip
     save_file(moments, str(folder / "optimizer.safetensors"))
     groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer["param_groups"]]
-    save_file(_rng_states(), str(folder / "rng.safetensors"))
+    save_file(rng, str(folder / "rng.safetensors"))
     if state.ema is not None:
         save_file({n: s.detach().cpu().contiguous() for n, s in zip(names, state.ema.shadow)}, str(folder / "ema.safetensors"))
     summary = {
         "step": position.step,
         "epoch": position.epoch,
         "batches_done": position.batches_done,
+        "num_processes": state.num_processes,
         "parameter_names": names,
         "optimizer_param_groups": groups,
         "lr_schedule": {k: v for k, v in _scheduler(state.lr_schedule).state_dict().items() if k != "lr_lambdas"},
@@ -159,13 +165,6 @@ def _write(folder: Path, position: Position, state: TrainingState, configs: dict
     (folder / STATE_FILE).write_text(json.dumps(summary, indent=1), encoding="utf-8")
     for name, config in configs.items():
         (folder / name).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-
-
-def _rng_states() -> dict[str, torch.Tensor]:
-    states = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return states
 
 
 def _scheduler(lr_schedule):
@@ -180,6 +179,10 @@ def _scheduler(lr_schedule):
 def load_checkpoint(folder: Path, state: TrainingState) -> Position:
     """Restore every part of `state` from `folder`; a missing or unreadable file is a ConfigError naming it."""
     summary = _read_json(folder / STATE_FILE)
+    if summary.get("num_processes", 1) != state.num_processes:
+        raise ConfigError(f"resume_from_checkpoint: {folder} was written by a run of {summary.get('num_processes', 1)} "
+                          f"processes, this one has {state.num_processes}: the global batch would change; launch "
+                          "as many processes")  # fmt: skip
     names = list(state.parameters)
     if summary.get("parameter_names") != names:
         raise ConfigError(f"resume_from_checkpoint: {folder} holds LoRA weights for other layers than this run "
@@ -204,10 +207,7 @@ def load_checkpoint(folder: Path, state: TrainingState) -> Position:
         state.ema.num_updates = summary["ema_num_updates"]
     if state.scaler is not None and summary.get("scaler"):
         state.scaler.load_state_dict(summary["scaler"])
-    rng = _read_tensors(folder / "rng.safetensors")
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))])
+    restore_rng_states(_read_tensors(folder / "rng.safetensors"), state.process_index)
     return Position(summary["step"], summary["epoch"], summary["batches_done"])
 
 
@@ -226,12 +226,13 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def try_save_checkpoint(
-    root: Path, position: Position, state: TrainingState, configs: dict[str, dict], keep: int, log=print
+    root: Path, position: Position, state: TrainingState, rng: dict[str, torch.Tensor], configs: dict[str, dict],
+    keep: int, log=print,
 ) -> Path | None:
     """save_checkpoint, but a failure to write (a full disk) is a warning naming the folder: training goes on
     and the previous checkpoint stays the latest."""
     try:
-        folder = save_checkpoint(root, position, state, configs, keep)
+        folder = save_checkpoint(root, position, state, rng, configs, keep)
     except OSError as error:
         warnings.warn(f"checkpoint at step {position.step} not written under {root} ({error}); "
                       "the previous checkpoint is kept", stacklevel=2)  # fmt: skip

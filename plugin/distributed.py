@@ -38,3 +38,22 @@ def any_process(flag: bool, num_processes: int, device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def rng_states(num_processes: int) -> dict[str, torch.Tensor]:
+    """Every process's torch RNG states (CPU, and its CUDA device), gathered for the main process to save.
+    LoRA dropout draws from them, and each process draws its own."""
+    own = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        own["cuda"] = torch.cuda.get_rng_state()
+    everyone = [own]
+    if num_processes > 1:
+        everyone = [None] * num_processes
+        dist.all_gather_object(everyone, own)
+    return {f"process_{rank}_{name}": state for rank, states in enumerate(everyone) for name, state in states.items()}
+
+
+def restore_rng_states(states: dict[str, torch.Tensor], process_index: int) -> None:
+    torch.set_rng_state(states[f"process_{process_index}_cpu"])
+    if torch.cuda.is_available() and f"process_{process_index}_cuda" in states:
+        torch.cuda.set_rng_state(states[f"process_{process_index}_cuda"])

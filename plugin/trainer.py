@@ -27,7 +27,7 @@ from .checkpoints import (
     Position, TrainingState, check_resumable, checkpoint_root, load_checkpoint, read_checkpoint_config, resolve_resume,
     try_save_checkpoint,
 )  # fmt: skip
-from .distributed import any_process, average_gradients
+from .distributed import any_process, average_gradients, rng_states
 from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, image_sizes, load_image_dataset
 from .ema import EMA
 from .errors import ConfigError, TrainingDiverged, TrainingStopped
@@ -229,7 +229,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     )
     optimizer, lr_schedule = accelerator.prepare(optimizer, lr_schedule)
     ema = EMA(parameters, cfg.ema_decay, cfg.ema_update_every) if cfg.use_ema else None
-    state = TrainingState(named_parameters, optimizer, lr_schedule, ema, accelerator.scaler)
+    state = TrainingState(named_parameters, optimizer, lr_schedule, ema, accelerator.scaler, processes, accelerator.process_index)
     position = load_checkpoint(resume_from, state) if resume_from is not None else Position(0, 0, 0)
     if resume_from is not None:
         log(f"resumed from {resume_from} at step {position.step} (epoch {position.epoch + 1}, {position.batches_done} batches in)")
@@ -244,10 +244,11 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     )
 
     def checkpoint(epoch: int, batches_done: int) -> None:
-        """Written by the main process (the state is the same on all), while the others wait."""
+        """Written by the main process (the weights are the same on all; each one's RNG is gathered)."""
+        rng = rng_states(processes)
         if is_main:
             configs = {"config.json": {**cfg.as_dict(), "model_family": family.name}, "input_config.json": input_config}
-            try_save_checkpoint(checkpoint_root(paths.run_dir), Position(step, epoch, batches_done), state, configs,
+            try_save_checkpoint(checkpoint_root(paths.run_dir), Position(step, epoch, batches_done), state, rng, configs,
                                 cfg.checkpoints_total_limit, log)  # fmt: skip
         accelerator.wait_for_everyone()
 

@@ -175,6 +175,12 @@ def test_bad_checkpoints_are_clear_errors_before_any_model_loads(tiny_models, sa
         train_in_process({**params, "resume_from_checkpoint": str(step_3), "model_name": str(tiny_models["sdxl"])})
 
     monkeypatch.setattr(ModelFamily, "load", classmethod(original_load))
+    state_file = step_3 / "state.json"
+    saved = state_file.read_text()
+    state_file.write_text(saved.replace('"num_processes": 1', '"num_processes": 2'))
+    with pytest.raises(ConfigError, match="written by a run of 2 processes, this one has 1"):
+        train_in_process({**params, "resume_from_checkpoint": str(step_3)})
+    state_file.write_text(saved)
     weights = step_3 / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[:50])
     with pytest.raises(ConfigError, match=f"cannot read {weights}"):
