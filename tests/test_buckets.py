@@ -178,3 +178,20 @@ def test_small_images_are_upscaled_with_a_warning_naming_them(tiny_models, tmp_p
     cfg = parse_parameters(base_parameters(tiny_models["sd"], data, tmp_path / "out", max_train_steps=1, eval_prompt=""))
     with pytest.warns(UserWarning, match=r"1 of 2 images are smaller than their bucket and are upscaled.*row 0 \(16x16\)"):
         train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("cache_latents", [True, False])
+def test_data_loader_workers_change_nothing(cache_latents, tiny_models, tmp_path):
+    """Items are planned from (seed, epoch, index) alone, so worker processes give the same adapter."""
+    from safetensors.torch import load_file
+
+    data = write_images(tmp_path / "data", [(48, 96), (96, 48), (64, 64), (50, 100), (100, 50), (70, 70)])
+    adapters = []
+    for workers in (0, 2):
+        cfg = parse_parameters(base_parameters(tiny_models["sdxl"], data, tmp_path / f"out{workers}", max_train_steps=4,
+                                               eval_prompt="", random_flip=True, cache_latents=cache_latents,
+                                               dataloader_num_workers=workers))  # fmt: skip
+        paths = RunPaths.for_config(cfg)
+        train(cfg, paths, log=lambda *_: None)
+        adapters.append(load_file(str(paths.adapter_dir / "pytorch_lora_weights.safetensors")))
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
