@@ -82,10 +82,10 @@ class Parameter:
 
     def _typed(self, raw: Any) -> Any:
         wrong = ConfigError(f"{self.name}: {raw!r} is not a valid {self.type}")
-        if self.type == "string":
-            if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
-                return str(raw).strip()
-            raise wrong
+        if self.type == "string":  # a number here (or NaN) is a mistake, never text to train with
+            if isinstance(raw, str):
+                return raw.strip()
+            raise ConfigError(f"{self.name}: {raw!r} is not text; expected a string (in quotes in a JSON file)")
         if self.type == "boolean":
             if isinstance(raw, bool):
                 return raw

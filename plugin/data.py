@@ -146,10 +146,28 @@ def _load_kohya_folder(path: Path, image_column: str, caption_column: str) -> da
 
 
 def _read_caption(path: Path) -> str | None:
-    """The caption in a kohya .txt file, or None when the image has none."""
+    """The caption in a kohya .txt file, or None when the image has none.
+
+    UTF-8, with a byte-order mark dropped (Windows editors write one). A file that is not UTF-8 was most likely
+    written by a Windows tool: it is read as cp1252 (bytes cp1252 leaves undefined as latin-1), with a warning
+    naming it, so a mis-encoded caption is never trained on silently.
+    """
     if not path.is_file():
         return None
-    return path.read_text(encoding="utf-8", errors="replace").strip()
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        text = "".join(_cp1252_or_latin1(bytes([byte])) for byte in data).strip()
+        warnings.warn(f"dataset_name: caption {str(path)!r} is not UTF-8; read as Windows-1252: {text!r}", stacklevel=5)
+        return text
+
+
+def _cp1252_or_latin1(byte: bytes) -> str:
+    try:
+        return byte.decode("cp1252")
+    except UnicodeDecodeError:
+        return byte.decode("latin-1")
 
 
 def _load_hub(dataset_name: str) -> datasets.Dataset:
@@ -398,8 +416,24 @@ def transform_image(
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
-    """The image as displayed (EXIF orientation applied), in RGB."""
-    return ImageOps.exif_transpose(image).convert("RGB")
+    """The image as displayed (EXIF orientation applied), in RGB; high-bit-depth grey scaled to 8 bits."""
+    return _to_8_bit(ImageOps.exif_transpose(image)).convert("RGB")
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """High-bit-depth grey (PIL modes I;16*, I and F) scaled to 8 bits: PIL's own conversion to RGB clips at 255,
+    which turns most of a 16-bit image white. 16-bit modes span 65535; I holding values above 255 is taken as
+    16-bit too; F in [0, 1] spans 1."""
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and pixels.max() > 255):
+        full_scale = 65535.0
+    elif image.mode == "F" and pixels.max() <= 1.0:
+        full_scale = 1.0
+    else:
+        full_scale = 255.0
+    return Image.fromarray(np.clip(np.rint(pixels * (255.0 / full_scale)), 0, 255).astype(np.uint8), mode="L")
 
 
 def _cover_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:

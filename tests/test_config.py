@@ -172,3 +172,10 @@ def test_bad_parameter_files_are_named(tmp_path, content, message):
     with pytest.raises(ConfigError, match=message) as error:
         read_parameter_file(path)
     assert "run.json" in str(error.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 3, 1.5, True, None, ["a"]])
+def test_a_string_parameter_takes_text_only(value):
+    """`"trigger_word": NaN` used to train every caption with "nan" in front."""
+    with pytest.raises(ConfigError, match=r"trigger_word: .* is not text; expected a string"):
+        parse_parameters({"adaptor_name": "a", "trigger_word": value})

@@ -488,3 +488,33 @@ def test_dataloader_batches_and_does_not_depend_on_workers_or_batch_size():
         other = list(workers)
     assert torch.equal(torch.cat([b["pixel_values"] for b in batches]), torch.cat([b["pixel_values"] for b in other]))
     assert sum((b["captions"] for b in batches), []) == sum((b["captions"] for b in other), [])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inputs that used to train silently wrong
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    """A 16-bit gradient PNG (PIL mode I;16) keeps its gradient: PIL's own RGB conversion would clip every value
+    above 255 to white."""
+    gradient = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    Image.fromarray(gradient).save(tmp_path / "deep.png")
+    image = Image.open(tmp_path / "deep.png")
+    assert image.mode.startswith("I")
+    tensor, _, _ = transform_image(image, augment(resolution=64), example_rng(0, 0, 0))
+    row = as_pixels(tensor)[32, :, 0].astype(int)
+    expected = np.rint(np.linspace(0, 65535, 64) * 255 / 65535)
+    assert np.abs(row - expected).max() <= 3, "a ramp from black to white, not a white image"
+    floats = Image.fromarray(np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1)), mode="F")
+    assert np.abs(as_pixels(transform_image(floats, augment(resolution=64), example_rng(0, 0, 0))[0])[32, :, 0] - expected).max() <= 3
+
+
+def test_kohya_captions_drop_a_byte_order_mark_and_survive_windows_encodings(tmp_path):
+    folder = tmp_path / "data"
+    write_images(folder, 3)
+    (folder / "0.txt").write_text("a red circle", encoding="utf-8-sig")
+    (folder / "1.txt").write_bytes("caf\u00e9 \u2013 na\u00efve".encode("cp1252"))
+    (folder / "2.txt").write_text("plain", encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"1\.txt' is not UTF-8; read as Windows-1252: 'caf\u00e9 \u2013 na\u00efve'"):
+        dataset = load_image_dataset(str(folder), "image", "text")
+    assert sorted(dataset["text"]) == sorted(["a red circle", "caf\u00e9 \u2013 na\u00efve", "plain"])
