@@ -43,7 +43,7 @@ RESUMABLE_CHANGES = frozenset({
     "eval_guidance_scale", "eval_seed", "eval_width", "eval_height", "log_to_wandb", "log_to_tensorboard",
     "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "output_dir",
     "dataloader_num_workers", "cache_latents", "cache_text_embeddings", "cache_dir", "gradient_checkpointing",
-    "enable_xformers_memory_efficient_attention",
+    "enable_xformers_memory_efficient_attention", "overwrite_output",
 })  # fmt: skip
 
 
@@ -94,6 +94,25 @@ def resolve_resume(value: str, run_dir: Path) -> Path | None:
         raise ConfigError(f"resume_from_checkpoint: {value!r} is not a checkpoint folder (no {STATE_FILE}); "
                           "expected '', 'latest' or a <run>/checkpoints/step_<n> folder")  # fmt: skip
     return path
+
+
+def claim_run_folder(run_dir: Path, cfg, log=print) -> None:
+    """A run folder belongs to one run, so its config, adapter and checkpoints describe each other. A folder
+    that already holds something is continued (resume_from_checkpoint), replaced (overwrite_output: the old
+    checkpoints go, so that 'latest' can never pick up another run's state) or refused. Also fails early,
+    naming output_dir, when the folder cannot be created."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.resume_from_checkpoint:
+        if not cfg.overwrite_output:
+            raise ConfigError(f"output_dir: {str(run_dir)!r} already holds a run; set resume_from_checkpoint to 'latest' to "
+                              "continue it, overwrite_output to true to replace it, or choose another adaptor_name")  # fmt: skip
+        if checkpoint_root(run_dir).is_dir():
+            shutil.rmtree(checkpoint_root(run_dir))
+            log(f"overwrite_output: deleted the previous run's checkpoints in {run_dir}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"output_dir: cannot create {str(run_dir)!r} ({error.strerror or error}); expected a writable folder") from None
 
 
 def check_resumable(saved_config: dict, cfg, log=print) -> None:

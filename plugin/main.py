@@ -31,6 +31,7 @@ def demo_parameters(family: str, workdir: Path) -> dict:
         "dataset_name": str(write_sample_dataset(workdir / "sample-data")),
         "output_dir": "output",
         "adaptor_name": f"demo-{family}",
+        "overwrite_output": True,  # the demo's folder is scratch: each demo replaces the last
         "trigger_word": "shapes",
         "resolution": SAMPLE_RESOLUTION,
         "random_flip": True,

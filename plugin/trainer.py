@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .buckets import BucketBatchSampler, BucketLayout
 from .cache import Conditioning, build_conditioning, resolve_caching
 from .checkpoints import (
-    Position, TrainingState, check_resumable, checkpoint_root, load_checkpoint, read_checkpoint_config, resolve_resume,
+    Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder, load_checkpoint, read_checkpoint_config, resolve_resume,
     try_save_checkpoint,
 )  # fmt: skip
 from .distributed import any_process, average_gradients, rng_states
@@ -182,6 +182,9 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     accelerator = new_accelerator(cfg)
     processes, is_main = accelerator.num_processes, accelerator.is_main_process
     log = log if is_main else (lambda *_: None)  # one process speaks and writes files; all of them train
+    if is_main:
+        claim_run_folder(paths.run_dir, cfg, log)
+    accelerator.wait_for_everyone()
 
     set_seed(cfg.seed)
     family = family_class.load(cfg.model_name, WEIGHT_DTYPES[cfg.mixed_precision])
@@ -235,7 +238,6 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
         log(f"resumed from {resume_from} at step {position.step} (epoch {position.epoch + 1}, {position.batches_done} batches in)")
 
     if is_main:
-        paths.run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(paths.run_dir / "config.json", {**cfg.as_dict(), "model_family": family.name})
     reporter = Reporter(cfg if is_main else cfg.replace(log_to_tensorboard=False, log_to_wandb=False), paths.run_dir / "logs")
     log(

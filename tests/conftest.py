@@ -44,6 +44,7 @@ def base_parameters(model: Path, data: Path, output: Path, **overrides) -> dict:
         "eval_num_inference_steps": 4,
         "eval_guidance_scale": 2.0,
         "log_to_tensorboard": False,
+        "overwrite_output": True,  # tests run several times into one folder; test_checkpoints checks the refusal
         **overrides,
     }
 

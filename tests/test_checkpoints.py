@@ -201,3 +201,29 @@ def test_harmless_changes_are_allowed_and_printed(tiny_models, sample_data, tmp_
 def test_latest_without_a_checkpoint_starts_fresh(tiny_models, sample_data, tmp_path):
     params = parameters(tiny_models, sample_data, tmp_path / "out", max_train_steps=2, resume_from_checkpoint="latest")
     assert train_in_process(params)[0].steps == 2
+
+
+def test_a_run_folder_belongs_to_one_run(tiny_models, sample_data, tmp_path, monkeypatch):
+    """A second run into a folder holding a run is refused before any model loads; overwrite_output replaces it
+    (its checkpoints deleted, so 'latest' cannot pick up the old run); a file in the way names output_dir."""
+    from plugin.families.base import ModelFamily
+
+    params = parameters(tiny_models, sample_data, tmp_path / "out", max_train_steps=3, overwrite_output=False)
+    _, _, paths = train_in_process(params)
+    config_before = (paths.run_dir / "config.json").read_bytes()
+    original_load = ModelFamily.load.__func__
+    monkeypatch.setattr(ModelFamily, "load", classmethod(lambda *a: pytest.fail("the model was loaded")))
+    with pytest.raises(ConfigError, match="output_dir: .*test-adapter' already holds a run; set resume_from_checkpoint"):
+        train_in_process({**params, "learning_rate": 1e-2})
+    assert (paths.run_dir / "config.json").read_bytes() == config_before, "the refused run wrote nothing"
+    blocker = tmp_path / "file"
+    blocker.write_text("in the way")
+    with pytest.raises(ConfigError, match="output_dir: cannot create"):
+        train_in_process({**params, "output_dir": str(blocker)})
+
+    monkeypatch.setattr(ModelFamily, "load", classmethod(original_load))
+    logged = []
+    train_in_process({**params, "overwrite_output": True, "max_train_steps": 2, "checkpointing_steps": 0}, log=logged.append)
+    assert any(line.startswith("overwrite_output: deleted the previous run's checkpoints") for line in logged)
+    assert not (paths.run_dir / "checkpoints").exists()
+    assert json.loads((paths.run_dir / "config.json").read_text())["max_train_steps"] == 2
