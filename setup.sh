@@ -10,7 +10,9 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 STAMP="$VENV/.setup-stamp"
 WANT="$(cat requirements.txt setup.sh | sha256sum | cut -d' ' -f1)"
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c "import torch, diffusers, peft" 2>/dev/null; then
+# find_spec locates the packages without importing them (importing torch and diffusers takes seconds).
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c \
+  "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('torch', 'diffusers', 'peft')))" 2>/dev/null; then
   exit 0
 fi
 
