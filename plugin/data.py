@@ -386,8 +386,10 @@ def plan_transform(
 
 
 def apply_plan(image: Image.Image, plan: ImagePlan) -> torch.Tensor:
-    """The planned resize (to cover the target), rotation, flip, crop and jitter: a (3, H, W) tensor in [-1, 1]."""
-    image = upright_rgb(image)
+    """The planned resize (to cover the target), rotation, flip, crop and jitter: a (3, H, W) tensor in [-1, 1].
+
+    `image` is already upright and RGB (`upright_rgb`), as every caller has it: the plan was drawn for the
+    displayed size."""
     image = image.resize(plan.resized[::-1], resample=INTERPOLATIONS[plan.interpolation])
     if plan.rotation is not None:
         image = _rotate(image, plan.rotation)
