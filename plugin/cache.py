@@ -157,6 +157,21 @@ def text_identity(family) -> str:
 # Caches
 
 
+def fill_store(store, groups: list[list], key, encode, batch_size: int, desc: str) -> tuple[int, int]:
+    """Encode the items of `groups` that `store` lacks, `batch_size` at a time within a group (a group's items
+    encode to tensors of one shape), and store each under `key(item)`. `encode(chunk)` returns one dict of
+    tensors per item. Returns (encoded, reused); a progress bar counts the items encoded."""
+    missing = [[item for item in group if store.get(key(item)) is None] for group in groups]
+    reused = sum(map(len, groups)) - sum(map(len, missing))
+    chunks = [group[i : i + batch_size] for group in missing for i in range(0, len(group), batch_size)]
+    with tqdm(total=sum(map(len, chunks)), desc=desc, disable=not chunks) as progress:
+        for chunk in chunks:
+            for item, tensors in zip(chunk, encode(chunk)):
+                store.put(key(item), tensors)
+            progress.update(len(chunk))
+    return sum(map(len, chunks)), reused
+
+
 class LatentCache:
     """VAE latents of every (image, plan) the run trains on."""
 
@@ -170,23 +185,18 @@ class LatentCache:
         return digest("latents", CACHE_FORMAT, self.vae_identity, self.image_ids[index], plan)
 
     def fill(self, examples: TrainingExamples, family, batch_size: int) -> None:
-        """Encode every (image, plan) not yet stored, batched per bucket; a progress bar counts images."""
-        missing: dict[tuple[int, int], list[tuple[int, ImagePlan]]] = {}
+        """Encode every (image, plan) not yet stored, batched per bucket."""
+        by_bucket: dict[tuple[int, int], list[tuple[int, ImagePlan]]] = {}
         for index in range(len(examples)):
             for plan in examples.fixed_plans(index):
-                if self.store.get(self.key(index, plan)) is None:
-                    missing.setdefault(plan.target, []).append((index, plan))
-                else:
-                    self.reused += 1
-        jobs = [group[i : i + batch_size] for group in missing.values() for i in range(0, len(group), batch_size)]
-        with tqdm(total=sum(map(len, jobs)), desc="caching latents", disable=not jobs) as progress:
-            for job in jobs:
-                pixels = torch.stack([apply_plan(examples.image(index), plan) for index, plan in job])
-                latents = family.encode_images(pixels).cpu()
-                for (index, plan), latent in zip(job, latents):
-                    self.store.put(self.key(index, plan), {"latents": latent.clone()})
-                self.computed += len(job)
-                progress.update(len(job))
+                by_bucket.setdefault(plan.target, []).append((index, plan))
+
+        def encode(chunk):
+            pixels = torch.stack([apply_plan(examples.image(index), plan) for index, plan in chunk])
+            return [{"latents": latent.clone()} for latent in family.encode_images(pixels).cpu()]
+
+        self.computed, self.reused = fill_store(self.store, list(by_bucket.values()), lambda item: self.key(*item),
+                                                encode, batch_size, "caching latents")  # fmt: skip
 
     def lookup(self, indices, plans: list[ImagePlan]) -> torch.Tensor:
         return torch.stack([self._get(int(index), plan) for index, plan in zip(indices, plans)])
@@ -210,20 +220,12 @@ class TextCache:
         return digest("text", CACHE_FORMAT, self.identity, caption)
 
     def fill(self, captions: set[str], family, batch_size: int) -> None:
-        missing = []
-        for caption in sorted(captions):
-            if self.store.get(self.key(caption)) is None:
-                missing.append(caption)
-            else:
-                self.reused += 1
-        with tqdm(total=len(missing), desc="caching text embeddings", disable=not missing) as progress:
-            for start in range(0, len(missing), batch_size):
-                chunk = missing[start : start + batch_size]
-                encoded = family.encode_prompts(chunk)
-                for k, caption in enumerate(chunk):
-                    self.store.put(self.key(caption), {name: t[k].detach().cpu().clone() for name, t in encoded.items()})
-                self.computed += len(chunk)
-                progress.update(len(chunk))
+        def encode(chunk):
+            encoded = family.encode_prompts(chunk)
+            return [{name: t[k].detach().cpu().clone() for name, t in encoded.items()} for k in range(len(chunk))]
+
+        self.computed, self.reused = fill_store(self.store, [sorted(captions)], self.key, encode, batch_size,
+                                                "caching text embeddings")  # fmt: skip
 
     def lookup(self, captions: list[str]) -> dict[str, torch.Tensor]:
         entries = [self.store.get(self.key(caption)) for caption in captions]
