@@ -36,6 +36,7 @@ from .export import make_readable
 
 STEP_FOLDER = re.compile(r"step_(\d+)")
 STATE_FILE = "state.json"
+RESOLVED_CONFIG, INPUT_CONFIG = "config.json", "input_config.json"
 
 # Parameters that may change between a checkpoint and its resumption without making it another run.
 RESUMABLE_CHANGES = frozenset({
@@ -115,9 +116,10 @@ def claim_run_folder(run_dir: Path, cfg, log=print) -> None:
         raise ConfigError(f"output_dir: cannot create {str(run_dir)!r} ({error.strerror or error}); expected a writable folder") from None
 
 
-def check_resumable(saved_config: dict, cfg, log=print) -> None:
+def check_resumable(folder: Path, cfg, log=print) -> None:
     """A checkpoint continues only the run it came from: other values of the settings that shape training
-    are an error naming them; changes to the rest are printed."""
+    (compared with the config as its run was given) are an error naming them; changes to the rest are printed."""
+    saved_config = _read_json(folder / INPUT_CONFIG)
     current = cfg.as_dict()
     differing = sorted(k for k in current if k in saved_config and saved_config[k] != current[k])
     blocking = [k for k in differing if k not in RESUMABLE_CHANGES]
@@ -127,10 +129,6 @@ def check_resumable(saved_config: dict, cfg, log=print) -> None:
                           "set them back or start a fresh run")  # fmt: skip
     for key in differing:
         log(f"resuming with {key} changed: {saved_config[key]!r} -> {current[key]!r}")
-
-
-def read_checkpoint_config(path: Path) -> dict:
-    return _read_json(path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from .buckets import BucketBatchSampler, BucketLayout
 from .cache import Conditioning, build_conditioning, resolve_caching
 from .checkpoints import (
-    Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder, load_checkpoint, read_checkpoint_config, resolve_resume,
-    try_save_checkpoint,
+    INPUT_CONFIG, RESOLVED_CONFIG, Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder,
+    load_checkpoint, resolve_resume, try_save_checkpoint,
 )  # fmt: skip
 from .distributed import any_process, average_gradients, rng_states
 from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, image_sizes, load_image_dataset
@@ -174,7 +174,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     check_settings(cfg)
     resume_from = resolve_resume(cfg.resume_from_checkpoint, paths.run_dir)
     if resume_from is not None:
-        check_resumable(read_checkpoint_config(resume_from / "input_config.json"), cfg, log)
+        check_resumable(resume_from, cfg, log)
     input_config = cfg.as_dict()
     cfg = resolve_caching(cfg, augment_options(cfg), log)
     dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
@@ -189,6 +189,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     set_seed(cfg.seed)
     family = family_class.load(cfg.model_name, WEIGHT_DTYPES[cfg.mixed_precision])
     cfg, filled = family.configure(cfg)
+    resolved_config = {**cfg.as_dict(), "model_family": family.name}
     log(f"{family.title} model; defaults applied: " + (", ".join(f"{k}={v}" for k, v in filled.items()) or "none"))
     family.to(accelerator.device)
     modules = family.attach_lora()
@@ -238,7 +239,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
         log(f"resumed from {resume_from} at step {position.step} (epoch {position.epoch + 1}, {position.batches_done} batches in)")
 
     if is_main:
-        write_json_atomic(paths.run_dir / "config.json", {**cfg.as_dict(), "model_family": family.name})
+        write_json_atomic(paths.run_dir / RESOLVED_CONFIG, resolved_config)
     reporter = Reporter(cfg if is_main else cfg.replace(log_to_tensorboard=False, log_to_wandb=False), paths.run_dir / "logs")
     log(
         f"{len(examples)} images, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
@@ -249,7 +250,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
         """Written by the main process (the weights are the same on all; each one's RNG is gathered)."""
         rng = rng_states(processes)
         if is_main:
-            configs = {"config.json": {**cfg.as_dict(), "model_family": family.name}, "input_config.json": input_config}
+            configs = {RESOLVED_CONFIG: resolved_config, INPUT_CONFIG: input_config}
             try_save_checkpoint(checkpoint_root(paths.run_dir), Position(step, epoch, batches_done), state, rng, configs,
                                 cfg.checkpoints_total_limit, log)  # fmt: skip
         accelerator.wait_for_everyone()
@@ -262,6 +263,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
         accelerator.wait_for_everyone()
 
     def save_adapters_and_render(epoch: int, render: bool) -> None:
+        """save_and_render's work, on the main process."""
         for module in modules.values():
             module.eval()
         if ema is not None:
@@ -298,7 +300,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
             )
         return step_loss
 
-    def update(group: list[dict], epoch: int) -> None:
+    def update(group: list[tuple[dict | None, float]], epoch: int) -> None:
         """Optimizer step number `step`: gradients, clipping, the update, the LR schedule, EMA, metrics."""
         step_started = time.perf_counter()
         step_loss = accumulate_gradients(group, epoch)
