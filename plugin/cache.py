@@ -25,19 +25,20 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import ImagePlan, TrainingExamples, apply_plan, image_digests
-from .errors import ConfigError
-from .export import READABLE_FILE, atomic_path
+from .export import READABLE_FILE, atomic_path, require_writable_folder
 
 # Config entries that say where a model came from or which library saved it, not what it computes.
 PROVENANCE_KEYS = frozenset({"_name_or_path", "_commit_hash", "_diffusers_version", "transformers_version", "_use_default_values"})
 CACHE_FORMAT = 1  # bump when the meaning of a cached tensor changes, so older files are never read
 
 
-def resolve_caching(cfg, augment, log=print):
+def resolve_caching(cfg, log=print):
     """The config with the caches that cannot apply turned off (with a note saying why), checked before any
-    weights load: latents when the pixels change every epoch, text when the text encoder trains."""
+    weights load: latents when an augmentation gives an image other pixels in every epoch (a flip only
+    mirrors them, and both mirror images are cached), text when the text encoder trains."""
     changes = {}
-    varying = augment.pixels_vary_per_epoch()
+    varying = [name for name, on in {"center_crop": not cfg.center_crop, "color_jitter": cfg.color_jitter,
+                                     "random_rotation": cfg.random_rotation}.items() if on]  # fmt: skip
     if cfg.cache_latents and varying:
         log(
             "cache_latents: off, because " + ", ".join(_VARYING_REASON[name] for name in varying) + " gives every "
@@ -50,21 +51,11 @@ def resolve_caching(cfg, augment, log=print):
         changes["cache_text_embeddings"] = False
     cfg = cfg.replace(**changes) if changes else cfg
     if cfg.cache_dir and (cfg.cache_latents or cfg.cache_text_embeddings):
-        _check_writable(Path(cfg.cache_dir).expanduser())
+        require_writable_folder(Path(cfg.cache_dir).expanduser(), "cache_dir")
     return cfg
 
 
 _VARYING_REASON = {"center_crop": "a random crop (center_crop off)", "color_jitter": "color_jitter", "random_rotation": "random_rotation"}
-
-
-def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / ".write-test") as probe:
-            probe.write_bytes(b"")
-        (folder / ".write-test").unlink()
-    except OSError as error:
-        raise ConfigError(f"cache_dir: cannot write to {str(folder)!r} ({error.strerror or error}); expected a writable folder") from None
 
 
 # ---------------------------------------------------------------------------------------------------------

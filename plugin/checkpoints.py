@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .distributed import restore_rng_states
 from .errors import ConfigError
-from .export import make_readable
+from .export import make_readable, require_writable_folder
 
 STEP_FOLDER = re.compile(r"step_(\d+)")
 STATE_FILE = "state.json"
@@ -103,17 +103,14 @@ def claim_run_folder(run_dir: Path, cfg, log=print) -> None:
     checkpoints go, so that 'latest' can never pick up another run's state) or refused. Also fails early,
     naming output_dir, when the folder cannot be created."""
     run_dir = Path(run_dir)
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.resume_from_checkpoint:
+    require_writable_folder(run_dir, "output_dir")
+    if any(run_dir.iterdir()) and not cfg.resume_from_checkpoint:
         if not cfg.overwrite_output:
             raise ConfigError(f"output_dir: {str(run_dir)!r} already holds a run; set resume_from_checkpoint to 'latest' to "
                               "continue it, overwrite_output to true to replace it, or choose another adaptor_name")  # fmt: skip
         if checkpoint_root(run_dir).is_dir():
             shutil.rmtree(checkpoint_root(run_dir))
             log(f"overwrite_output: deleted the previous run's checkpoints in {run_dir}")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"output_dir: cannot create {str(run_dir)!r} ({error.strerror or error}); expected a writable folder") from None
 
 
 def check_resumable(folder: Path, cfg, log=print) -> None:

@@ -211,18 +211,47 @@ def _suggestion(key: str, parameters: Mapping) -> str:
 
 
 def read_parameter_file(path: str | Path) -> dict:
-    """A flat JSON object, or one with the parameters under "config" (the Transformer Lab input file)."""
+    """A flat JSON object, or one with the parameters under "config" (the Transformer Lab input file).
+
+    Read strictly, since a silently misread file trains the wrong run: a key given twice is an error (JSON
+    keeps the last one without a word), and a file in UTF-16 (what Windows PowerShell's `>` writes) is named
+    as such rather than reported as a syntax error in its first byte."""
     path = Path(path)
+    name = repr(str(path))
+    if path.is_dir():
+        raise ConfigError(f"parameter file {name} is a folder; expected a JSON file")
     if not path.is_file():
-        raise ConfigError(f"parameter file {str(path)!r} does not exist")
+        raise ConfigError(f"parameter file {name} does not exist")
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(data) > 1 and b"\x00" in data[:2]):
+        raise ConfigError(f"parameter file {name} is UTF-16 text; save it as UTF-8 (e.g. PowerShell: Set-Content -Encoding utf8)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"parameter file {name} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    try:
+        parsed = json.loads(text, object_pairs_hook=_object_without_duplicates)
     except json.JSONDecodeError as error:
-        raise ConfigError(f"parameter file {str(path)!r} is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"parameter file {str(path)!r} must hold a JSON object")
-    if "config" in data:
-        if not isinstance(data["config"], dict):
-            raise ConfigError(f"parameter file {str(path)!r}: 'config' must be a JSON object")
-        return data["config"]
-    return data
+        raise ConfigError(f"parameter file {name} is not valid JSON: {error}") from None
+    except _DuplicateKey as error:
+        raise ConfigError(f"parameter file {name}: {error.args[0]!r} is given more than once; keep one") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"parameter file {name} must hold a JSON object")
+    if "config" in parsed:
+        if not isinstance(parsed["config"], dict):
+            raise ConfigError(f"parameter file {name}: 'config' must be a JSON object")
+        return parsed["config"]
+    return parsed
+
+
+class _DuplicateKey(Exception):
+    """A JSON object with a key twice (carries the key)."""
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result

@@ -8,6 +8,7 @@ Augmentations use PIL and numpy only (no torchvision).
 import csv
 import hashlib
 import io
+import json
 import math
 import os
 import random
@@ -20,9 +21,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from huggingface_hub import constants as hub_constants
+from PIL import Image, ImageColor, ImageEnhance, ImageOps
 
 from .errors import ConfigError
+from .hub import require_hub
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -58,7 +61,21 @@ def load_image_dataset(dataset_name: str, image_column: str, caption_column: str
         raise ConfigError(f"dataset_name: dataset {dataset_name!r} has no rows; expected at least one captioned image")
     _require_column(dataset, dataset_name, "image_column", image_column)
     _require_column(dataset, dataset_name, "caption_column", caption_column)
+    _warn_uncaptioned(dataset, dataset_name, caption_column)
     return _drop_unreadable_images(dataset, dataset_name, image_column)
+
+
+def _warn_uncaptioned(dataset: datasets.Dataset, dataset_name: str, caption_column: str) -> None:
+    """Rows whose caption is missing, null or blank train with an empty caption (the trigger word alone): said
+    once with a count, so a mis-named .txt file or an empty metadata cell is not trained on silently."""
+    captions = dataset[caption_column]
+    uncaptioned = sum(_clean_caption(caption) == "" for caption in captions)
+    if uncaptioned:
+        warnings.warn(
+            f"dataset_name: {uncaptioned} of {len(captions)} images in {dataset_name!r} have no caption (a null or blank "
+            f"{caption_column!r} value, or no same-name .txt file); they train with an empty caption and the trigger word",
+            stacklevel=3,
+        )
 
 
 def _resolve_dataset(dataset_name: str, image_column: str, caption_column: str) -> datasets.Dataset:
@@ -90,12 +107,30 @@ def _looks_like_path(name: str) -> bool:
 
 def _load_imagefolder(path: Path) -> datasets.Dataset:
     """Load a folder of images described by a metadata file, with datasets' imagefolder builder."""
+    _check_metadata_jsonl(path / "metadata.jsonl")
     if not _metadata_has_rows(path):
         raise ConfigError(f"dataset_name: metadata file in {str(path)!r} has no rows; expected one row per image")
     try:
         return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
     except Exception as error:
         raise ConfigError(f"dataset_name: could not load image folder {str(path)!r}: {_reason(error)}") from error
+
+
+def _check_metadata_jsonl(path: Path) -> None:
+    """Every non-blank line of metadata.jsonl is a JSON object with a file_name: a bad line is named by its real
+    line number (the imagefolder builder reports neither the file nor the line)."""
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8-sig") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"dataset_name: {str(path)!r} line {number}: not valid JSON ({error.msg}, column {error.colno})") from None
+            if not isinstance(row, dict) or "file_name" not in row:
+                raise ConfigError(f"dataset_name: {str(path)!r} line {number}: expected a JSON object with a \"file_name\" key")
 
 
 def _metadata_has_rows(path: Path) -> bool:
@@ -134,13 +169,6 @@ def _load_kohya_folder(path: Path, image_column: str, caption_column: str) -> da
             f"and no {' / '.join(METADATA_FILES)}; expected captioned images"
         )
     captions = [_read_caption(image.with_suffix(".txt")) for image in images]
-    uncaptioned = sum(caption is None for caption in captions)
-    if uncaptioned:
-        warnings.warn(
-            f"dataset_name: {uncaptioned} of {len(images)} images in {str(path)!r} have no same-name .txt caption; "
-            "they are trained with an empty caption",
-            stacklevel=4,
-        )
     columns = {image_column: [str(image) for image in images], caption_column: [c or "" for c in captions]}
     return datasets.Dataset.from_dict(columns).cast_column(image_column, datasets.Image())
 
@@ -171,7 +199,9 @@ def _cp1252_or_latin1(byte: bytes) -> str:
 
 
 def _load_hub(dataset_name: str) -> datasets.Dataset:
-    """Load the "train" split of a Hugging Face hub dataset."""
+    """Load the "train" split of a Hugging Face hub dataset (from the cache when HF_HUB_OFFLINE is set)."""
+    if not hub_constants.HF_HUB_OFFLINE:
+        require_hub("dataset_name", dataset_name, "./data/my-images")
     try:
         return datasets.load_dataset(dataset_name, split="train")
     except Exception as error:
@@ -248,17 +278,26 @@ def _open_raw(value: dict) -> Image.Image:
     return Image.open(value["path"])
 
 
-def image_sizes(dataset: datasets.Dataset, image_column: str) -> list[tuple[int, int]]:
-    """(height, width) of every image as displayed, read from file headers (no pixels decoded): what bucket
-    assignment needs before training. EXIF orientations 5-8 turn the stored image by 90 degrees."""
-    sizes = []
-    for value in dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]:
+@dataclass(frozen=True)
+class ImageHeaders:
+    """What bucket assignment and the run's notes need before training, read from file headers alone."""
+
+    sizes: list[tuple[int, int]]  # (height, width) as displayed: EXIF orientations 5-8 turn the image by 90 degrees
+    transparent: list[int]  # rows whose image has an alpha channel or a transparent palette entry
+
+
+def read_image_headers(dataset: datasets.Dataset, image_column: str) -> ImageHeaders:
+    """Every image's displayed size and whether it has transparency, without decoding a pixel."""
+    sizes, transparent = [], []
+    for index, value in enumerate(dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]):
         with _open_raw(value) as image:
             width, height = image.size
             if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
                 width, height = height, width
+            if image.has_transparency_data:
+                transparent.append(index)
         sizes.append((height, width))
-    return sizes
+    return ImageHeaders(sizes, transparent)
 
 
 def image_digests(dataset: datasets.Dataset, image_column: str) -> list[str]:
@@ -298,6 +337,7 @@ class AugmentOptions:
     random_rotation: bool
     rotation_degrees: float
     rotation_prob: float
+    alpha_background: str = "white"
 
     def __post_init__(self):
         if not isinstance(self.resolution, int) or self.resolution < 1:
@@ -312,12 +352,11 @@ class AugmentOptions:
         _check_range("color_jitter_hue", self.hue, 0.0, 0.5)
         _check_range("rotation_degrees", self.rotation_degrees, 0.0, 180.0)
         _check_range("rotation_prob", self.rotation_prob, 0.0, 1.0)
+        background_rgb(self.alpha_background)
 
-    def pixels_vary_per_epoch(self) -> list[str]:
-        """The enabled settings that give an image other pixels in every epoch (a flip only mirrors them).
-        Latents cannot be cached under any of these."""
-        varying = {"center_crop": not self.center_crop, "color_jitter": self.color_jitter, "random_rotation": self.random_rotation}
-        return [name for name, on in varying.items() if on]
+    @property
+    def background(self) -> tuple[int, int, int]:
+        return background_rgb(self.alpha_background)
 
 
 @dataclass(frozen=True)
@@ -329,6 +368,14 @@ class CaptionOptions:
 
     def __post_init__(self):
         _check_range("caption_dropout_rate", self.caption_dropout_rate, 0.0, 1.0)
+
+
+def background_rgb(colour: str) -> tuple[int, int, int]:
+    """alpha_background as RGB: a CSS colour name or #rrggbb (PIL's ImageColor); alpha in it is ignored."""
+    try:
+        return ImageColor.getrgb(colour)[:3]
+    except ValueError:
+        raise ConfigError(f"alpha_background: {colour!r} is not a colour; expected a name such as white, black or gray, or #rrggbb") from None
 
 
 def _check_range(field: str, value: float, low: float, high: float) -> None:
@@ -365,6 +412,7 @@ class ImagePlan:
     interpolation: str
     rotation: float | None = None  # degrees, None when this example is not rotated
     jitter: tuple[tuple[str, float], ...] | None = None  # (adjustment, amount) in the order applied
+    background: tuple[int, int, int] = (255, 255, 255)  # what transparent pixels are composited over
 
 
 def plan_transform(
@@ -382,14 +430,17 @@ def plan_transform(
     flip = options.random_flip and rng.random() < 0.5
     crop = _crop_origin(resized, target, options.center_crop, rng)
     jitter = _draw_jitter(options, rng) if options.color_jitter else None
-    return ImagePlan(target, resized, crop, flip, options.interpolation, rotation, jitter)
+    return ImagePlan(target, resized, crop, flip, options.interpolation, rotation, jitter, options.background)
 
 
 def apply_plan(image: Image.Image, plan: ImagePlan) -> torch.Tensor:
-    """The planned resize (to cover the target), rotation, flip, crop and jitter: a (3, H, W) tensor in [-1, 1].
+    """The planned compositing over the background, resize (to cover the target), rotation, flip, crop and
+    jitter: a (3, H, W) tensor in [-1, 1].
 
-    `image` is already upright and RGB (`upright_rgb`), as every caller has it: the plan was drawn for the
-    displayed size."""
+    `image` is already upright and 8-bit (`upright_image`), as every caller has it: the plan was drawn for
+    the displayed size. Transparency is flattened first, so resizing never blends in the colour hidden
+    under transparent pixels."""
+    image = _flatten(image, plan.background)
     image = image.resize(plan.resized[::-1], resample=INTERPOLATIONS[plan.interpolation])
     if plan.rotation is not None:
         image = _rotate(image, plan.rotation)
@@ -411,15 +462,24 @@ def transform_image(
     image, which are the real values SDXL's add_time_ids need. EXIF orientation is applied first, so
     "original" means the image as it is displayed.
     """
-    upright = upright_rgb(image)
+    upright = upright_image(image)
     original_size = (upright.height, upright.width)
     plan = plan_transform(original_size, target or (options.resolution, options.resolution), options, rng)
     return apply_plan(upright, plan), original_size, plan.crop_top_left
 
 
-def upright_rgb(image: Image.Image) -> Image.Image:
-    """The image as displayed (EXIF orientation applied), in RGB; high-bit-depth grey scaled to 8 bits."""
-    return _to_8_bit(ImageOps.exif_transpose(image)).convert("RGB")
+def upright_image(image: Image.Image) -> Image.Image:
+    """The image as displayed (EXIF orientation applied), in RGB, or RGBA when it has transparency (which
+    `apply_plan` composites over the plan's background); high-bit-depth grey scaled to 8 bits."""
+    image = _to_8_bit(ImageOps.exif_transpose(image))
+    return image.convert("RGBA" if image.has_transparency_data else "RGB")
+
+
+def _flatten(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """An RGBA image composited over an opaque background, as RGB; an RGB image unchanged."""
+    if image.mode != "RGBA":
+        return image
+    return Image.alpha_composite(Image.new("RGBA", image.size, (*background, 255)), image).convert("RGB")
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
@@ -608,8 +668,8 @@ class TrainingExamples(torch.utils.data.Dataset):
         return self.layout.targets[index] if self.layout else (self.augment.resolution, self.augment.resolution)
 
     def image(self, index: int) -> Image.Image:
-        """The image as displayed, in RGB."""
-        return upright_rgb(self.dataset[index][self.image_column])
+        """The image as displayed (see `upright_image`)."""
+        return upright_image(self.dataset[index][self.image_column])
 
     def caption_texts(self) -> set[str]:
         """Every caption an example can train with: each row's caption, and "" when captions may drop out."""
@@ -617,8 +677,8 @@ class TrainingExamples(torch.utils.data.Dataset):
         return texts | {""} if self.captions.caption_dropout_rate > 0 else texts
 
     def fixed_plans(self, index: int) -> list[ImagePlan]:
-        """The plans this image can have in any epoch when only the flip varies (see `AugmentOptions.
-        pixels_vary_per_epoch`): the latent cache precomputes exactly these."""
+        """The plans this image can have in any epoch when only the flip varies (see `cache.resolve_caching`):
+        the latent cache precomputes exactly these."""
         plan = plan_transform(self.layout.sizes[index], self.target(index), self.augment, random.Random(0))
         flips = (False, True) if self.augment.random_flip else (False,)
         return [replace(plan, flip=flip) for flip in flips]

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from peft.utils import get_peft_model_state_dict
 
+from .errors import ConfigError
+
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 READABLE_FILE, READABLE_FOLDER = 0o644, 0o755  # results are read by other users and services (a launcher, a web UI)
 
@@ -37,6 +39,18 @@ def atomic_path(path: Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def require_writable_folder(folder: Path, field: str) -> None:
+    """Create `folder` and write a file in it, or fail naming `field`: a file in the way, a read-only folder or
+    a name too long for the file system is found before any weights load, not when the first file is saved."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / ".write-test") as probe:
+            probe.write_bytes(b"")
+        (folder / ".write-test").unlink()
+    except OSError as error:
+        raise ConfigError(f"{field}: cannot write to {str(folder)!r} ({error.strerror or error}); expected a writable folder") from None
 
 
 def write_json_atomic(path: Path, data) -> None:

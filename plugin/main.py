@@ -1,10 +1,15 @@
 """Entry point. Headless: `python plugin/main.py --config run.json`; Transformer Lab: `--input_file FILE`;
-`--demo [--demo-family sd|sdxl|sd3|flux]` trains on a tiny built-in model and sample data."""
+`--demo [--demo-family sd|sdxl|sd3|flux]` trains on a tiny built-in model and sample data.
+
+The parameter file is read and validated before PyTorch and Diffusers are imported, so a mistake in it is
+reported in a fraction of a second rather than after several seconds of imports.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -13,11 +18,12 @@ if __package__ in (None, ""):  # run as a script: make `plugin` importable as a 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read at import: optional-backend notices are noise
 
-from plugin.config import LAUNCHER_KEYS, parse_parameters, read_parameter_file, unknown_keys  # noqa: E402
+from plugin.config import LAUNCHER_KEYS, Config, parse_parameters, read_parameter_file, unknown_keys  # noqa: E402
 from plugin.errors import ConfigError, TrainingDiverged, TrainingStopped  # noqa: E402
 from plugin.host_memory import keep_freed_memory  # noqa: E402
 from plugin.stopping import STOPPED_EXIT_CODE  # noqa: E402
-from plugin.trainer import RunPaths, train  # noqa: E402
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a program ended by Ctrl-C
 
 
 def demo_parameters(family: str, workdir: Path) -> dict:
@@ -61,16 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.demo:
-        with tempfile.TemporaryDirectory(prefix="lora-demo-") as workdir:
-            cfg = parse_parameters(demo_parameters(args.demo_family, Path(workdir)))
-            train(cfg, RunPaths.for_config(cfg))
-        return 0
+def read_config(args: argparse.Namespace) -> tuple[Config, str | None]:
+    """The validated parameters and, from a Transformer Lab input file, the adapter folder it asks for.
+    Imports nothing heavy (the demo excepted: it builds its model first)."""
     if args.config:
-        cfg = parse_parameters(read_parameter_file(args.config))
-        train(cfg, RunPaths.for_config(cfg))
-        return 0
+        return parse_parameters(read_parameter_file(args.config)), None
     raw = read_parameter_file(args.input_file)
     launcher_model = raw.get("model_path") or ""
     if launcher_model and Path(launcher_model).is_dir():
@@ -78,9 +79,26 @@ def run(args: argparse.Namespace) -> int:
     extra = unknown_keys(raw) - LAUNCHER_KEYS
     if extra:  # launchers add keys of their own across versions; only parameter values are validated here
         print(f"ignoring keys that are not parameters: {', '.join(sorted(extra))}", file=sys.stderr)
-    cfg = parse_parameters(raw, ignore=LAUNCHER_KEYS | extra)
-    train(cfg, RunPaths.for_config(cfg, raw.get("adaptor_output_dir") or None))
+    return parse_parameters(raw, ignore=LAUNCHER_KEYS | extra), raw.get("adaptor_output_dir") or None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.demo:
+        with tempfile.TemporaryDirectory(prefix="lora-demo-") as workdir:
+            cfg = parse_parameters(demo_parameters(args.demo_family, Path(workdir)))
+            train_run(cfg, None)
+        return 0
+    cfg, adaptor_output_dir = read_config(args)
+    train_run(cfg, adaptor_output_dir)
     return 0
+
+
+def train_run(cfg: Config, adaptor_output_dir: str | None) -> None:
+    """Import the training stack (seconds) and run."""
+    quiet_libraries()
+    from plugin.trainer import RunPaths, train
+
+    train(cfg, RunPaths.for_config(cfg, adaptor_output_dir))
 
 
 def quiet_libraries() -> None:
@@ -97,10 +115,11 @@ def quiet_libraries() -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    keep_freed_memory()
-    quiet_libraries()
+    """Run, and report every expected way of ending in one line without a traceback: bad input (2), a
+    diverged run (1), a requested stop (75), Ctrl-C at any moment, imports included (130)."""
     try:
+        args = parse_args(argv)
+        keep_freed_memory()
         return run(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -112,8 +131,9 @@ def main(argv=None) -> int:
         print(str(error), file=sys.stderr)
         return STOPPED_EXIT_CODE
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # more presses while exiting would print tracebacks
         print("interrupted: the checkpoints, adapters and eval images saved before this point are intact", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -28,12 +28,12 @@ from .checkpoints import (
     load_checkpoint, resolve_resume, try_save_checkpoint,
 )  # fmt: skip
 from .distributed import any_process, average_gradients, rng_states
-from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, image_sizes, load_image_dataset
+from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, load_image_dataset, read_image_headers
 from .ema import EMA
 from .errors import ConfigError, TrainingDiverged, TrainingStopped
 from .evaluation import eval_prompts, render_images, save_evaluation
 from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
-from .families import detect_family
+from .families import open_model
 from .reporting import Reporter
 from .stopping import StopRequest
 
@@ -127,6 +127,7 @@ def augment_options(cfg) -> AugmentOptions:
         random_rotation=cfg.random_rotation,
         rotation_degrees=cfg.rotation_degrees,
         rotation_prob=cfg.rotation_prob,
+        alpha_background=cfg.alpha_background,
     )
 
 
@@ -140,8 +141,10 @@ def build_examples(cfg, dataset, layout: BucketLayout | None = None) -> Training
 
 
 def bucket_layout(cfg, family, dataset, log=print) -> BucketLayout:
-    """Each image's bucket, printed as a table; images smaller than their bucket are named (they are upscaled)."""
-    sizes = image_sizes(dataset, cfg.image_column)
+    """Each image's bucket, printed as a table. What the images need done to them is said once each: those
+    smaller than their bucket are upscaled, those with transparency composited over alpha_background."""
+    headers = read_image_headers(dataset, cfg.image_column)
+    sizes = headers.sizes
     layout = BucketLayout.assign(sizes, cfg.resolution, family.resolution_multiple, cfg.aspect_ratio_buckets)
     log(layout.table())
     small = layout.undersized()
@@ -152,6 +155,9 @@ def bucket_layout(cfg, family, dataset, log=print) -> BucketLayout:
             + ", ".join(names) + (" ..." if len(small) > 10 else ""),
             stacklevel=2,
         )
+    if headers.transparent:
+        log(f"{len(headers.transparent)} of {len(sizes)} images have transparency; composited over {cfg.alpha_background!r} "
+            "(alpha_background)")  # fmt: skip
     return layout
 
 
@@ -170,13 +176,14 @@ def accumulation_groups(loader, size: int):
 def train(cfg, paths: RunPaths, log=print) -> RunResult:
     """One whole run: validate cheaply, load, train, evaluate, save. Returns where things went."""
     # Everything that can be wrong with the input is checked before any weights are read.
-    family_class = detect_family(cfg.model_name)
     check_settings(cfg)
     resume_from = resolve_resume(cfg.resume_from_checkpoint, paths.run_dir)
     if resume_from is not None:
         check_resumable(resume_from, cfg, log)
     input_config = cfg.as_dict()
-    cfg = resolve_caching(cfg, augment_options(cfg), log)
+    family = open_model(cfg.model_name)  # its configs, module names and tokenizers: no weights yet
+    cfg, filled = family.configure(resolve_caching(cfg, log))
+    resolved_config = {**cfg.as_dict(), "model_family": family.name}
     dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
     prompts = eval_prompts(cfg.eval_prompt)
     accelerator = new_accelerator(cfg)
@@ -185,12 +192,13 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     if is_main:
         claim_run_folder(paths.run_dir, cfg, log)
     accelerator.wait_for_everyone()
+    log(f"{family.title} model; defaults applied: " + (", ".join(f"{k}={v}" for k, v in filled.items()) or "none"))
+    layout = bucket_layout(cfg, family, dataset, log)
+    examples = build_examples(cfg, dataset, layout)
+    family.check_caption_lengths(examples.caption_texts(), cfg.trigger_word)
 
     set_seed(cfg.seed)
-    family = family_class.load(cfg.model_name, WEIGHT_DTYPES[cfg.mixed_precision])
-    cfg, filled = family.configure(cfg)
-    resolved_config = {**cfg.as_dict(), "model_family": family.name}
-    log(f"{family.title} model; defaults applied: " + (", ".join(f"{k}={v}" for k, v in filled.items()) or "none"))
+    family.load(WEIGHT_DTYPES[cfg.mixed_precision])
     family.to(accelerator.device)
     modules = family.attach_lora()
     if cfg.gradient_checkpointing:
@@ -202,9 +210,6 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     }
     parameters = list(named_parameters.values())
     objective = family.make_objective()
-
-    layout = bucket_layout(cfg, family, dataset, log)
-    examples = build_examples(cfg, dataset, layout)
     with accelerator.main_process_first():  # a disk cache is filled once, then read by the other processes
         conditioning = build_conditioning(cfg, family, examples, log)
     sampler = BucketBatchSampler(layout.bucket_ids(), cfg.train_batch_size, cfg.seed, processes, accelerator.process_index)

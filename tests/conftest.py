@@ -92,10 +92,10 @@ def heldout_loss(model: Path, cfg, data: Path, adapter_dir: Path | None = None, 
     learned the data's distribution, not just its training images."""
     from plugin.cache import Conditioning
     from plugin.data import collate_examples, load_image_dataset
-    from plugin.families import detect_family
+    from plugin.families import load_model
     from plugin.trainer import build_examples, denoising_loss, sample_generators
 
-    family = detect_family(str(model)).load(str(model), torch.float32)
+    family = load_model(str(model), torch.float32)
     cfg, _ = family.configure(cfg.replace(caption_dropout_rate=0.0, random_flip=False, color_jitter=False,
                                           random_rotation=False, center_crop=True,
                                           cache_latents=False))

@@ -206,12 +206,15 @@ def test_a_corrupt_cache_file_is_recomputed_with_a_warning_naming_it(tiny_models
     cache = tmp_path / "cache"
     _, first = run(tiny_models["sd"], sample_data, tmp_path / "o1", cache_dir=str(cache))
     victim = sorted((cache / "latents").rglob("*.safetensors"))[3]
+    original = load_file(str(victim))["latents"].clone()  # a copy: the file is memory-mapped and cut below
     victim.write_bytes(victim.read_bytes()[:-100])  # truncated
     with pytest.warns(UserWarning, match=f"cache_dir: {victim}.*cannot be read.*recomputing"):
         result, second = run(tiny_models["sd"], sample_data, tmp_path / "o2", cache_dir=str(cache))
     assert result.cache_counts["latents"] == (1, 7)
-    assert load_file(str(victim))["latents"].shape == (4, 16, 16), "rewritten whole"
-    assert_same_adapter(first, second)  # re-encoded alone, not in a batch of 2: the VAE rounds it 1e-7 apart
+    # Re-encoded alone, not in a batch of 2, the VAE rounds it about 1e-7 apart; 8 steps at lr 1e-3 carry that
+    # to at most a few 1e-5 in the adapter (a wrong or missing latent moves it by orders of magnitude more).
+    torch.testing.assert_close(load_file(str(victim))["latents"], original, rtol=0, atol=1e-5)
+    assert_same_adapter(first, second, atol=1e-4)
 
 
 def test_disk_store_writes_atomically(tmp_path):
@@ -306,6 +309,6 @@ def test_freed_memory_stays_in_the_process():
     buffer = np.ones(size, dtype=np.uint8)
     del buffer
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    buffer = np.ones(size, dtype=np.uint8)
+    np.ones(size, dtype=np.uint8)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < size // 4096 // 10, f"{faults} page faults for a buffer of {size // 4096} pages"

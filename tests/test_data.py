@@ -178,7 +178,11 @@ def test_hub_failure_is_wrapped(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("plugin.hub.hub_reachable", lambda: True)
     with pytest.raises(ConfigError, match="dataset_name: 'someone/some-set'.*ConnectionError: no network"):
+        load_image_dataset("someone/some-set", "image", "text")
+    monkeypatch.setattr("plugin.hub.hub_reachable", lambda: False)  # not even tried: the hub is out of reach
+    with pytest.raises(ConfigError, match="dataset_name: 'someone/some-set' is not a local folder, and the Hugging Face hub"):
         load_image_dataset("someone/some-set", "image", "text")
 
 

@@ -55,7 +55,7 @@ def test_two_processes_train_what_one_process_with_twice_the_batch_trains(tiny_m
     cfg = parse_parameters(base_parameters(tiny_models["sd"], data, tmp_path / "one", train_batch_size=2, **common))
     train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
     one_dir, two_dir = tmp_path / "one" / "test-adapter", tmp_path / "two" / "test-adapter"
-    for name in (WEIGHTS_NAME, f"raw/{WEIGHTS_NAME}", f"checkpoints/step_6/trainable.safetensors"):
+    for name in (WEIGHTS_NAME, f"raw/{WEIGHTS_NAME}", "checkpoints/step_6/trainable.safetensors"):
         a, b = load_file(str(one_dir / name)), load_file(str(two_dir / name))
         assert a.keys() == b.keys()
         for key in a:

@@ -26,7 +26,7 @@ from plugin.cache import Conditioning
 from plugin.data import collate_examples, load_image_dataset
 from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME
-from plugin.families import FAMILIES, detect_family
+from plugin.families import FAMILIES, detect_family, load_model, open_model
 from plugin.families.flux import latent_image_ids, pack_latents, unpack_latents
 from plugin.families.sdxl import sdxl_time_ids
 from plugin.main import main
@@ -44,7 +44,7 @@ def saved_keys(path: Path) -> list[str]:
 
 def load_family(model: Path):
     """The family object exactly as the trainer builds it (fp32, frozen, eval mode)."""
-    return detect_family(str(model)).load(str(model), torch.float32)
+    return load_model(str(model), torch.float32)
 
 
 def png(path: Path) -> np.ndarray:
@@ -77,7 +77,7 @@ def test_trains_from_parameter_file_and_adapter_reproduces_eval_image(family, ti
 
     # Render as the trainer's evaluation does, but from a pipeline loaded the way a user would.
     pipe = load_fresh(tiny_models[family])
-    view = detect_family(str(tiny_models[family]))(pipe)
+    view = open_model(str(tiny_models[family]))
     view.configure(parse_parameters(parameters))
     kwargs = view.eval_call_kwargs()
     assert kwargs["height"] == kwargs["width"] == SAMPLE_RESOLUTION
@@ -475,7 +475,7 @@ def test_only_the_denoiser_runs_under_autocast(tiny_models, sample_data, tmp_pat
 
 
 def test_fp16_load_keeps_the_vae_fp32_and_it_decodes_half_latents(tiny_models):
-    family = detect_family(str(tiny_models["sd"])).load(str(tiny_models["sd"]), torch.float16)
+    family = load_model(str(tiny_models["sd"]), torch.float16)
     assert family.pipe.vae.dtype == torch.float32 and family.pipe.unet.dtype == torch.float16
     image = family.pipe.vae.decode(torch.randn(1, 4, 16, 16, dtype=torch.float16)).sample
     assert image.dtype == torch.float32 and torch.isfinite(image).all()

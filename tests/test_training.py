@@ -97,10 +97,10 @@ def test_ema_follows_its_closed_form():
 
 def test_noise_offset_keeps_its_fraction(tiny_models, sample_data, tmp_path):
     """Pitfall 4: '0.05' from a form stays 0.05 all the way into the objective, and shows in the noise."""
-    from plugin.families import detect_family
+    from plugin.families import load_model
 
     cfg = parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path, noise_offset="0.05"))
-    family = detect_family(cfg.model_name).load(cfg.model_name, torch.float32)
+    family = load_model(cfg.model_name, torch.float32)
     family.configure(cfg)
     objective = family.make_objective()
     assert objective.noise_offset == 0.05
@@ -113,13 +113,13 @@ def test_noise_offset_keeps_its_fraction(tiny_models, sample_data, tmp_path):
 
 def test_the_models_own_prediction_type_is_respected(tmp_path, sample_data):
     """Pitfall 6: 'auto' keeps the model scheduler's v_prediction; an explicit setting overrides it."""
-    from plugin.families import detect_family
+    from plugin.families import load_model
     from plugin.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("sd")
     pipe.scheduler.register_to_config(prediction_type="v_prediction")
     pipe.save_pretrained(tmp_path / "vpred")
-    family = detect_family(str(tmp_path / "vpred")).load(str(tmp_path / "vpred"), torch.float32)
+    family = load_model(str(tmp_path / "vpred"), torch.float32)
     auto = parse_parameters(base_parameters(tmp_path / "vpred", sample_data, tmp_path))
     assert family.configure(auto)[0].prediction_type == "v_prediction"
     assert family.make_objective().prediction_type == "v_prediction"

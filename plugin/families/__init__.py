@@ -1,13 +1,12 @@
-"""The registry of model families and detection of a model's family from its model_index.json."""
+"""The registry of model families, and a model's family from its model_index.json."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from diffusers import DiffusionPipeline
+import torch
 
 from ..errors import ConfigError
 from .base import ModelFamily
+from .description import describe_model, read_model_index
 from .flux import Flux
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
@@ -23,22 +22,31 @@ def family_by_name(name: str) -> type[ModelFamily]:
     raise ConfigError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
 
 
-def detect_family(model_name: str) -> type[ModelFamily]:
-    """The family of a local pipeline folder or hub id, from model_index.json's _class_name (no weights read)."""
-    if not model_name:
-        raise ConfigError("model_name is required: a Diffusers pipeline folder or hub id")
-    path = Path(model_name).expanduser()
-    looks_local = path.is_absolute() or model_name.startswith((".", "~")) or model_name.count("/") > 1
-    if looks_local and not path.is_dir():
-        raise ConfigError(f"model_name: folder {model_name!r} does not exist")
-    if path.is_dir() and not (path / "model_index.json").is_file():
-        raise ConfigError(f"model_name: {model_name!r} has no model_index.json; expected a Diffusers pipeline folder")
-    try:
-        class_name = DiffusionPipeline.load_config(str(path) if path.is_dir() else model_name)["_class_name"]
-    except Exception as error:
-        raise ConfigError(f"model_name: cannot read model_index.json of {model_name!r} ({error})") from None
+def family_of_index(model_name: str, model_index: dict) -> type[ModelFamily]:
+    """The family whose pipeline classes include model_index.json's _class_name."""
+    class_name = model_index.get("_class_name")
     for family in FAMILIES:
         if class_name in family.pipeline_class_names:
             return family
     supported = ", ".join(name for family in FAMILIES for name in family.pipeline_class_names)
     raise ConfigError(f"model_name: {model_name!r} is a {class_name}, which this trainer does not support; supported: {supported}")
+
+
+def detect_family(model_name: str) -> type[ModelFamily]:
+    """The family of a local pipeline folder or hub id, from model_index.json alone."""
+    return family_of_index(model_name, read_model_index(model_name))
+
+
+def open_model(model_name: str) -> ModelFamily:
+    """The model's family, described from its config files (see `describe_model`): every setting can be
+    checked against it before `load` reads a single weight."""
+    model_index = read_model_index(model_name)
+    family = family_of_index(model_name, model_index)
+    return family(describe_model(model_name, model_index, family.denoiser_name))
+
+
+def load_model(model_name: str, dtype: torch.dtype) -> ModelFamily:
+    """open_model, then load its weights: the family ready for `configure` and training."""
+    family = open_model(model_name)
+    family.load(dtype)
+    return family

@@ -7,6 +7,7 @@ which objective (DDPM or flow matching) it trains with, and which pipeline class
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -16,15 +17,20 @@ from typing import Any, ClassVar
 import torch
 from diffusers import DDPMScheduler, DDIMScheduler, DiffusionPipeline
 from peft import LoraConfig
+from safetensors import SafetensorError
 
 from ..errors import ConfigError
 from ..objectives import DiffusionObjective, FlowMatchingObjective, dynamic_shift_mu
+from .description import ModelDescription
 
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 class ModelFamily(ABC):
-    """A loaded pipeline plus everything architecture-specific about training it."""
+    """A pipeline (described first, loaded later) plus everything architecture-specific about training it.
+
+    Everything up to and including `configure` reads only the description, so every setting is checked
+    before `load` reads the weights."""
 
     name: ClassVar[str]  # short id: sd, sdxl, sd3, flux
     title: ClassVar[str]
@@ -34,22 +40,26 @@ class ModelFamily(ABC):
     default_lora_targets: ClassVar[tuple[str, ...]]
     lora_text_encoders: ClassVar[tuple[str, ...]] = ()  # pipeline components that may take a text-encoder LoRA
 
-    def __init__(self, pipe: DiffusionPipeline):
-        self.pipe = pipe
+    def __init__(self, description: ModelDescription):
+        self.description = description
+        self.pipe: DiffusionPipeline | None = None  # set by load()
         self.cfg = None  # the resolved run config, set by configure()
         self.parked: list[torch.nn.Module] = []  # encoders kept off the accelerator while caches stand in
 
     # ----- loading and preparation -------------------------------------------------------------------
-    @classmethod
-    def load(cls, model_name: str, dtype: torch.dtype) -> "ModelFamily":
-        """The pipeline from a local folder or hub id, frozen and in eval mode."""
-        pipe = cls.pipeline_class.from_pretrained(model_name, dtype=dtype)
+    def load(self, dtype: torch.dtype) -> None:
+        """The pipeline's weights, frozen and in eval mode (the described tokenizers are reused)."""
+        source = self.description.source
+        try:
+            pipe = self.pipeline_class.from_pretrained(source, dtype=dtype, **self.description.tokenizers)
+        except (OSError, ValueError, SafetensorError) as error:
+            raise ConfigError(f"model_name: cannot load the weights of {source!r}: {str(error).splitlines()[0]}") from None
         if dtype == torch.float16:
             _keep_in_fp32(pipe.vae)
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(False).eval()
-        return cls(pipe)
+        self.pipe = pipe
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -57,7 +67,7 @@ class ModelFamily(ABC):
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.description.vae_config["block_out_channels"]) - 1)
 
     @property
     def resolution_multiple(self) -> int:
@@ -94,12 +104,10 @@ class ModelFamily(ABC):
     def attach_lora(self) -> dict[str, torch.nn.Module]:
         """Put LoRA adapters on the denoiser (and text encoders when asked); returns the modules that train.
 
-        Target names are checked against the model first, so a typo is an error naming it instead of a
-        run that trains nothing.
+        The target names were checked against the model's module names by `configure`.
         """
         cfg = self.cfg
-        targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] or list(self.default_lora_targets)
-        _check_targets_exist(self.denoiser, targets, "lora_target_modules")
+        targets = lora_targets(cfg, self.default_lora_targets)
         modules = {self.denoiser_name: self.denoiser}
         if cfg.train_text_encoder:
             modules.update({name: getattr(self.pipe, name) for name in self.lora_text_encoders})
@@ -155,6 +163,9 @@ class ModelFamily(ABC):
             if getattr(cfg, field) % self.resolution_multiple:
                 raise ConfigError(f"{field}: {getattr(cfg, field)} must be a multiple of {self.resolution_multiple} for {self.title} models (or 0)")
         self._check_trainable_model()
+        model = self.description
+        _check_targets_exist(model.denoiser_module_names, model.denoiser_layer_names, lora_targets(cfg, self.default_lora_targets),
+                             f"this {self.title} {self.denoiser_name}")  # fmt: skip
         if cfg.train_text_encoder and not self.lora_text_encoders:
             raise ConfigError(f"train_text_encoder: not supported for {self.title}; it is for SD 1.x/2.x and SDXL")
         filled.update(self._resolve_objective(cfg))
@@ -164,11 +175,11 @@ class ModelFamily(ABC):
     @property
     def denoiser_input_channels(self) -> int:
         """Channels a text-to-image denoiser of this family takes: the VAE's latent channels."""
-        return self.pipe.vae.config.latent_channels
+        return self.description.vae_config["latent_channels"]
 
     def _check_trainable_model(self) -> None:
         """Inpainting checkpoints (latents + mask + masked image) load but cannot train text-to-image."""
-        channels = self.denoiser.config.in_channels
+        channels = self.description.denoiser_config["in_channels"]
         if channels != self.denoiser_input_channels:
             raise ConfigError(
                 f"model_name: this {self.title} {self.denoiser_name} takes {channels} input channels, not the "
@@ -199,6 +210,32 @@ class ModelFamily(ABC):
             "huber_c": cfg.huber_c,
             "huber_schedule": cfg.huber_schedule,
         }
+
+    def caption_token_limits(self) -> dict[str, int]:
+        """How many tokens of a caption each tokenizer passes on (the rest is cut): CLIP's model_max_length;
+        T5's max_sequence_length, at the default the pipeline's encode_prompt uses (what training calls)."""
+        t5_limit = inspect.signature(self.pipeline_class.encode_prompt).parameters.get("max_sequence_length")
+        return {
+            name: t5_limit.default if t5_limit is not None and type(tokenizer).__name__.startswith("T5") else tokenizer.model_max_length
+            for name, tokenizer in self.description.tokenizers.items()
+        }
+
+    def check_caption_lengths(self, captions: set[str], trigger_word: str) -> None:
+        """Warn once about captions longer than a text encoder reads, with how many and by how much; a trigger
+        word that fills a limit alone is an error, since nothing of any caption would be read after it."""
+        cut = []
+        for name, limit in self.caption_token_limits().items():
+            tokenizer = self.description.tokenizers[name]
+            label = f"{name} ({type(tokenizer).__name__}, {limit} tokens)"
+            if trigger_word.strip() and len(tokenizer(f"{trigger_word.strip()},").input_ids) >= limit:
+                raise ConfigError(f"trigger_word: {trigger_word.strip()!r} alone fills the {limit}-token limit of {label}; shorten it")
+            lengths = [len(ids) for ids in tokenizer(sorted(captions)).input_ids] if captions else []
+            excess = [length - limit for length in lengths if length > limit]
+            if excess:
+                cut.append(f"{len(excess)} of {len(lengths)} captions exceed {label} and lose up to {max(excess)} tokens "
+                           f"(mean {sum(excess) / len(excess):.0f})")  # fmt: skip
+        if cut:
+            warnings.warn("captions longer than a text encoder reads are cut at its limit: " + "; ".join(cut), stacklevel=2)
 
     # ----- the training step -------------------------------------------------------------------------
     @abstractmethod
@@ -258,11 +295,11 @@ class DDPMFamily(ModelFamily):
     """Families trained with the discrete DDPM (variance-preserving) process: SD 1.x/2.x and SDXL."""
 
     def native_resolution(self) -> int:
-        return self.denoiser.config.sample_size * self.vae_scale_factor
+        return self.description.denoiser_config["sample_size"] * self.vae_scale_factor
 
     def _resolve_objective(self, cfg) -> dict[str, Any]:
         filled: dict[str, Any] = {}
-        scheduler_config = self.pipe.scheduler.config
+        scheduler_config = self.description.scheduler_config
         if cfg.prediction_type == "auto":
             filled["prediction_type"] = scheduler_config.get("prediction_type", "epsilon")
         if scheduler_config.get("rescale_betas_zero_snr", False) and not cfg.rescale_betas_zero_snr:
@@ -281,7 +318,7 @@ class DDPMFamily(ModelFamily):
     def training_betas(self) -> torch.Tensor:
         """The model's own beta schedule, read from its scheduler config, before any zero-SNR rescaling (the
         objective applies that itself when rescale_betas_zero_snr is on)."""
-        return DDPMScheduler.from_config(self.pipe.scheduler.config, rescale_betas_zero_snr=False).betas
+        return DDPMScheduler.from_config(self.description.scheduler_config, rescale_betas_zero_snr=False).betas
 
     def make_objective(self) -> DiffusionObjective:
         cfg = self.cfg
@@ -317,9 +354,6 @@ class DDPMFamily(ModelFamily):
 class FlowFamily(ModelFamily):
     """Families trained with rectified-flow matching: SD3 and Flux. prediction_type does not apply."""
 
-    def native_resolution(self) -> int:
-        return self.pipe.default_sample_size * self.vae_scale_factor
-
     @property
     def resolution_multiple(self) -> int:
         return self.vae_scale_factor * 2  # the transformer works on 2x2 latent patches
@@ -341,7 +375,7 @@ class FlowFamily(ModelFamily):
         """The sigma shift the scheduler applies when sampling at this resolution, so training sees the same
         noise levels: its static shift, or with dynamic shifting μ from the patch-token count, applied as
         exp(μ) (exponential time shift) or μ (linear), which is the shift of σ' = sσ / (1 + (s − 1)σ)."""
-        config = self.pipe.scheduler.config
+        config = self.description.scheduler_config
         if not config.get("use_dynamic_shifting", False):
             return float(config.shift)
         tokens = (self.cfg.resolution // self.resolution_multiple) ** 2
@@ -356,7 +390,7 @@ class FlowFamily(ModelFamily):
 
     def make_objective(self) -> FlowMatchingObjective:
         return FlowMatchingObjective(
-            num_train_timesteps=self.pipe.scheduler.config.num_train_timesteps,
+            num_train_timesteps=self.description.scheduler_config["num_train_timesteps"],
             shift=self.training_shift(),
             **self._objective_kwargs(),
         )
@@ -374,8 +408,17 @@ def _keep_in_fp32(vae: torch.nn.Module) -> None:
     vae.decode = decode_fp32
 
 
-def _check_targets_exist(module: torch.nn.Module, targets: list[str], field: str) -> None:
-    names = [name for name, _ in module.named_modules()]
+def lora_targets(cfg, defaults: tuple[str, ...]) -> list[str]:
+    """lora_target_modules as a list; empty means the family's usual attention projections."""
+    return [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] or list(defaults)
+
+
+def _check_targets_exist(module_names: tuple[str, ...], layer_names: tuple[str, ...], targets: list[str], where: str) -> None:
+    """Every target names a module (as PEFT matches them: the whole name or its last dotted parts), so a typo
+    is an error listing the names that exist instead of a run that trains nothing."""
     for target in targets:
-        if not any(name == target or name.endswith("." + target) for name in names):
-            raise ConfigError(f"{field}: no module named {target!r} in this model's {type(module).__name__}")
+        if not any(name == target or name.endswith("." + target) for name in module_names):
+            raise ConfigError(
+                f"lora_target_modules: no module named {target!r} in {where}; its layer names include: "
+                + ", ".join(layer_names)
+            )

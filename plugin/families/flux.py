@@ -49,7 +49,11 @@ class Flux(FlowFamily):
 
     @property
     def denoiser_input_channels(self) -> int:
-        return 4 * self.pipe.vae.config.latent_channels  # 2x2 patches packed into channels
+        return 4 * self.description.vae_config["latent_channels"]  # 2x2 patches packed into channels
+
+    def native_resolution(self) -> int:
+        """FluxPipeline's default_sample_size (128 latents; Flux transformers have no sample_size)."""
+        return 128 * self.vae_scale_factor
 
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():

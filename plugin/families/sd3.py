@@ -16,6 +16,10 @@ class StableDiffusion3(FlowFamily):
     denoiser_name = "transformer"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
+    def native_resolution(self) -> int:
+        """StableDiffusion3Pipeline's default_sample_size: the transformer's sample_size, in latents."""
+        return self.description.denoiser_config["sample_size"] * self.vae_scale_factor
+
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             embeds, _, pooled, _ = self.pipe.encode_prompt(

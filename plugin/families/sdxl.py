@@ -31,7 +31,7 @@ class StableDiffusionXL(DDPMFamily):
 
     def _check_trainable_model(self) -> None:
         """The SDXL refiner has only the second text encoder and other micro-conditioning: not trainable here."""
-        if self.pipe.text_encoder is None:
+        if self.description.components.get("text_encoder") is None:
             raise ConfigError("model_name: this SDXL model has no first text encoder (the refiner?); use the SDXL base model")
         super()._check_trainable_model()
 

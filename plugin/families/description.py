@@ -1,0 +1,198 @@
+"""What a pipeline is, read from its config files alone: no weights are loaded.
+
+Every setting that depends on the model (resolution multiple, objective defaults, LoRA target names,
+inpainting or refiner checkpoints, caption lengths) is checked against this description, so a mistake is
+reported in seconds rather than after minutes of loading. For a local folder the files the weights will
+come from are checked too: a missing component folder or a truncated safetensors file is named here, in one
+line, instead of failing deep inside `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import DiffusionPipeline
+
+from ..errors import ConfigError
+from ..hub import require_hub
+
+LOCAL_EXAMPLE = "./models/stable-diffusion-xl-base-1.0"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """A pipeline's configs (with every default filled in, as the loaded modules would have them), the names
+    of its denoiser's modules, and its tokenizers (small, and handed to the pipeline when it loads)."""
+
+    source: str  # model_name as given: a local folder or a hub id
+    class_name: str  # model_index.json's _class_name
+    components: Mapping[str, str | None]  # component -> class name; None where the pipeline has none
+    scheduler_config: Mapping[str, Any]
+    vae_config: Mapping[str, Any]
+    denoiser_config: Mapping[str, Any]
+    denoiser_module_names: tuple[str, ...]
+    denoiser_layer_names: tuple[str, ...]  # distinct short names of its linear and convolution layers
+    tokenizers: Mapping[str, Any]
+
+
+def read_model_index(model_name: str) -> dict:
+    """model_index.json of a local pipeline folder or hub id (from the cache when it is there)."""
+    if not model_name:
+        raise ConfigError("model_name is required: a Diffusers pipeline folder or hub id")
+    path = Path(model_name).expanduser()
+    looks_local = path.is_absolute() or model_name.startswith((".", "~")) or model_name.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise ConfigError(f"model_name: folder {model_name!r} does not exist")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(f"model_name: {model_name!r} has no model_index.json; expected a Diffusers pipeline folder")
+        return _read_json(path / "model_index.json", "model_name")
+    try:
+        with warnings.catch_warnings():  # Diffusers passes huggingface_hub a deprecated argument: noise here
+            warnings.simplefilter("ignore", UserWarning)
+            return dict(DiffusionPipeline.load_config(model_name, local_files_only=True))
+    except (OSError, ValueError):
+        pass  # not cached: the hub it is
+    require_hub("model_name", model_name, LOCAL_EXAMPLE)
+    try:
+        return dict(DiffusionPipeline.load_config(model_name))
+    except Exception as error:
+        raise ConfigError(f"model_name: cannot read model_index.json of {model_name!r} ({error})") from None
+
+
+def describe_model(model_name: str, model_index: Mapping, denoiser_name: str) -> ModelDescription:
+    """The description of the pipeline at `model_name` whose model_index.json is `model_index`."""
+    components = {
+        name: entry[1] if entry[0] is not None else None
+        for name, entry in model_index.items()
+        if isinstance(entry, (list, tuple)) and len(entry) == 2
+    }
+    libraries = {name: entry[0] for name, entry in model_index.items() if name in components}
+    local = Path(model_name).expanduser()
+    if local.is_dir():
+        for name, class_name in components.items():
+            if class_name is not None:
+                _check_component_files(local, name, _component_class(libraries[name], class_name, name))
+    for required in ("scheduler", "vae", denoiser_name):
+        if components.get(required) is None:
+            raise ConfigError(f"model_name: {model_name!r} has no {required} in model_index.json; expected a complete text-to-image pipeline")
+    scheduler = _component_class(libraries["scheduler"], components["scheduler"], "scheduler")
+    scheduler_config = scheduler.from_config(_component_config(scheduler, model_name, "scheduler")).config
+    vae_config, _ = _built_on_meta(libraries, components, model_name, "vae")
+    denoiser_config, denoiser = _built_on_meta(libraries, components, model_name, denoiser_name)
+    tokenizers = {
+        name: _component_class(libraries[name], class_name, name).from_pretrained(model_name, subfolder=name)
+        for name, class_name in components.items()
+        if name.startswith("tokenizer") and class_name is not None
+    }
+    return ModelDescription(
+        source=model_name,
+        class_name=model_index["_class_name"],
+        components=components,
+        scheduler_config=scheduler_config,
+        vae_config=vae_config,
+        denoiser_config=denoiser_config,
+        denoiser_module_names=tuple(name for name, _ in denoiser.named_modules()),
+        denoiser_layer_names=layer_names(denoiser),
+        tokenizers=tokenizers,
+    )
+
+
+def layer_names(module: torch.nn.Module) -> tuple[str, ...]:
+    """The distinct short names of the linear and convolution layers LoRA can wrap, as a user would write
+    them in lora_target_modules (`to_out.0` where the last part is an index)."""
+    names = set()
+    for name, layer in module.named_modules():
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            parts = name.split(".")
+            names.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
+    return tuple(sorted(names))
+
+
+def _built_on_meta(libraries, components, model_name: str, name: str) -> tuple[Mapping, torch.nn.Module]:
+    """The component's full config and module structure, built with no memory behind its weights."""
+    cls = _component_class(libraries[name], components[name], name)
+    config = _component_config(cls, model_name, name)
+    with init_empty_weights():
+        module = cls.from_config(config)
+    return module.config, module
+
+
+def _component_class(library: str, class_name: str, component: str) -> type:
+    """The class model_index.json names: `library` is a package, or (safety checkers) a Diffusers pipeline module."""
+    for module in (library, f"diffusers.pipelines.{library}"):
+        try:
+            return getattr(importlib.import_module(module), class_name)
+        except (ImportError, AttributeError):
+            continue
+    raise ConfigError(f"model_name: component {component!r} is a {library}.{class_name}, which this installation does not have")
+
+
+def _component_config(cls: type, model_name: str, component: str) -> dict:
+    try:
+        return cls.load_config(model_name, subfolder=component)
+    except Exception as error:
+        raise ConfigError(f"model_name: cannot read the {component} config of {model_name!r} ({str(error).splitlines()[0]})") from None
+
+
+def _check_component_files(folder: Path, component: str, cls: type) -> None:
+    """The component's folder exists; a module's folder has weights, and every safetensors file is whole."""
+    where = folder / component
+    if not where.is_dir():
+        raise ConfigError(f"model_name: the {component}/ folder is missing from {str(folder)!r} (model_index.json lists a {cls.__name__})")
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        return
+    weights = [file for pattern in WEIGHT_PATTERNS for file in where.glob(pattern)]
+    if not weights:
+        raise ConfigError(f"model_name: {component}/ in {str(folder)!r} has no weights file (.safetensors or .bin)")
+    for file in weights:
+        if file.name.endswith(".index.json"):
+            for shard in sorted(set(_read_json(file, "model_name").get("weight_map", {}).values())):
+                if not (where / shard).is_file():
+                    raise ConfigError(f"model_name: {component}/{shard}, listed in {file.name}, is missing from {str(folder)!r}")
+        elif file.suffix == ".safetensors":
+            problem = safetensors_problem(file)
+            if problem:
+                raise ConfigError(f"model_name: {component}/{file.name} in {str(folder)!r} is {problem}; re-download or re-save the model")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be whole, from its header and size alone (no tensor read), or None.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's byte range, then
+    the data: a file shorter than the last range's end was cut off while copying or downloading."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 8:
+            return f"truncated ({size} bytes)"
+        (header_length,) = struct.unpack("<Q", f.read(8))
+        if 8 + header_length > size:
+            return f"truncated ({size} bytes, its header alone declares {8 + header_length})"
+        try:
+            header = json.loads(f.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "not a safetensors file (unreadable header)"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict)]
+    expected = 8 + header_length + max(ends, default=0)
+    if size < expected:
+        return f"truncated ({size} of {expected} bytes)"
+    return None
+
+
+def _read_json(path: Path, field: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{field}: {str(path)!r} is not readable JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{field}: {str(path)!r} must hold a JSON object")
+    return data
