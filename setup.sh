@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Creates .venv and installs PyTorch (CPU build unless an NVIDIA GPU is present) and requirements.txt.
-# Idempotent: when everything is already installed at the pinned versions it returns in a second or two.
+# Inside an active virtual environment (VIRTUAL_ENV set, as when Transformer Lab installs the plugin into the
+# venv it made for it) it installs into that one instead and creates nothing; a PyTorch already there is kept.
+# Idempotent: when everything is already installed at the pinned versions it returns at once.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
+if [ -n "${VIRTUAL_ENV:-}" ] && [ "$(realpath "$VIRTUAL_ENV")" != "$(realpath -m .venv)" ]; then
+  VENV="$VIRTUAL_ENV"
+fi
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 STAMP="$VENV/.setup-stamp"
 WANT="$(cat requirements.txt setup.sh | sha256sum | cut -d' ' -f1)"
@@ -17,7 +22,15 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c \
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# venvs made by uv (Transformer Lab's) have no pip: uv installs into them, or pip is bootstrapped.
+if "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+elif command -v uv >/dev/null 2>&1; then
+  PIP=(uv pip install --quiet --python "$VENV/bin/python")
+else
+  "$VENV/bin/python" -m ensurepip --upgrade >/dev/null
+  PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+fi
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; }
 

@@ -115,9 +115,17 @@ class Parameter:
         raise ConfigError(f"{self.name}: the manifest type {self.type!r} is not supported")
 
 
+def parameter_specs(manifest: Mapping) -> dict[str, dict]:
+    """Every parameter's JSON-schema spec: the form's (`parameters`) and those a launcher provides itself
+    (`launcher_parameters`: the model, the dataset, the output folder). Transformer Lab renders only the
+    first block, so its form never sends an empty value over the model or dataset the user picked in the app;
+    a headless parameter file takes both."""
+    return {**manifest["parameters"], **manifest.get("launcher_parameters", {})}
+
+
 def manifest_parameters(manifest: Mapping | None = None) -> dict[str, Parameter]:
     manifest = load_manifest() if manifest is None else manifest
-    return {name: Parameter.from_manifest(name, spec) for name, spec in manifest["parameters"].items()}
+    return {name: Parameter.from_manifest(name, spec) for name, spec in parameter_specs(manifest).items()}
 
 
 class Config:

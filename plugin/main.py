@@ -21,6 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read at import: opti
 from plugin.config import LAUNCHER_KEYS, Config, parse_parameters, read_parameter_file, unknown_keys  # noqa: E402
 from plugin.errors import ConfigError, TrainingDiverged, TrainingStopped  # noqa: E402
 from plugin.host_memory import keep_freed_memory  # noqa: E402
+from plugin.launcher import launcher_parameters  # noqa: E402
 from plugin.stopping import STOPPED_EXIT_CODE  # noqa: E402
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a program ended by Ctrl-C
@@ -72,10 +73,7 @@ def read_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     Imports nothing heavy (the demo excepted: it builds its model first)."""
     if args.config:
         return parse_parameters(read_parameter_file(args.config)), None
-    raw = read_parameter_file(args.input_file)
-    launcher_model = raw.get("model_path") or ""
-    if launcher_model and Path(launcher_model).is_dir():
-        raw = {**raw, "model_name": launcher_model}  # a local copy the launcher points at beats a hub id
+    raw = launcher_parameters(read_parameter_file(args.input_file), Path(args.input_file))
     extra = unknown_keys(raw) - LAUNCHER_KEYS
     if extra:  # launchers add keys of their own across versions; only parameter values are validated here
         print(f"ignoring keys that are not parameters: {', '.join(sorted(extra))}", file=sys.stderr)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from plugin.config import ALIASES, LAUNCHER_KEYS, load_manifest, parse_parameters, read_parameter_file, unknown_keys
+from plugin.config import ALIASES, LAUNCHER_KEYS, load_manifest, parameter_specs, parse_parameters, read_parameter_file, unknown_keys
 from plugin.docs import BEGIN, END, README_PATH, parameter_table
 from plugin.errors import ConfigError
 
 PLUGIN = Path(__file__).resolve().parent.parent / "plugin"
 MANIFEST = load_manifest()
-PARAMETERS = MANIFEST["parameters"]
+PARAMETERS = parameter_specs(MANIFEST)  # the form's and the launcher's
 
 
 def test_manifest_is_a_transformer_lab_trainer_plugin():
@@ -27,6 +27,7 @@ def test_manifest_is_a_transformer_lab_trainer_plugin():
     root = PLUGIN.parent
     assert all((root / f).is_file() for f in MANIFEST["files"])
     assert PARAMETERS["adaptor_name"]["required"] is True
+    assert MANIFEST["train_type"] == "LoRA" and MANIFEST["training_template_format"] == "none"  # what the app runs
 
 
 @pytest.mark.parametrize("name", sorted(PARAMETERS))
