@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 from plugin.config import parse_parameters
+from plugin.families.base import DDPMFamily
 from plugin.tiny import SAMPLE_RESOLUTION, save_tiny_pipeline, write_sample_dataset
 from plugin.trainer import RunPaths, train
 
@@ -86,10 +89,45 @@ def heldout_data(tmp_path_factory) -> Path:
     return write_sample_dataset(tmp_path_factory.mktemp("heldout") / "shapes", seed=99)
 
 
-def heldout_loss(model: Path, cfg, data: Path, adapter_dir: Path | None = None, draws: int = 4) -> float:
-    """The objective's loss on held-out images with fixed noise and timesteps (eval mode, no grad), for the
-    base model or with a saved adapter loaded through Diffusers. Lower after training means the adapter
-    learned the data's distribution, not just its training images."""
+class HeldoutLosses(NamedTuple):
+    """Two measures of how well a model denoises held-out images; both fall when it learned their distribution."""
+
+    objective: float  # the run's own loss: its prediction type, weighting, timestep density and loss type
+    plain_mse: float  # a fixed yardstick no objective setting changes (see plain_denoising_mse)
+
+
+def plain_denoising_mse(family, cfg, latents, text, batch, generators) -> torch.Tensor:
+    """Unweighted MSE at uniformly drawn noise levels against the true noise ε (DDPM: the prediction turned into
+    ε̂ by the model's prediction type) or the true velocity ε − x0 (flow). The noising is written out here, not
+    taken from plugin.objectives, so a weighting, timestep density or loss type that shrinks the objective's
+    number without better denoising cannot make this one fall."""
+    levels = torch.stack([torch.rand((), generator=g) for g in generators]).to(latents.device)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(latents.device)
+    num_train_timesteps = family.pipe.scheduler.config.num_train_timesteps
+    if isinstance(family, DDPMFamily):
+        schedule = DDPMScheduler.from_config(family.pipe.scheduler.config, rescale_betas_zero_snr=cfg.rescale_betas_zero_snr)
+        timesteps = (levels * num_train_timesteps).long().clamp_max(num_train_timesteps - 1)
+        abar = schedule.alphas_cumprod.to(latents.device)[timesteps].reshape(-1, 1, 1, 1)
+        alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()
+        noisy = alpha * latents + sigma * noise
+        prediction = family.predict(noisy, timesteps.float(), text, batch).float()
+        predicted_noise = {
+            "epsilon": prediction,
+            "v_prediction": sigma * noisy + alpha * prediction,
+            "sample": (noisy - alpha * prediction) / sigma,
+        }[cfg.prediction_type]
+        return (predicted_noise - noise).pow(2).mean()
+    sigmas = levels.reshape(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    prediction = family.predict(noisy, levels * num_train_timesteps, text, batch).float()
+    return (prediction - (noise - latents)).pow(2).mean()
+
+
+def heldout_losses(model: Path, cfg, data: Path, adapter_dir: Path | None = None, draws: int = 4) -> HeldoutLosses:
+    """The objective's loss and the plain MSE yardstick on held-out images with fixed noise and timesteps
+    (eval mode, no grad), for the base model or with a saved adapter loaded through Diffusers. Lower after
+    training means the adapter learned the data's distribution, not just its training images; the yardstick
+    falling too means it learned to denoise, not just to please a mis-wired objective."""
     from plugin.cache import Conditioning
     from plugin.data import collate_examples, load_image_dataset
     from plugin.families import load_model
@@ -104,12 +142,18 @@ def heldout_loss(model: Path, cfg, data: Path, adapter_dir: Path | None = None, 
     objective = family.make_objective()
     examples = build_examples(cfg, load_image_dataset(str(data), cfg.image_column, cfg.caption_column))
     batch = collate_examples([examples[i] for i in range(len(examples))])
+    conditioning = Conditioning(family)
     with torch.no_grad():
-        losses = [
-            denoising_loss(family, objective, Conditioning(family), batch, sample_generators(1234, draw, batch["indices"])).item()
+        latents, text = conditioning(batch)
+        objective_losses = [
+            denoising_loss(family, objective, conditioning, batch, sample_generators(1234, draw, batch["indices"])).item()
             for draw in range(draws)
         ]
-    return float(np.mean(losses))
+        plain_mses = [
+            plain_denoising_mse(family, cfg, latents, text, batch, sample_generators(4321, draw, batch["indices"])).item()
+            for draw in range(draws)
+        ]
+    return HeldoutLosses(float(np.mean(objective_losses)), float(np.mean(plain_mses)))
 
 
 def final_eval_image(result, prompt_index: int = 0) -> np.ndarray:

@@ -19,7 +19,7 @@ from diffusers import FluxPipeline
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import base_parameters, heldout_loss, load_fresh, render, write_parameter_file
+from conftest import base_parameters, heldout_losses, load_fresh, render, write_parameter_file
 from plugin import trainer as trainer_module
 from plugin.config import load_manifest, parse_parameters
 from plugin.cache import Conditioning
@@ -102,10 +102,11 @@ def test_training_lowers_heldout_denoising_loss(family, run_training, tiny_model
         family, max_train_steps=40, learning_rate=2e-3, lora_r=8, lora_alpha=8, eval_prompt="", seed=3
     )
     assert result.steps == 40 and Path(result.adapter_path).is_file()
-    before = heldout_loss(tiny_models[family], cfg, heldout_data)
-    assert heldout_loss(tiny_models[family], cfg, heldout_data) == before  # fixed noise and timesteps
-    after = heldout_loss(tiny_models[family], cfg, heldout_data, paths.adapter_dir)
-    assert after < 0.95 * before, f"{family}: held-out loss {before:.4f} -> {after:.4f}"
+    before = heldout_losses(tiny_models[family], cfg, heldout_data)
+    assert heldout_losses(tiny_models[family], cfg, heldout_data) == before  # fixed noise and timesteps
+    after = heldout_losses(tiny_models[family], cfg, heldout_data, paths.adapter_dir)
+    assert after.objective < 0.95 * before.objective, f"{family}: held-out loss {before.objective:.4f} -> {after.objective:.4f}"
+    assert after.plain_mse < 0.95 * before.plain_mse, f"{family}: held-out plain MSE {before.plain_mse:.4f} -> {after.plain_mse:.4f}"
 
 
 # --- 3. SDXL micro-conditioning uses the crop really taken ------------------------------------------------
