@@ -69,7 +69,8 @@ def model_copy(source: Path, folder: Path, edit_json: dict[str, dict] | None = N
         ("flux", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
         ("sd3", {"train_text_encoder": True}, "train_text_encoder"),
         ("flux", {"train_text_encoder": True}, "train_text_encoder"),
-        ("sd", {"lora_target_modules": "to_q,to_kk"}, r"lora_target_modules: no module named 'to_kk'.*include: .*to_k, "),
+        ("sd", {"lora_target_modules": "to_q,to_kk"}, r"lora_target_modules: no linear or convolution layer named 'to_kk'.*are: .*to_k, "),
+        ("sd", {"lora_target_modules": "norm1"}, "no linear or convolution layer named 'norm1'"),  # PEFT cannot wrap a norm
         ("sd", {"alpha_background": "not-a-colour"}, "alpha_background"),
         ("sd", {"trigger_word": " ".join(["circle"] * 80)}, "trigger_word: .* alone fills the 77-token limit"),
     ],
@@ -93,7 +94,7 @@ def test_the_default_resolution_trains_at_the_models_native_size(tiny_models, sa
 def test_lora_target_error_lists_the_layer_names_of_the_model(tiny_models, sample_data, tmp_path, no_weights):
     with pytest.raises(ConfigError) as error:
         run(base_parameters(tiny_models["flux"], sample_data, tmp_path / "out", lora_target_modules="attn.to_qq"))
-    listed = str(error.value).split("include: ")[1].split(", ")
+    listed = str(error.value).split("are: ")[1].split(", ")
     assert {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_out"} <= set(listed)
     assert "norm" not in listed  # only layers LoRA can wrap (linear, convolution) are offered
 

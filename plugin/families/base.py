@@ -414,11 +414,11 @@ def lora_targets(cfg, defaults: tuple[str, ...]) -> list[str]:
 
 
 def _check_targets_exist(module_names: tuple[str, ...], layer_names: tuple[str, ...], targets: list[str], where: str) -> None:
-    """Every target names a module (as PEFT matches them: the whole name or its last dotted parts), so a typo
-    is an error listing the names that exist instead of a run that trains nothing."""
+    """Every target names a layer LoRA can wrap (as PEFT matches them: the whole name or its last dotted parts),
+    so a typo, or a norm or block that PEFT would refuse after loading, is an error listing the names that exist."""
     for target in targets:
         if not any(name == target or name.endswith("." + target) for name in module_names):
             raise ConfigError(
-                f"lora_target_modules: no module named {target!r} in {where}; its layer names include: "
+                f"lora_target_modules: no linear or convolution layer named {target!r} in {where}; its layer names are: "
                 + ", ".join(layer_names)
             )

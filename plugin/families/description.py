@@ -39,7 +39,7 @@ class ModelDescription:
     scheduler_config: Mapping[str, Any]
     vae_config: Mapping[str, Any]
     denoiser_config: Mapping[str, Any]
-    denoiser_module_names: tuple[str, ...]
+    denoiser_module_names: tuple[str, ...]  # the linear and convolution layers LoRA can wrap, in full
     denoiser_layer_names: tuple[str, ...]  # distinct short names of its linear and convolution layers
     tokenizers: Mapping[str, Any]
 
@@ -101,7 +101,7 @@ def describe_model(model_name: str, model_index: Mapping, denoiser_name: str) ->
         scheduler_config=scheduler_config,
         vae_config=vae_config,
         denoiser_config=denoiser_config,
-        denoiser_module_names=tuple(name for name, _ in denoiser.named_modules()),
+        denoiser_module_names=tuple(name for name, m in denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))),
         denoiser_layer_names=layer_names(denoiser),
         tokenizers=tokenizers,
     )
