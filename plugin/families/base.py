@@ -163,9 +163,7 @@ class ModelFamily(ABC):
             if getattr(cfg, field) % self.resolution_multiple:
                 raise ConfigError(f"{field}: {getattr(cfg, field)} must be a multiple of {self.resolution_multiple} for {self.title} models (or 0)")
         self._check_trainable_model()
-        model = self.description
-        _check_targets_exist(model.denoiser_module_names, model.denoiser_layer_names, lora_targets(cfg, self.default_lora_targets),
-                             f"this {self.title} {self.denoiser_name}")  # fmt: skip
+        _check_targets_exist(self.description, lora_targets(cfg, self.default_lora_targets), f"this {self.title} {self.denoiser_name}")
         if cfg.train_text_encoder and not self.lora_text_encoders:
             raise ConfigError(f"train_text_encoder: not supported for {self.title}; it is for SD 1.x/2.x and SDXL")
         filled.update(self._resolve_objective(cfg))
@@ -413,12 +411,12 @@ def lora_targets(cfg, defaults: tuple[str, ...]) -> list[str]:
     return [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] or list(defaults)
 
 
-def _check_targets_exist(module_names: tuple[str, ...], layer_names: tuple[str, ...], targets: list[str], where: str) -> None:
+def _check_targets_exist(model: ModelDescription, targets: list[str], where: str) -> None:
     """Every target names a layer LoRA can wrap (as PEFT matches them: the whole name or its last dotted parts),
     so a typo, or a norm or block that PEFT would refuse after loading, is an error listing the names that exist."""
     for target in targets:
-        if not any(name == target or name.endswith("." + target) for name in module_names):
+        if not any(name == target or name.endswith("." + target) for name in model.denoiser_module_names):
             raise ConfigError(
                 f"lora_target_modules: no linear or convolution layer named {target!r} in {where}; its layer names are: "
-                + ", ".join(layer_names)
+                + ", ".join(model.denoiser_layer_names)
             )

@@ -31,17 +31,23 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.
 @dataclass(frozen=True)
 class ModelDescription:
     """A pipeline's configs (with every default filled in, as the loaded modules would have them), the names
-    of its denoiser's modules, and its tokenizers (small, and handed to the pipeline when it loads)."""
+    of its denoiser's layers, and its tokenizers (small, and handed to the pipeline when it loads)."""
 
     source: str  # model_name as given: a local folder or a hub id
-    class_name: str  # model_index.json's _class_name
     components: Mapping[str, str | None]  # component -> class name; None where the pipeline has none
     scheduler_config: Mapping[str, Any]
     vae_config: Mapping[str, Any]
     denoiser_config: Mapping[str, Any]
     denoiser_module_names: tuple[str, ...]  # the linear and convolution layers LoRA can wrap, in full
-    denoiser_layer_names: tuple[str, ...]  # distinct short names of its linear and convolution layers
     tokenizers: Mapping[str, Any]
+
+    @property
+    def denoiser_layer_names(self) -> tuple[str, ...]:
+        """The distinct short names of those layers, as a user writes them in lora_target_modules (`to_out.0`
+        where the last part is an index)."""
+        short = {".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else name.split(".")[-1]
+                 for name in self.denoiser_module_names}  # fmt: skip
+        return tuple(sorted(short))
 
 
 def read_model_index(model_name: str) -> dict:
@@ -96,26 +102,13 @@ def describe_model(model_name: str, model_index: Mapping, denoiser_name: str) ->
     }
     return ModelDescription(
         source=model_name,
-        class_name=model_index["_class_name"],
         components=components,
         scheduler_config=scheduler_config,
         vae_config=vae_config,
         denoiser_config=denoiser_config,
         denoiser_module_names=tuple(name for name, m in denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))),
-        denoiser_layer_names=layer_names(denoiser),
         tokenizers=tokenizers,
     )
-
-
-def layer_names(module: torch.nn.Module) -> tuple[str, ...]:
-    """The distinct short names of the linear and convolution layers LoRA can wrap, as a user would write
-    them in lora_target_modules (`to_out.0` where the last part is an index)."""
-    names = set()
-    for name, layer in module.named_modules():
-        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-            parts = name.split(".")
-            names.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
-    return tuple(sorted(names))
 
 
 def _built_on_meta(libraries, components, model_name: str, name: str) -> tuple[Mapping, torch.nn.Module]:
