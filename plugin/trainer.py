@@ -189,13 +189,13 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     accelerator = new_accelerator(cfg)
     processes, is_main = accelerator.num_processes, accelerator.is_main_process
     log = log if is_main else (lambda *_: None)  # one process speaks and writes files; all of them train
-    if is_main:
-        claim_run_folder(paths.run_dir, cfg, log)
-    accelerator.wait_for_everyone()
     log(f"{family.title} model; defaults applied: " + (", ".join(f"{k}={v}" for k, v in filled.items()) or "none"))
     layout = bucket_layout(cfg, family, dataset, log)
     examples = build_examples(cfg, dataset, layout)
     family.check_caption_lengths(examples.caption_texts(), cfg.trigger_word)
+    if is_main:  # last of the checks, as overwrite_output deletes the old run's checkpoints
+        claim_run_folder(paths.run_dir, cfg, log)
+    accelerator.wait_for_everyone()
 
     set_seed(cfg.seed)
     family.load(WEIGHT_DTYPES[cfg.mixed_precision])

@@ -119,6 +119,20 @@ def test_an_unusable_output_dir_is_named_before_loading(problem, tiny_models, sa
         run(base_parameters(tiny_models["sd"], sample_data, output))
 
 
+def test_a_rejected_overwrite_keeps_the_previous_runs_checkpoints(tiny_models, sample_data, tmp_path):
+    """overwrite_output deletes the old run's checkpoints only once every check has passed: a run refused for
+    bad input (here a trigger word that fills CLIP's limit, checked late) costs nothing."""
+    parameters = base_parameters(tiny_models["sd"], sample_data, tmp_path / "out", max_train_steps=2, checkpointing_steps=1,
+                                 eval_prompt="")  # fmt: skip
+    run(parameters)
+    checkpoints = tmp_path / "out" / "test-adapter" / "checkpoints"
+    kept = sorted(p.name for p in checkpoints.iterdir())
+    assert kept == ["step_1", "step_2"]
+    with pytest.raises(ConfigError, match="trigger_word"):
+        run({**parameters, "overwrite_output": True, "trigger_word": " ".join(["circle"] * 80)})
+    assert sorted(p.name for p in checkpoints.iterdir()) == kept
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
 def test_a_read_only_output_dir_is_named_before_loading(tiny_models, sample_data, tmp_path, no_weights):
     output = tmp_path / "read-only"
