@@ -2,9 +2,21 @@
 # Creates .venv and installs PyTorch (CPU build unless an NVIDIA GPU is present) and requirements.txt.
 # Inside an active virtual environment (VIRTUAL_ENV set, as when Transformer Lab installs the plugin into the
 # venv it made for it) it installs into that one instead and creates nothing; a PyTorch already there is kept.
+# --with-transformerlab also installs Transformer Lab's SDK (the `transformerlab` package, AGPL-3.0; about 180 MB
+# with what it needs), which a run launched by the app reports through; task.yaml's setup asks for it. An SDK
+# already installed (the app's own) is kept.
 # Idempotent: when everything is already installed at the pinned versions it returns at once.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+WITH_TRANSFORMERLAB=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-transformerlab) WITH_TRANSFORMERLAB=1 ;;
+    *) echo "setup.sh: unknown option '$arg' (the only option is --with-transformerlab)" >&2; exit 2 ;;
+  esac
+done
+TRANSFORMERLAB_VERSION=0.1.46
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
@@ -13,7 +25,7 @@ if [ -n "${VIRTUAL_ENV:-}" ] && [ "$(realpath "$VIRTUAL_ENV")" != "$(realpath -m
 fi
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 STAMP="$VENV/.setup-stamp"
-WANT="$(cat requirements.txt setup.sh | sha256sum | cut -d' ' -f1)"
+WANT="$( (cat requirements.txt setup.sh; echo "$WITH_TRANSFORMERLAB") | sha256sum | cut -d' ' -f1)"
 
 # find_spec locates the packages without importing them (importing torch and diffusers takes seconds).
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c \
@@ -38,6 +50,9 @@ has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1;
 # version is provided locally pip takes it; elsewhere pip's index decides.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==$TORCH_VERSION"
 "${PIP[@]}" -r requirements.txt
+if [ "$WITH_TRANSFORMERLAB" = 1 ] && ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('transformerlab')" 2>/dev/null; then
+  "${PIP[@]}" "transformerlab==$TRANSFORMERLAB_VERSION"
+fi
 
 # xFormers is CUDA-only and its wheels pin their own torch: install it without dependencies where a GPU is
 # present, keep it only if it imports against our torch. The trainer falls back to PyTorch SDPA without it.

@@ -38,9 +38,10 @@ def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
 
 
 def save_evaluation(images: list[Image.Image], folder: Path, epoch: int) -> Path:
-    """epoch_<n>_<k>.png per prompt and epoch_<n>.png, the grid Transformer Lab shows."""
+    """epoch_<n>_<k>.png per prompt and epoch_<n>.png, the grid Transformer Lab shows; n has four digits or
+    more, so that sorting by name (as the app does) is sorting by epoch."""
     for k, image in enumerate(images):
-        save_image_atomic(image, Path(folder) / f"epoch_{epoch}_{k}.png")
-    grid_path = Path(folder) / f"epoch_{epoch}.png"
+        save_image_atomic(image, Path(folder) / f"epoch_{epoch:04d}_{k}.png")
+    grid_path = Path(folder) / f"epoch_{epoch:04d}.png"
     save_image_atomic(image_grid(images), grid_path)
     return grid_path

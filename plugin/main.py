@@ -1,4 +1,5 @@
-"""Entry point. Headless: `python plugin/main.py --config run.json`; Transformer Lab: `--input_file FILE`;
+"""Entry point. Headless: `python plugin/main.py --config run.json`; Transformer Lab: `--input_file FILE` (the
+plugin-era launcher) or `--job` (a task of today's app: parameters from the job named by _TFL_JOB_ID);
 `--demo [--demo-family sd|sdxl|sd3|flux]` trains on a tiny built-in model and sample data.
 
 The parameter file is read and validated before PyTorch and Diffusers are imported, so a mistake in it is
@@ -21,10 +22,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read at import: opti
 from plugin.config import LAUNCHER_KEYS, Config, parse_parameters, read_parameter_file, unknown_keys  # noqa: E402
 from plugin.errors import ConfigError, TrainingDiverged, TrainingStopped  # noqa: E402
 from plugin.host_memory import keep_freed_memory  # noqa: E402
-from plugin.launcher import launcher_parameters  # noqa: E402
+from plugin.launcher import JOB_ID_VARIABLE, launcher_parameters, workspace_of  # noqa: E402
+from plugin.reporting import JobRecord, TransformerLabJob  # noqa: E402
 from plugin.stopping import STOPPED_EXIT_CODE  # noqa: E402
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a program ended by Ctrl-C
+FINAL_LOSS_STEPS = 20  # the job's score: the mean loss of the last this many optimizer steps
 
 
 def demo_parameters(family: str, workdir: Path) -> dict:
@@ -60,43 +63,65 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="JSON parameter file: a flat object, or parameters under 'config'")
     source.add_argument("--input_file", help="the JSON file Transformer Lab writes when it launches the plugin")
+    source.add_argument("--job", action="store_true", help=f"a Transformer Lab task: parameters from the job in ${JOB_ID_VARIABLE}")
     source.add_argument("--demo", action="store_true", help="train on a tiny built-in model and sample data")
     parser.add_argument("--demo-family", default="sd", help="model family of the demo: sd, sdxl, sd3 or flux")
+    parser.add_argument("--experiment_name", help="the Transformer Lab experiment of the job (its launcher sets it)")
     args, extra = parser.parse_known_args(argv)
-    if extra:  # Transformer Lab's harness adds --plugin_dir and --experiment_name; nothing here needs them
+    if extra:  # Transformer Lab's harness adds --plugin_dir; nothing here needs it
         print(f"ignoring arguments: {' '.join(extra)}", file=sys.stderr)
     return args
 
 
-def read_config(args: argparse.Namespace) -> tuple[Config, str | None]:
-    """The validated parameters and, from a Transformer Lab input file, the adapter folder it asks for.
-    Imports nothing heavy (the demo excepted: it builds its model first)."""
-    if args.config:
+def launched_job(args: argparse.Namespace) -> tuple[dict | None, JobRecord]:
+    """A launcher's raw parameters (None for --config and --demo) and the job record the run reports to: the
+    job Transformer Lab launched it as (its id in the input file, or in the environment for --job), or none."""
+    if args.job:
+        if not os.environ.get(JOB_ID_VARIABLE):
+            raise ConfigError(f"--job: {JOB_ID_VARIABLE} is not set; --job is for runs launched by Transformer Lab")
+        job = TransformerLabJob.attach(os.environ[JOB_ID_VARIABLE])
+        if not isinstance(job, TransformerLabJob):
+            raise ConfigError("--job: the transformerlab SDK is needed to read the job's parameters (bash setup.sh --with-transformerlab)")
+        return launcher_parameters(job.parameters(), workspace_of(None)), job
+    if args.input_file:
+        raw = read_parameter_file(args.input_file)
+        workspace = workspace_of(Path(args.input_file))
+        job_id = raw.get("job_id")
+        job = TransformerLabJob.attach(str(job_id), args.experiment_name, workspace) if job_id not in (None, "") else JobRecord()
+        return launcher_parameters(raw, workspace), job
+    return None, JobRecord()
+
+
+def read_config(args: argparse.Namespace, raw: dict | None) -> tuple[Config, str | None]:
+    """The validated parameters and, from a launcher, the adapter folder it asks for. Imports nothing heavy
+    (the demo excepted: it builds its model first)."""
+    if raw is None:
         return parse_parameters(read_parameter_file(args.config)), None
-    raw = launcher_parameters(read_parameter_file(args.input_file), Path(args.input_file))
     extra = unknown_keys(raw) - LAUNCHER_KEYS
     if extra:  # launchers add keys of their own across versions; only parameter values are validated here
         print(f"ignoring keys that are not parameters: {', '.join(sorted(extra))}", file=sys.stderr)
     return parse_parameters(raw, ignore=LAUNCHER_KEYS | extra), raw.get("adaptor_output_dir") or None
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, raw: dict | None, job: JobRecord) -> int:
     if args.demo:
         with tempfile.TemporaryDirectory(prefix="lora-demo-") as workdir:
             cfg = parse_parameters(demo_parameters(args.demo_family, Path(workdir)))
-            train_run(cfg, None)
+            train_run(cfg, None, job)
         return 0
-    cfg, adaptor_output_dir = read_config(args)
-    train_run(cfg, adaptor_output_dir)
+    cfg, adaptor_output_dir = read_config(args, raw)
+    train_run(cfg, adaptor_output_dir, job)
     return 0
 
 
-def train_run(cfg: Config, adaptor_output_dir: str | None) -> None:
-    """Import the training stack (seconds) and run."""
+def train_run(cfg: Config, adaptor_output_dir: str | None, job: JobRecord) -> None:
+    """Import the training stack (seconds), run, and hand the job its adapter and final loss."""
     quiet_libraries()
     from plugin.trainer import RunPaths, train
 
-    train(cfg, RunPaths.for_config(cfg, adaptor_output_dir))
+    result = train(cfg, RunPaths.for_config(cfg, adaptor_output_dir), job=job)
+    last = result.losses[-FINAL_LOSS_STEPS:]
+    job.finished(result.adapter_path, cfg.adaptor_name, {"loss": sum(last) / len(last)} if last else {})
 
 
 def quiet_libraries() -> None:
@@ -113,25 +138,50 @@ def quiet_libraries() -> None:
 
 
 def main(argv=None) -> int:
-    """Run, and report every expected way of ending in one line without a traceback: bad input (2), a
-    diverged run (1), a requested stop (75), Ctrl-C at any moment, imports included (130)."""
+    """Run, and report every expected way of ending in one line without a traceback, to the terminal and to
+    the launcher's job: bad input (2), a diverged run (1), a requested stop (75; 0 under Transformer Lab,
+    which records any other exit code as a crash), Ctrl-C at any moment, imports included (130). Anything
+    unexpected is recorded as the job's failure and then raised."""
+    job = JobRecord()
     try:
         args = parse_args(argv)
         keep_freed_memory()
-        return run(args)
-    except ConfigError as error:
+        raw, job = launched_job(args)
+        return run(args, raw, job)
+    except (ConfigError, TrainingDiverged) as error:
+        job.failed(str(error))
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, ConfigError) else 1
     except TrainingStopped as error:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a press left over must not raise here
+        job.stopped(str(error))
         print(str(error), file=sys.stderr)
-        return STOPPED_EXIT_CODE
+        return 0 if job.in_app else STOPPED_EXIT_CODE
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # more presses while exiting would print tracebacks
-        print("interrupted: the checkpoints, adapters and eval images saved before this point are intact", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
+        return interrupted(job)
+    except Exception as error:
+        if caused_by_interrupt(error):
+            return interrupted(job)
+        job.failed(f"{type(error).__name__}: {error}")
+        raise
+
+
+def interrupted(job: JobRecord) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # more presses while exiting would print tracebacks
+    message = "interrupted: the checkpoints, adapters and eval images saved before this point are intact"
+    job.stopped(message)
+    print(message, file=sys.stderr)
+    return INTERRUPTED_EXIT_CODE
+
+
+def caused_by_interrupt(error: BaseException | None) -> bool:
+    """Python wraps a KeyboardInterrupt raised inside some hooks in another error (a class's __set_name__,
+    run while a module is imported, turns it into a RuntimeError): Ctrl-C all the same."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 if __name__ == "__main__":

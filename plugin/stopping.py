@@ -3,39 +3,57 @@
 The first signal asks the loop to stop after the optimizer step in progress, so it can write a checkpoint
 and the adapter; the loop then raises `TrainingStopped` and the process exits with STOPPED_EXIT_CODE. A
 second signal interrupts at once (KeyboardInterrupt): every file is written atomically, so the last
-complete checkpoint and adapter are intact either way.
+complete checkpoint and adapter are intact either way. A launcher's own stop flag (Transformer Lab's) is
+polled at each step through `poll` and counts as a first signal.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
+from typing import Callable
 
 STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL from sysexits.h: the run can be resumed ("try again later")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Signals this close together are one request: Transformer Lab's Stop sends SIGTERM twice within milliseconds
+# (to the process group and to the process), which must not count as the "again, at once" of a user.
+BURST_SECONDS = 0.5
 
 
 class StopRequest:
     """Installs the handlers for the duration of a `with` block (main thread only: signals are delivered
     there; elsewhere, as in a launcher's worker thread, it only reports requests made by `request`)."""
 
-    def __init__(self, log=print):
+    def __init__(self, log=print, poll: Callable[[], bool] = lambda: False):
         self.log = log
+        self.poll = poll
         self.reason: str | None = None
+        self.signalled_at: float | None = None
         self.previous: dict[int, object] = {}
 
     @property
     def requested(self) -> bool:
+        """Whether a stop was asked for; polls the launcher's flag until one was."""
+        if self.reason is None and self.poll():
+            self.request("the launcher's Stop")
+            self.log(f"{self.reason}: stopping after this step with a checkpoint and the adapter")
         return self.reason is not None
 
     def request(self, reason: str) -> None:
         self.reason = self.reason or reason
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        """The first signal (or burst) asks for a stop; a later one interrupts at once."""
+        now = time.monotonic()
+        if self.signalled_at is not None:
+            if now - self.signalled_at < BURST_SECONDS:
+                return
             raise KeyboardInterrupt
-        self.request(signal.Signals(signum).name)
-        self.log(f"{self.reason}: stopping after this step with a checkpoint and the adapter (again to stop at once)")
+        self.signalled_at = now
+        if self.reason is None:
+            self.request(signal.Signals(signum).name)
+            self.log(f"{self.reason}: stopping after this step with a checkpoint and the adapter (again to stop at once)")
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():

@@ -34,7 +34,7 @@ from .errors import ConfigError, TrainingDiverged, TrainingStopped
 from .evaluation import eval_prompts, render_images, save_evaluation
 from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
 from .families import open_model
-from .reporting import Reporter
+from .reporting import SETUP_PERCENT, JobRecord, Reporter
 from .stopping import StopRequest
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -173,8 +173,9 @@ def accumulation_groups(loader, size: int):
         yield group
 
 
-def train(cfg, paths: RunPaths, log=print) -> RunResult:
-    """One whole run: validate cheaply, load, train, evaluate, save. Returns where things went."""
+def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunResult:
+    """One whole run: validate cheaply, load, train, evaluate, save. Returns where things went. `job` is the
+    launcher's record of the run (Transformer Lab's), kept by the main process."""
     # Everything that can be wrong with the input is checked before any weights are read.
     check_settings(cfg)
     resume_from = resolve_resume(cfg.resume_from_checkpoint, paths.run_dir)
@@ -189,6 +190,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     accelerator = new_accelerator(cfg)
     processes, is_main = accelerator.num_processes, accelerator.is_main_process
     log = log if is_main else (lambda *_: None)  # one process speaks and writes files; all of them train
+    job = job if job is not None and is_main else JobRecord()
     log(f"{family.title} model; defaults applied: " + (", ".join(f"{k}={v}" for k, v in filled.items()) or "none"))
     layout = bucket_layout(cfg, family, dataset, log)
     examples = build_examples(cfg, dataset, layout)
@@ -196,10 +198,12 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     if is_main:  # last of the checks, as overwrite_output deletes the old run's checkpoints
         claim_run_folder(paths.run_dir, cfg, log)
     accelerator.wait_for_everyone()
+    job.setup(1)
 
     set_seed(cfg.seed)
     family.load(WEIGHT_DTYPES[cfg.mixed_precision])
     family.to(accelerator.device)
+    job.setup(2)
     modules = family.attach_lora()
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(modules)
@@ -212,6 +216,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     objective = family.make_objective()
     with accelerator.main_process_first():  # a disk cache is filled once, then read by the other processes
         conditioning = build_conditioning(cfg, family, examples, log)
+    job.setup(SETUP_PERCENT)
     sampler = BucketBatchSampler(layout.bucket_ids(), cfg.train_batch_size, cfg.seed, processes, accelerator.process_index)
     # The loader's own generator: each epoch's iterator draws a worker base seed from it, which from the global
     # RNG would shift LoRA dropout's draws and make a resumed run differ from an unbroken one.
@@ -245,7 +250,8 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
 
     if is_main:
         write_json_atomic(paths.run_dir / RESOLVED_CONFIG, resolved_config)
-    reporter = Reporter(cfg if is_main else cfg.replace(log_to_tensorboard=False, log_to_wandb=False), paths.run_dir / "logs")
+    sinks = cfg if is_main else cfg.replace(log_to_tensorboard=False, log_to_wandb=False)
+    reporter = Reporter(sinks, paths.run_dir / "logs", job, max_steps)
     log(
         f"{len(examples)} images, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
         f"epochs; {sum(p.numel() for p in parameters):,} trainable parameters on {accelerator.device}"
@@ -279,7 +285,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
                 with family.unparked():
                     images = render_images(family, prompts, cfg.eval_seed)
                 result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch))
-                reporter.images(step, "eval", images)
+                reporter.images(step, "eval", images, result.eval_images[-1])
         for module in modules.values():
             module.train()
 
@@ -329,7 +335,7 @@ def train(cfg, paths: RunPaths, log=print) -> RunResult:
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
     for module in modules.values():
         module.train()
-    with StopRequest(log) as stop:
+    with StopRequest(log, poll=job.stop_requested) as stop:
         try:
             for epoch in range(position.epoch, num_epochs):
                 if step >= max_steps:

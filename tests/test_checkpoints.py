@@ -4,6 +4,7 @@ stop on SIGTERM, atomic checkpoint writes and retention, and bad checkpoints nam
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import stat
@@ -21,7 +22,7 @@ from plugin import checkpoints as checkpoints_module
 from plugin.config import parse_parameters
 from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME
-from plugin.stopping import STOPPED_EXIT_CODE
+from plugin.stopping import BURST_SECONDS, STOPPED_EXIT_CODE, StopRequest
 from plugin.trainer import RunPaths, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +90,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_adapter(tiny_mod
     run_dir = tmp_path / "stopped" / "test-adapter"
     wait_for(run_dir / "checkpoints" / "step_5", process)
     process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)  # Transformer Lab's Stop sends two at once: still one request
     started = time.monotonic()
     output, _ = process.communicate(timeout=60)
     assert process.returncode == STOPPED_EXIT_CODE, output
@@ -224,3 +226,19 @@ def test_a_run_folder_belongs_to_one_run(tiny_models, sample_data, tmp_path, mon
     assert any(line.startswith("overwrite_output: deleted the previous run's checkpoints") for line in logged)
     assert not (paths.run_dir / "checkpoints").exists()
     assert json.loads((paths.run_dir / "config.json").read_text())["max_train_steps"] == 2
+
+
+def test_a_signal_burst_is_one_request_a_later_signal_interrupts_and_the_launcher_flag_is_polled():
+    logged, flag = [], []
+    with StopRequest(logged.append, poll=lambda: bool(flag)) as stop:
+        assert not stop.requested
+        flag.append(True)
+        assert stop.requested and stop.reason == "the launcher's Stop"
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # within BURST_SECONDS of the first: the same request
+        time.sleep(BURST_SECONDS + 0.1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes; sleeping lets it
+    assert signal.getsignal(signal.SIGTERM) != stop._handle, "handlers restored"
+    assert len(logged) == 1

@@ -68,12 +68,12 @@ def test_trains_from_parameter_file_and_adapter_reproduces_eval_image(family, ti
     # 8 images, batch 2 -> 4 steps per epoch; 12 steps -> 3 epochs, each evaluated (eval_steps 1).
     last_epoch = 3
     for epoch in range(1, last_epoch + 1):
-        assert (run_dir / "eval_images" / f"epoch_{epoch}.png").is_file()
-        assert (run_dir / "eval_images" / f"epoch_{epoch}_0.png").is_file()
-    assert not (run_dir / "eval_images" / f"epoch_{last_epoch + 1}.png").exists()
-    trained_eval = png(run_dir / "eval_images" / f"epoch_{last_epoch}_0.png")
+        assert (run_dir / "eval_images" / f"epoch_{epoch:04d}.png").is_file()
+        assert (run_dir / "eval_images" / f"epoch_{epoch:04d}_0.png").is_file()
+    assert not (run_dir / "eval_images" / f"epoch_{last_epoch + 1:04d}.png").exists()
+    trained_eval = png(run_dir / "eval_images" / f"epoch_{last_epoch:04d}_0.png")
     assert trained_eval.shape == (SAMPLE_RESOLUTION, SAMPLE_RESOLUTION, 3)
-    assert np.array_equal(png(run_dir / "eval_images" / f"epoch_{last_epoch}.png"), trained_eval)  # 1-prompt grid
+    assert np.array_equal(png(run_dir / "eval_images" / f"epoch_{last_epoch:04d}.png"), trained_eval)  # 1-prompt grid
 
     # Render as the trainer's evaluation does, but from a pipeline loaded the way a user would.
     pipe = load_fresh(tiny_models[family])

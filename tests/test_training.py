@@ -211,8 +211,10 @@ def test_an_interrupted_save_leaves_the_last_good_adapter(run_training, monkeypa
     assert not [p for p in paths.adapter_dir.iterdir() if p.name.startswith(".")], "no temp files left behind"
 
 
-def test_transformer_lab_input_file(tiny_models, sample_data, tmp_path, capsys):
+def test_transformer_lab_input_file(tiny_models, sample_data, tmp_path, capsys, monkeypatch):
     """--input_file: launcher keys accepted, adapter goes to adaptor_output_dir, eval images to output_dir."""
+    for variable in ("_TFL_JOB_ID", "_TFL_EXPERIMENT_ID", "TFL_WORKSPACE_DIR"):  # what attaching to job_id may set
+        monkeypatch.delenv(variable, raising=False)
     parameters = base_parameters(tiny_models["sd"], sample_data, tmp_path / "logs", max_train_steps=2)
     launcher = {"job_id": 12, "template_name": "t", "plugin_name": "diffusion_lora_trainer", "model_architecture":
                 "StableDiffusionPipeline", "foundation_model_file_path": "", "model_path": "", "type": "trainer",
@@ -224,7 +226,7 @@ def test_transformer_lab_input_file(tiny_models, sample_data, tmp_path, capsys):
     assert main(["--plugin_dir", str(tmp_path), "--input_file", str(file), "--experiment_name", "e"]) == 0
     assert "train_final_model" in capsys.readouterr().err
     assert (tmp_path / "adaptors" / "test-adapter" / WEIGHTS_NAME).is_file()
-    assert (tmp_path / "logs" / "test-adapter" / "eval_images" / "epoch_1.png").is_file()
+    assert (tmp_path / "logs" / "test-adapter" / "eval_images" / "epoch_0001.png").is_file()
     assert json.loads((tmp_path / "logs" / "test-adapter" / "config.json").read_text())["max_train_steps"] == 2
 
 
@@ -233,7 +235,7 @@ def test_demo_command_trains_renders_and_saves(tmp_path, monkeypatch, capsys):
     assert main(["--demo"]) == 0
     out = tmp_path / "output" / "demo-sd"
     assert (out / WEIGHTS_NAME).is_file() and (out / "config.json").is_file()
-    assert sorted(p.name for p in (out / "eval_images").glob("epoch_?.png")) == ["epoch_4.png", "epoch_8.png"]
+    assert sorted(p.name for p in (out / "eval_images").glob("epoch_????.png")) == ["epoch_0004.png", "epoch_0008.png"]
     assert "adapter" in capsys.readouterr().out
 
 
