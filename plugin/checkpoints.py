@@ -3,10 +3,10 @@
 `<run>/checkpoints/step_<n>/` holds
   trainable.safetensors   the LoRA weights, by parameter name
   optimizer.safetensors   the optimizer's per-parameter tensors (Adam moments, step), by parameter name
-  ema.safetensors         the EMA shadow weights, when EMA is on
+  ema.safetensors         the averaged weights (the EMA shadow, or each post-hoc EMA profile), when EMA is on
   rng.safetensors         every process's torch RNG states (CPU, and its CUDA device): LoRA dropout draws from them
   state.json              step, data position (epoch, micro-batches done), number of processes, optimizer
-                          hyper-parameters, LR schedule, EMA counter, loss-scaler state
+                          hyper-parameters, LR schedule, EMA state, loss-scaler state
   config.json             the resolved config of the run that wrote it (family defaults filled in)
   input_config.json       the config as given, which a resumption is compared with before any model loads
 
@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from .distributed import restore_rng_states
 from .errors import ConfigError
 from .export import make_readable, require_writable_folder
+from .posthoc import SNAPSHOT_FOLDER
 
 STEP_FOLDER = re.compile(r"step_(\d+)")
 STATE_FILE = "state.json"
@@ -44,7 +45,7 @@ RESUMABLE_CHANGES = frozenset({
     "eval_guidance_scale", "eval_seed", "eval_width", "eval_height", "log_to_wandb", "log_to_tensorboard",
     "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "output_dir",
     "dataloader_num_workers", "cache_latents", "cache_text_embeddings", "cache_dir", "gradient_checkpointing",
-    "enable_xformers_memory_efficient_attention", "overwrite_output",
+    "enable_xformers_memory_efficient_attention", "overwrite_output", "posthoc_ema_snapshot_steps",
 })  # fmt: skip
 
 
@@ -108,9 +109,10 @@ def claim_run_folder(run_dir: Path, cfg, log=print) -> None:
         if not cfg.overwrite_output:
             raise ConfigError(f"output_dir: {str(run_dir)!r} already holds a run; set resume_from_checkpoint to 'latest' to "
                               "continue it, overwrite_output to true to replace it, or choose another adaptor_name")  # fmt: skip
-        if checkpoint_root(run_dir).is_dir():
-            shutil.rmtree(checkpoint_root(run_dir))
-            log(f"overwrite_output: deleted the previous run's checkpoints in {run_dir}")
+        for state in (checkpoint_root(run_dir), run_dir / SNAPSHOT_FOLDER):
+            if state.is_dir():
+                shutil.rmtree(state)
+                log(f"overwrite_output: deleted the previous run's {state.name} in {run_dir}")
 
 
 def check_resumable(folder: Path, cfg, log=print) -> None:
@@ -164,7 +166,7 @@ def _write(folder: Path, position: Position, state: TrainingState, rng: dict[str
     groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer["param_groups"]]
     save_file(rng, str(folder / "rng.safetensors"))
     if state.ema is not None:
-        save_file({n: s.detach().cpu().contiguous() for n, s in zip(names, state.ema.shadow)}, str(folder / "ema.safetensors"))
+        save_file(state.ema.state_tensors(names), str(folder / "ema.safetensors"))
     summary = {
         "step": position.step,
         "epoch": position.epoch,
@@ -173,7 +175,7 @@ def _write(folder: Path, position: Position, state: TrainingState, rng: dict[str
         "parameter_names": names,
         "optimizer_param_groups": groups,
         "lr_schedule": {k: v for k, v in _scheduler(state.lr_schedule).state_dict().items() if k != "lr_lambdas"},
-        "ema_num_updates": state.ema.num_updates if state.ema is not None else None,
+        "ema": state.ema.summary() if state.ema is not None else None,
         "scaler": state.scaler.state_dict() if state.scaler is not None else None,
     }
     (folder / STATE_FILE).write_text(json.dumps(summary, indent=1), encoding="utf-8")
@@ -216,9 +218,8 @@ def load_checkpoint(folder: Path, state: TrainingState) -> Position:
     scheduler = _scheduler(state.lr_schedule)
     scheduler.load_state_dict({**scheduler.state_dict(), **summary["lr_schedule"]})
     if state.ema is not None:
-        shadow = _read_tensors(folder / "ema.safetensors")
-        state.ema.shadow = [shadow[n].float() for n in names]
-        state.ema.num_updates = summary["ema_num_updates"]
+        state.ema.load_state_tensors(_read_tensors(folder / "ema.safetensors"), names)
+        state.ema.load_summary(summary["ema"])
     if state.scaler is not None and summary.get("scaler"):
         state.scaler.load_state_dict(summary["scaler"])
     restore_rng_states(_read_tensors(folder / "rng.safetensors"), state.process_index)

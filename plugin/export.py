@@ -74,14 +74,16 @@ def lora_state(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, dict], di
 
 
 def save_adapter_atomic(family, modules: dict[str, torch.nn.Module], folder: Path) -> Path:
-    """Save the modules' current LoRA weights into folder/pytorch_lora_weights.safetensors, atomically.
+    """Save the modules' current LoRA weights into folder/pytorch_lora_weights.safetensors, atomically."""
+    return save_layers_atomic(family, *lora_state(modules), folder)
 
-    The file is written in a sibling temp folder and renamed into place, so the previous adapter survives
-    any failure while writing.
-    """
+
+def save_layers_atomic(family, layers: dict[str, dict], metadata: dict[str, dict], folder: Path) -> Path:
+    """Save LoRA tensors (per component, as `lora_state` gives them) with the family's pipeline class into
+    folder/pytorch_lora_weights.safetensors. The file is written in a sibling temp folder and renamed into
+    place, so the previous adapter survives any failure while writing."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    layers, metadata = lora_state(modules)
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".saving-"))
     try:
         family.save_lora(staging, layers, metadata)

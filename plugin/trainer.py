@@ -29,11 +29,12 @@ from .checkpoints import (
 )  # fmt: skip
 from .distributed import any_process, average_gradients, rng_states
 from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, load_image_dataset, read_image_headers
-from .ema import EMA
+from .ema import PowerFunctionEMA, moving_average
 from .errors import ConfigError, TrainingDiverged, TrainingStopped
 from .evaluation import eval_prompts, render_images, save_evaluation
 from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
 from .families import open_model
+from .posthoc import discard_snapshots_after, parse_sigma_rels, write_snapshot
 from .reporting import SETUP_PERCENT, JobRecord, Reporter
 from .stopping import StopRequest
 
@@ -98,6 +99,8 @@ def check_settings(cfg) -> None:
     """Combinations that per-field bounds in the manifest cannot express, caught before any weights load."""
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision: 'fp16' needs a CUDA GPU (loss scaling); use 'bf16' or 'no' on this machine")
+    if cfg.use_ema and cfg.ema_type == "posthoc":
+        parse_sigma_rels(cfg.posthoc_ema_sigma_rels)
     if cfg.lr_scheduler == "polynomial" and cfg.learning_rate <= POLYNOMIAL_END_LR:
         raise ConfigError(
             f"learning_rate: {cfg.learning_rate:g} is not above {POLYNOMIAL_END_LR:g}, where the polynomial schedule "
@@ -242,11 +245,14 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
         power=cfg.lr_power,
     )
     optimizer, lr_schedule = accelerator.prepare(optimizer, lr_schedule)
-    ema = EMA(parameters, cfg.ema_decay, cfg.ema_update_every) if cfg.use_ema else None
+    ema = moving_average(cfg, parameters)
+    snapshot_every = cfg.posthoc_ema_snapshot_steps if isinstance(ema, PowerFunctionEMA) and is_main else 0
     state = TrainingState(named_parameters, optimizer, lr_schedule, ema, accelerator.scaler, processes, accelerator.process_index)
     position = load_checkpoint(resume_from, state) if resume_from is not None else Position(0, 0, 0)
     if resume_from is not None:
         log(f"resumed from {resume_from} at step {position.step} (epoch {position.epoch + 1}, {position.batches_done} batches in)")
+        if is_main:
+            discard_snapshots_after(paths.run_dir, position.step)
 
     if is_main:
         write_json_atomic(paths.run_dir / RESOLVED_CONFIG, resolved_config)
@@ -321,6 +327,8 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(step)
+        if snapshot_every and (step % snapshot_every == 0 or step == max_steps):
+            write_snapshot(paths.run_dir, step, ema, modules)
         result.losses.append(step_loss)
         result.step_seconds.append(time.perf_counter() - step_started)
         metrics = {"train/loss": step_loss, "train/lr": lr_schedule.get_last_lr()[0]}

@@ -277,7 +277,8 @@ class ModelFamily(ABC):
             "width": cfg.eval_width or cfg.resolution,
         }
 
-    def save_lora(self, folder, layers: dict[str, dict], metadata: dict[str, dict]) -> None:
+    @classmethod
+    def save_lora(cls, folder, layers: dict[str, dict], metadata: dict[str, dict]) -> None:
         """Write adapters with the pipeline class's own save_lora_weights, so load_lora_weights reads them.
 
         The LoRA config is passed as adapter metadata: without it Diffusers assumes alpha = r on load.
@@ -286,7 +287,7 @@ class ModelFamily(ABC):
         for component, state_dict in layers.items():
             kwargs[f"{component}_lora_layers"] = state_dict
             kwargs[f"{component}_lora_adapter_metadata"] = metadata[component]
-        self.pipeline_class.save_lora_weights(folder, safe_serialization=True, **kwargs)
+        cls.pipeline_class.save_lora_weights(folder, safe_serialization=True, **kwargs)
 
 
 class DDPMFamily(ModelFamily):
