@@ -84,7 +84,7 @@ def launched_job(args: argparse.Namespace) -> tuple[dict | None, JobRecord]:
         if not os.environ.get(JOB_ID_VARIABLE):
             raise ConfigError(f"--job: {JOB_ID_VARIABLE} is not set; --job is for runs launched by Transformer Lab")
         job = TransformerLabJob.attach(os.environ[JOB_ID_VARIABLE])
-        if not isinstance(job, TransformerLabJob):
+        if not job.in_app:
             raise ConfigError("--job: the transformerlab SDK is needed to read the job's parameters (bash setup.sh --with-transformerlab)")
         return launcher_parameters(job.parameters(), workspace_of(None)), job
     if args.input_file:

@@ -33,8 +33,8 @@ def wandb_mode() -> str:
 class Reporter:
     """Fans metrics and images out to the sinks the config enables and to the job record."""
 
-    def __init__(self, cfg, log_dir: Path, job: "JobRecord | None" = None, max_steps: int = 1):
-        self.job = job or JobRecord()
+    def __init__(self, cfg, log_dir: Path, job: "JobRecord", max_steps: int):
+        self.job = job
         self.max_steps = max_steps
         self.sinks = []
         if cfg.log_to_tensorboard:
