@@ -23,8 +23,8 @@ from .errors import ConfigError
 _FLOOR = 1e-8
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "cosmap")
-LOSS_WEIGHTINGS = ("uniform", "snr", "min_snr", "edm")
-FLOW_LOSS_WEIGHTINGS = ("uniform", "none", "sigma_sqrt", "cosmap")
+LOSS_WEIGHTINGS = ("uniform", "snr", "min_snr", "edm", "learned")
+FLOW_LOSS_WEIGHTINGS = ("uniform", "none", "sigma_sqrt", "cosmap", "learned")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 
@@ -257,6 +257,7 @@ def loss_weights(
       "edm":     Karras et al. 2022 λ(σ) = (σ² + σ_d²)/(σ·σ_d)² on the denoiser loss with σ² = 1/SNR,
                  i.e. w = SNR + 1/σ_d². With σ_d = 1 (unit-variance scaled latents) this is SNR + 1, so the
                  weighted loss equals the v-prediction MSE whatever the prediction type.
+      "learned": the "edm" λ, which EDM2 divides by its learned e^{u(σ)} (see ``LearnedLossWeighting``).
     SNR is floored at 1e-8 first, so at SNR = 0 (zero terminal SNR) ε-prediction gets the SNR→0 limit
     1 for "snr" and "min_snr", and a large but finite 1 + 1e8/σ_d² for "edm".
     """
@@ -267,7 +268,7 @@ def loss_weights(
         x0_weight = snr_
     elif scheme == "min_snr":
         x0_weight = snr_.clamp_max(snr_gamma)
-    elif scheme == "edm":
+    elif scheme in ("edm", "learned"):
         x0_weight = snr_ + 1.0 / sigma_data**2
     else:
         raise _unknown("loss_weighting", scheme, LOSS_WEIGHTINGS)
@@ -278,10 +279,10 @@ def flow_loss_weights(scheme: str, sigmas: Tensor) -> Tensor:
     """Per-sample weight (B,) on the flow-matching MSE, as Diffusers' compute_loss_weighting_for_sd3.
 
     "uniform"/"none": 1; "sigma_sqrt": σ⁻² (σ² floored at 1e-8 so σ = 0 stays finite);
-    "cosmap": 2/(π(1 − 2σ + 2σ²)).
+    "cosmap": 2/(π(1 − 2σ + 2σ²)); "learned": 1, which EDM2's learned e^{u(σ)} then divides.
     """
     sigmas = sigmas.float()
-    if scheme in ("uniform", "none"):
+    if scheme in ("uniform", "none", "learned"):
         return torch.ones_like(sigmas)
     if scheme == "sigma_sqrt":
         return 1.0 / (sigmas**2).clamp_min(_FLOOR)
@@ -352,6 +353,48 @@ def weighted_mean(per_sample: Tensor, weights: Tensor) -> Tensor:
     return (per_sample * weights.to(per_sample.device, per_sample.dtype)).mean()
 
 
+# --- Learned loss weighting (EDM2) -------------------------------------------------------------------------
+
+
+def noise_conditioning(sigma: Tensor) -> Tensor:
+    """EDM's c_noise(σ) = ln(σ)/4 (σ floored at 1e-8): the noise level as the network sees it."""
+    return sigma.float().clamp_min(_FLOOR).log() / 4
+
+
+def fourier_features(x: Tensor, frequencies: Tensor, phases: Tensor) -> Tensor:
+    """EDM2's MPFourier: √2·cos(2π(f·x + φ)) per channel, (B,) → (B, C); unit mean square for random φ."""
+    return math.sqrt(2) * torch.cos(2 * math.pi * (x[:, None] * frequencies + phases))
+
+
+def uncertainty_weighted_loss(weighted_losses: Tensor, log_variance: Tensor) -> Tensor:
+    """EDM2's loss (Karras et al. 2024, eq. 21 with the λ-weighted loss): mean_b(λL_b / e^{u_b} + u_b).
+
+    Its minimum over u at a noise level is where the derivative −λL·e^{−u} + 1 averages to zero, i.e.
+    u*(σ) = log E[λL | σ]: each noise level's loss is then divided by its own expected value."""
+    return (weighted_losses * torch.exp(-log_variance) + log_variance).mean()
+
+
+class LearnedLossWeighting(torch.nn.Module):
+    """u(σ), the learned log-variance of the loss at noise level σ (EDM2's `logvar_fourier` → `logvar_linear`):
+    Fourier features of c_noise(σ), fixed random frequencies and phases, then one linear layer. It starts at
+    u = 0 (zero weights), where the training loss is the plain λ-weighted loss, and trains with the LoRA
+    weights; it shapes the gradients only, so it is saved in checkpoints and never in the adapter."""
+
+    def __init__(self, channels: int = 128, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("frequencies", torch.randn(channels, generator=generator))
+        self.register_buffer("phases", torch.rand(channels, generator=generator))
+        self.linear = torch.nn.Linear(channels, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        """u (B,) at EDM noise levels σ (B,)."""
+        features = fourier_features(noise_conditioning(sigma).to(self.frequencies.device), self.frequencies, self.phases)
+        return self.linear(features).squeeze(-1)
+
+
 # --- Composition for the training loop ------------------------------------------------------------------
 
 
@@ -360,7 +403,8 @@ class NoisedBatch:
     """One noised batch: feed ``model_input`` and ``timesteps`` to the model, compare with ``target``.
 
     ``timesteps`` is float (B,) in the scheduler's training units: VP → integer t in [0, T−1]; flow → σ·T.
-    ``target`` is float32; ``model_input`` has x0's dtype; ``weights`` and ``huber_c`` are float32 (B,).
+    ``target`` is float32; ``model_input`` has x0's dtype; ``weights``, ``huber_c`` and ``noise_level`` (the
+    EDM σ of each sample, which learned loss weighting conditions on) are float32 (B,).
     """
 
     model_input: Tensor
@@ -368,6 +412,7 @@ class NoisedBatch:
     target: Tensor
     weights: Tensor
     huber_c: Tensor
+    noise_level: Tensor
 
 
 def _check_choice(argument: str, value, allowed: Sequence[str]) -> None:
@@ -395,6 +440,7 @@ class _Objective:
         loss_type: str = "l2",
         huber_c: float = 0.1,
         huber_schedule: str = "snr",
+        loss_weighting: str = "uniform",
     ):
         _check_choice("timestep_sampling", timestep_sampling, TIMESTEP_SAMPLINGS)
         _check_positive("logit_std", logit_std)
@@ -412,6 +458,15 @@ class _Objective:
         self.loss_type = loss_type
         self.huber_c = huber_c
         self.huber_schedule = huber_schedule
+        self.loss_weighting = loss_weighting
+        self.learned_weighting = LearnedLossWeighting() if loss_weighting == "learned" else None
+
+    def learned_parameters(self, device) -> dict[str, torch.nn.Parameter]:
+        """The trainable parameters of learned loss weighting (none for a fixed weighting), on `device`."""
+        if self.learned_weighting is None:
+            return {}
+        self.learned_weighting.to(device)
+        return {f"loss_weighting.{name}": p for name, p in self.learned_weighting.named_parameters()}
 
     def _draw(self, x0: Tensor, generators: Sequence[torch.Generator]) -> tuple[Tensor, Tensor, Tensor]:
         """Per sample b, from generators[b] only, in this order: u (timestep density), ε (x0[b]'s shape),
@@ -441,8 +496,17 @@ class _Objective:
         return per_sample_loss(prediction, noised.target, self.loss_type, noised.huber_c)
 
     def loss(self, prediction: Tensor, noised: NoisedBatch) -> Tensor:
-        """Scalar training loss: mean_b(w_b · loss_b)."""
+        """The objective's scalar loss: mean_b(w_b · loss_b). What is logged and validated."""
         return weighted_mean(self.loss_per_sample(prediction, noised), noised.weights)
+
+    def training_loss(self, prediction: Tensor, noised: NoisedBatch) -> tuple[Tensor, Tensor]:
+        """(the loss to minimise, the objective's loss to report): the same tensor, except with learned
+        weighting, whose minimised loss is ``uncertainty_weighted_loss`` and not comparable across runs."""
+        loss = self.loss(prediction, noised)
+        if self.learned_weighting is None:
+            return loss, loss
+        weighted = self.loss_per_sample(prediction, noised) * noised.weights
+        return uncertainty_weighted_loss(weighted, self.learned_weighting(noised.noise_level)), loss
 
 
 class DiffusionObjective(_Objective):
@@ -460,12 +524,12 @@ class DiffusionObjective(_Objective):
         **shared,
     ):
         """``shared``: the sampling, noise and loss options of ``_Objective``."""
-        super().__init__(**shared)
+        _check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+        super().__init__(loss_weighting=loss_weighting, **shared)
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         if betas.ndim != 1 or betas.numel() < 2 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ConfigError("betas must be a 1-D tensor of at least 2 values, each in (0, 1)")
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        _check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
         if loss_weighting == "min_snr":
             _check_positive("snr_gamma", snr_gamma)
         _check_positive("sigma_data", sigma_data)
@@ -474,7 +538,6 @@ class DiffusionObjective(_Objective):
         self.alphas_cumprod = alphas_cumprod_from_betas(betas)
         self.num_train_timesteps = betas.numel()
         self.prediction_type = prediction_type
-        self.loss_weighting = loss_weighting
         self.snr_gamma = snr_gamma
         self.sigma_data = sigma_data
 
@@ -485,15 +548,15 @@ class DiffusionObjective(_Objective):
         snr_t = snr(self.alphas_cumprod, t)
         x0f = x0.float()
         weights = loss_weights(self.loss_weighting, snr_t, self.prediction_type, self.snr_gamma, self.sigma_data)
-        huber = scheduled_huber_c(
-            self.huber_schedule, self.huber_c, t / self.num_train_timesteps, edm_sigma_from_snr(snr_t)
-        )
+        edm_sigma = edm_sigma_from_snr(snr_t)
+        huber = scheduled_huber_c(self.huber_schedule, self.huber_c, t / self.num_train_timesteps, edm_sigma)
         return NoisedBatch(
             model_input=add_noise(x0f, input_noise, self.alphas_cumprod, t).to(x0.dtype),
             timesteps=t.to(x0.device, torch.float32),
             target=prediction_target(self.prediction_type, x0f, noise, self.alphas_cumprod, t),
             weights=weights.to(x0.device),
             huber_c=huber.to(x0.device),
+            noise_level=edm_sigma.to(x0.device),
         )
 
 
@@ -510,25 +573,26 @@ class FlowMatchingObjective(_Objective):
         **shared,
     ):
         """``shared``: the other sampling, noise and loss options of ``_Objective``."""
-        super().__init__(timestep_sampling=timestep_sampling, **shared)
+        _check_choice("loss_weighting", loss_weighting, FLOW_LOSS_WEIGHTINGS)
+        super().__init__(timestep_sampling=timestep_sampling, loss_weighting=loss_weighting, **shared)
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ConfigError(f"num_train_timesteps={num_train_timesteps!r} must be a positive integer")
         _check_positive("shift", shift)
-        _check_choice("loss_weighting", loss_weighting, FLOW_LOSS_WEIGHTINGS)
         self.num_train_timesteps = num_train_timesteps
         self.shift = shift
-        self.loss_weighting = loss_weighting
 
     def noise(self, x0: Tensor, generators: Sequence[torch.Generator]) -> NoisedBatch:
         """Noise x0 (B, C, ...) at σ = shift_sigmas(u, shift) with one generator per sample (see ``_draw``)."""
         u, noise, input_noise = self._draw(x0, generators)
         sigmas = shift_sigmas(u, self.shift)
         x0f = x0.float()
-        huber = scheduled_huber_c(self.huber_schedule, self.huber_c, sigmas, edm_sigma_from_flow(sigmas))
+        edm_sigma = edm_sigma_from_flow(sigmas)
+        huber = scheduled_huber_c(self.huber_schedule, self.huber_c, sigmas, edm_sigma)
         return NoisedBatch(
             model_input=flow_interpolate(x0f, input_noise, sigmas).to(x0.dtype),
             timesteps=(sigmas * self.num_train_timesteps).to(x0.device, torch.float32),
             target=flow_target(x0f, noise),
             weights=flow_loss_weights(self.loss_weighting, sigmas).to(x0.device),
             huber_c=huber.to(x0.device),
+            noise_level=edm_sigma.to(x0.device),
         )

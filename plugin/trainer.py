@@ -5,7 +5,6 @@ the architecture."""
 from __future__ import annotations
 
 import math
-import random
 from contextlib import nullcontext
 import time
 import warnings
@@ -27,6 +26,7 @@ from .checkpoints import (
     INPUT_CONFIG, RESOLVED_CONFIG, Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder,
     load_checkpoint, resolve_resume, try_save_checkpoint,
 )  # fmt: skip
+from .denoising import denoising_loss, sample_generators
 from .distributed import any_process, average_gradients, rng_states
 from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, load_image_dataset, read_image_headers
 from .ema import PowerFunctionEMA, moving_average
@@ -37,6 +37,7 @@ from .families import open_model
 from .posthoc import discard_snapshots_after, parse_sigma_rels, write_snapshot
 from .reporting import SETUP_PERCENT, JobRecord, Reporter
 from .stopping import StopRequest
+from .validation import ValidationHistory, ValidationSet, check_validation_settings, training_and_validation_data
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 POLYNOMIAL_END_LR = 1e-7  # diffusers.optimization's polynomial schedule decays to this learning rate
@@ -70,37 +71,13 @@ class RunResult:
     cache_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # (encoded, reused) per cache
 
 
-def sample_generators(seed: int, epoch: int, indices) -> list[torch.Generator]:
-    """One generator per example for noise and timesteps, keyed by (seed, epoch, example): the draws do not
-    depend on batch size, accumulation or data-loader workers, so those settings change nothing else."""
-    return [
-        torch.Generator().manual_seed(random.Random(f"{seed}:{epoch}:{int(i)}:noise").getrandbits(63))
-        for i in indices
-    ]
-
-
-def denoising_loss(
-    family, objective, conditioning: Conditioning, batch: dict, generators: list[torch.Generator], autocast=nullcontext
-) -> torch.Tensor:
-    """The objective's loss on one batch: encode (or look up), noise, predict, compare. Used for training and
-    held-out eval.
-
-    Only the denoiser runs under autocast: the VAE and text encoders keep the precision they were loaded in
-    (an fp32 VAE, T5's fp32 layers), which autocast would otherwise override with fp16 and overflow.
-    """
-    latents, text = conditioning(batch)
-    noised = objective.noise(latents, generators)
-    with autocast():
-        prediction = family.predict(noised.model_input, noised.timesteps, text, batch)
-    return objective.loss(prediction, noised)
-
-
 def check_settings(cfg) -> None:
     """Combinations that per-field bounds in the manifest cannot express, caught before any weights load."""
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision: 'fp16' needs a CUDA GPU (loss scaling); use 'bf16' or 'no' on this machine")
     if cfg.use_ema and cfg.ema_type == "posthoc":
         parse_sigma_rels(cfg.posthoc_ema_sigma_rels)
+    check_validation_settings(cfg)
     if cfg.lr_scheduler == "polynomial" and cfg.learning_rate <= POLYNOMIAL_END_LR:
         raise ConfigError(
             f"learning_rate: {cfg.learning_rate:g} is not above {POLYNOMIAL_END_LR:g}, where the polynomial schedule "
@@ -189,6 +166,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     cfg, filled = family.configure(resolve_caching(cfg, log))
     resolved_config = {**cfg.as_dict(), "model_family": family.name}
     dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
+    dataset, held_out_rows = training_and_validation_data(cfg, dataset)
     prompts = eval_prompts(cfg.eval_prompt)
     accelerator = new_accelerator(cfg)
     processes, is_main = accelerator.num_processes, accelerator.is_main_process
@@ -212,11 +190,14 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
         family.enable_gradient_checkpointing(modules)
     if cfg.enable_xformers_memory_efficient_attention:
         family.enable_xformers()
-    named_parameters = {
+    lora_parameters = {
         f"{component}.{name}": p for component, module in modules.items() for name, p in module.named_parameters() if p.requires_grad
     }
-    parameters = list(named_parameters.values())
     objective = family.make_objective()
+    weighting_parameters = objective.learned_parameters(accelerator.device)  # learned loss weighting's u(σ), or none
+    named_parameters = {**lora_parameters, **weighting_parameters}
+    parameters = list(named_parameters.values())
+    held_out = ValidationSet.build(cfg, family, held_out_rows) if is_main and held_out_rows is not None else None
     with accelerator.main_process_first():  # a disk cache is filled once, then read by the other processes
         conditioning = build_conditioning(cfg, family, examples, log)
     job.setup(SETUP_PERCENT)
@@ -229,8 +210,11 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
 
+    groups = [{"params": list(lora_parameters.values())}]
+    if weighting_parameters:  # a calibration, not a model: its own learning rate and no weight decay
+        groups.append({"params": list(weighting_parameters.values()), "lr": cfg.loss_weighting_learning_rate, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(
-        parameters,
+        groups,
         lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay,
@@ -253,6 +237,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
         log(f"resumed from {resume_from} at step {position.step} (epoch {position.epoch + 1}, {position.batches_done} batches in)")
         if is_main:
             discard_snapshots_after(paths.run_dir, position.step)
+    validation = ValidationHistory(paths.run_dir, held_out, position.step if resume_from is not None else None)
 
     if is_main:
         write_json_atomic(paths.run_dir / RESOLVED_CONFIG, resolved_config)
@@ -272,6 +257,13 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
                                 cfg.checkpoints_total_limit, log)  # fmt: skip
         accelerator.wait_for_everyone()
 
+    def validate() -> None:
+        """The validation loss of the weights as they are now (main process, modules in eval mode)."""
+        loss = validation.measure(step, family, objective, accelerator.autocast)
+        if loss is not None:
+            reporter.metrics(step, {"validation/loss": loss})
+            log(f"step {step}: validation loss {loss:.5f} ({held_out.size} held-out images)")
+
     def save_and_render(epoch: int, render: bool = True) -> None:
         """The adapter, then eval images, from the weights that count (EMA when on); raw weights beside them.
         Saving first means a failure while rendering cannot cost the trained weights. Main process only."""
@@ -287,6 +279,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
             save_adapter_atomic(family, modules, paths.adapter_dir / "raw")
         with ema.swapped_in() if ema is not None else nullcontext():
             save_adapter_atomic(family, modules, paths.adapter_dir)
+            validate()
             if prompts and render:
                 with family.unparked():
                     images = render_images(family, prompts, cfg.eval_seed)
@@ -306,9 +299,9 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
                 if batch is None:  # this process's slice of a small global batch is empty
                     continue
                 generators = sample_generators(cfg.seed, epoch, batch["indices"])
-                loss = denoising_loss(family, objective, conditioning, batch, generators, accelerator.autocast)
+                loss, reported = denoising_loss(family, objective, conditioning, batch, generators, accelerator.autocast)
                 accelerator.backward(loss * share / len(group))
-                step_loss += loss.item() * share / len(group)
+                step_loss += reported.item() * share / len(group)
         step_loss = average_gradients(parameters, step_loss, processes)
         if not math.isfinite(step_loss):
             raise TrainingDiverged(
@@ -321,7 +314,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
         """Optimizer step number `step`: gradients, clipping, the update, the LR schedule, EMA, metrics."""
         step_started = time.perf_counter()
         step_loss = accumulate_gradients(group, epoch)
-        grad_norm = accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        grad_norm = accelerator.clip_grad_norm_(lora_parameters.values(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -341,6 +334,10 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     result = RunResult(adapter_path=paths.adapter_dir / WEIGHTS_NAME)
     step, epoch = position.step, position.epoch
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
+    if is_main and resume_from is None:
+        for module in modules.values():
+            module.eval()
+        validate()  # the base model's, the curve's first point
     for module in modules.values():
         module.train()
     with StopRequest(log, poll=job.stop_requested) as stop:

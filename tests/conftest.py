@@ -131,7 +131,8 @@ def heldout_losses(model: Path, cfg, data: Path, adapter_dir: Path | None = None
     from plugin.cache import Conditioning
     from plugin.data import collate_examples, load_image_dataset
     from plugin.families import load_model
-    from plugin.trainer import build_examples, denoising_loss, sample_generators
+    from plugin.denoising import denoising_loss, sample_generators
+    from plugin.trainer import build_examples
 
     family = load_model(str(model), torch.float32)
     cfg, _ = family.configure(cfg.replace(caption_dropout_rate=0.0, random_flip=False, color_jitter=False,
@@ -146,7 +147,7 @@ def heldout_losses(model: Path, cfg, data: Path, adapter_dir: Path | None = None
     with torch.no_grad():
         latents, text = conditioning(batch)
         objective_losses = [
-            denoising_loss(family, objective, conditioning, batch, sample_generators(1234, draw, batch["indices"])).item()
+            denoising_loss(family, objective, conditioning, batch, sample_generators(1234, draw, batch["indices"]))[1].item()
             for draw in range(draws)
         ]
         plain_mses = [

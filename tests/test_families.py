@@ -31,7 +31,8 @@ from plugin.families.flux import latent_image_ids, pack_latents, unpack_latents
 from plugin.families.sdxl import sdxl_time_ids
 from plugin.main import main
 from plugin.tiny import SAMPLE_RESOLUTION
-from plugin.trainer import RunPaths, build_examples, denoising_loss, sample_generators, train
+from plugin.denoising import denoising_loss, sample_generators
+from plugin.trainer import RunPaths, build_examples, train
 
 FAMILY_NAMES = ("sd", "sdxl", "sd3", "flux")
 PLUGIN = Path(__file__).resolve().parent.parent / "plugin"

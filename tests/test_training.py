@@ -271,9 +271,9 @@ def test_bf16_keeps_lora_weights_and_optimizer_state_fp32(run_training, monkeypa
 
     def recording_loss(family, *args):
         seen["base"].add(family.denoiser.conv_in.weight.dtype)
-        loss = original_loss(family, *args)
-        assert torch.isfinite(loss)
-        return loss
+        loss, reported = original_loss(family, *args)
+        assert torch.isfinite(loss) and torch.isfinite(reported)
+        return loss, reported
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     monkeypatch.setattr(trainer, "denoising_loss", recording_loss)
@@ -389,8 +389,8 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_adapter(run_training, tin
 
     def nan_from_step_three(*args, **kwargs):
         calls.append(1)
-        loss = original(*args, **kwargs)
-        return loss * float("nan") if len(calls) >= 3 else loss
+        losses = original(*args, **kwargs)
+        return tuple(loss * float("nan") for loss in losses) if len(calls) >= 3 else losses
 
     monkeypatch.setattr(trainer_module, "denoising_loss", nan_from_step_three)
     file = write_parameter_file(tmp_path / "run.json", base_parameters(tiny_models["sd"], sample_data, tmp_path / "out", adaptor_name="diverged", **options))

@@ -309,7 +309,7 @@ class DDPMFamily(ModelFamily):
             filled["loss_weighting"] = "min_snr" if cfg.snr_gamma > 0 else "uniform"
         weighting = filled.get("loss_weighting", cfg.loss_weighting)
         if weighting in ("sigma_sqrt", "cosmap"):
-            raise ConfigError(f"loss_weighting: {weighting!r} is for flow-matching models (SD3, Flux); {self.title} takes uniform, snr, min_snr or edm")
+            raise ConfigError(f"loss_weighting: {weighting!r} is for flow-matching models (SD3, Flux); {self.title} takes uniform, snr, min_snr, edm or learned")
         if weighting == "min_snr" and cfg.snr_gamma <= 0:
             raise ConfigError("snr_gamma: min_snr weighting needs snr_gamma > 0 (5 is the paper's value)")
         return filled
@@ -364,8 +364,8 @@ class FlowFamily(ModelFamily):
         if cfg.loss_weighting == "auto":
             filled["loss_weighting"] = "uniform"
         weighting = filled.get("loss_weighting", cfg.loss_weighting)
-        if weighting not in ("uniform", "sigma_sqrt", "cosmap"):
-            raise ConfigError(f"loss_weighting: {weighting!r} is for DDPM models (SD 1.x/2.x, SDXL); {self.title} takes uniform, sigma_sqrt or cosmap")
+        if weighting not in ("uniform", "sigma_sqrt", "cosmap", "learned"):
+            raise ConfigError(f"loss_weighting: {weighting!r} is for DDPM models (SD 1.x/2.x, SDXL); {self.title} takes uniform, sigma_sqrt, cosmap or learned")
         if cfg.rescale_betas_zero_snr:
             raise ConfigError(f"rescale_betas_zero_snr: {self.title} trains with flow matching, which reaches pure noise already")
         return filled
