@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -45,3 +46,52 @@ def save_evaluation(images: list[Image.Image], folder: Path, epoch: int) -> Path
     grid_path = Path(folder) / f"epoch_{epoch:04d}.png"
     save_image_atomic(image_grid(images), grid_path)
     return grid_path
+
+
+PLOT_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
+
+
+def line_plot(
+    series: dict[str, list[tuple[float, float]]], path: Path, title: str, x_label: str, log_x: bool = False,
+    mark: tuple[float, float] | None = None, size: tuple[int, int] = (640, 400),
+) -> Path:
+    """Curves of (x, y) points as a PNG, drawn with PIL alone (no plotting library is a dependency): axes
+    with their ranges printed, one colour per named series, and `mark`, a point to circle (the chosen one).
+    Text is ASCII: PIL's bundled font has no Greek letters."""
+    from PIL import ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 70, 20, 30, 50
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    points = [p for curve in series.values() for p in curve]
+    xs = [math.log(x) if log_x else x for x, _ in points]
+    ys = [y for _, y in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        u = ((math.log(x) if log_x else x) - x0) / (x1 - x0)
+        return left + u * (width - left - right), top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom)
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.text((left, 8), title, fill="black")
+    draw.text((left, height - bottom + 6), f"{math.exp(x0) if log_x else x0:.4g}", fill="black")
+    right_label = f"{math.exp(x1) if log_x else x1:.4g}"
+    draw.text((width - right - 6 * len(right_label), height - bottom + 6), right_label, fill="black")
+    draw.text(((width - 6 * len(x_label)) // 2, height - bottom + 24), x_label + (" (log scale)" if log_x else ""), fill="black")
+    draw.text((4, top), f"{y1:.4g}", fill="black")
+    draw.text((4, height - bottom - 10), f"{y0:.4g}", fill="black")
+    for k, (name, curve) in enumerate(series.items()):
+        colour = PLOT_COLOURS[k % len(PLOT_COLOURS)]
+        line = [at(x, y) for x, y in sorted(curve)]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for x, y in line:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.text((width - right - 150, top + 6 + 14 * k), name, fill=colour)
+    if mark is not None:
+        x, y = at(*mark)
+        draw.ellipse([x - 8, y - 8, x + 8, y + 8], outline="black", width=2)
+    save_image_atomic(image, path)
+    return Path(path)

@@ -1,7 +1,8 @@
 """Entry point. Headless: `python plugin/main.py --config run.json`; Transformer Lab: `--input_file FILE` (the
 plugin-era launcher) or `--job` (a task of today's app: parameters from the job named by _TFL_JOB_ID);
 `--demo [--demo-family sd|sdxl|sd3|flux]` trains on a tiny built-in model and sample data;
-`--posthoc-ema RUN_DIR --sigma-rel 0.07 [0.12 ...] [--at-step N]` writes post-hoc EMA adapters of a finished run.
+`--posthoc-ema RUN_DIR --sigma-rel 0.07 [0.12 ...] [--at-step N]` writes post-hoc EMA adapters of a finished run;
+with `--sweep` it scores σ_rel by the run's validation loss, plots the curve and saves the best.
 
 The parameter file is read and validated before PyTorch and Diffusers are imported, so a mistake in it is
 reported in a fraction of a second rather than after several seconds of imports.
@@ -68,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--demo", action="store_true", help="train on a tiny built-in model and sample data")
     source.add_argument("--posthoc-ema", metavar="RUN_DIR", help="reconstruct post-hoc EMA adapters from a run's snapshots")
     parser.add_argument("--sigma-rel", type=float, nargs="+", metavar="S", help="with --posthoc-ema: the EMA lengths (σ_rel) wanted")
+    parser.add_argument("--sweep", action="store_true", help="with --posthoc-ema: choose σ_rel by validation loss "
+                        "(over --sigma-rel, or a range the snapshots cover), plot the curve, save the best")
     parser.add_argument("--at-step", type=int, metavar="N", help="with --posthoc-ema: as of step N (default: the last snapshot)")
     parser.add_argument("--demo-family", default="sd", help="model family of the demo: sd, sdxl, sd3 or flux")
     parser.add_argument("--experiment_name", help="the Transformer Lab experiment of the job (its launcher sets it)")
@@ -108,9 +111,16 @@ def read_config(args: argparse.Namespace, raw: dict | None) -> tuple[Config, str
 
 
 def run(args: argparse.Namespace, raw: dict | None, job: JobRecord) -> int:
+    if args.posthoc_ema and args.sweep:
+        quiet_libraries()
+        from plugin.sweep import sweep
+
+        sweep(Path(args.posthoc_ema), args.sigma_rel, args.at_step)
+        return 0
     if args.posthoc_ema:
         if not args.sigma_rel:
-            raise ConfigError("--posthoc-ema: give the EMA lengths wanted with --sigma-rel, e.g. --sigma-rel 0.07 0.12")
+            raise ConfigError("--posthoc-ema: give the EMA lengths wanted with --sigma-rel, e.g. --sigma-rel 0.07 0.12, "
+                              "or --sweep to choose by validation loss")
         from plugin.posthoc import reconstruct
 
         reconstruct(Path(args.posthoc_ema), args.sigma_rel, args.at_step)

@@ -102,6 +102,59 @@ def reachable_sigma_rels(steps, sigma_rels, at_step: int) -> tuple[float, float]
     return (float(good.min()), float(good.max())) if len(good) else (float("nan"), float("nan"))
 
 
+def read_run_config(run_dir: Path, option: str = "--posthoc-ema") -> dict:
+    """The resolved config a run wrote (`<run>/config.json`), which names its model family."""
+    path = Path(run_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["model_family"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{option}: {str(path)!r} is missing or unreadable; expected a run folder") from None
+    return config
+
+
+def posthoc_coefficients(snapshots: list[Snapshot], at_step: int, sigma_rels, option: str = "--sigma-rel") -> tuple[np.ndarray, np.ndarray]:
+    """(coefficients (snapshots × wanted), fit errors (wanted,)) of the least-squares reconstruction of each
+    wanted σ_rel at `at_step`; a σ_rel the snapshots cannot stand in for is an error naming the range they cover."""
+    steps, tracked = [s.step for s in snapshots], [s.sigma_rel for s in snapshots]
+    for sigma_rel in sigma_rels:
+        parse_sigma_rels(str(sigma_rel), option)
+    errors = relative_fit_error(steps, tracked, at_step, sigma_rels)
+    if (errors > MAX_FIT_ERROR).any():
+        low, high = reachable_sigma_rels(steps, tracked, at_step)
+        raise ConfigError(f"{option}: {', '.join(f'{s:g}' for s, e in zip(sigma_rels, errors) if e > MAX_FIT_ERROR)} cannot be "
+                          f"reconstructed at step {at_step} from these snapshots; they cover σ_rel {low:.3f} to {high:.3f}")  # fmt: skip
+    return solve_posthoc_coefficients(steps, tracked, at_step, sigma_rels), errors
+
+
+def combine_snapshots(snapshots: list[Snapshot], coefficients) -> dict[str, dict[str, torch.Tensor]]:
+    """Σ_i x_i · snapshot_i, per component and LoRA tensor (accumulated in float64)."""
+    return {
+        component: {key: sum(float(x) * s.layers[component][key].double() for x, s in zip(coefficients, snapshots)).float()
+                    for key in state}  # fmt: skip
+        for component, state in snapshots[0].layers.items()
+    }
+
+
+def write_reconstruction(
+    run_dir: Path, family, layers: dict, configs: dict, snapshots: list[Snapshot], sigma_rel: float, at_step: int,
+    fit_error: float, note: dict | None = None,
+) -> Path:
+    """An adapter in `<run>/posthoc_ema/sigma_rel_<σ>_step_<n>/` with a README line saying what it is and
+    posthoc_ema.json (σ_rel, step, fit error, and `note`'s entries)."""
+    folder = Path(run_dir) / SNAPSHOT_FOLDER / f"sigma_rel_{sigma_rel:.3f}_step_{at_step}"
+    written = save_layers_atomic(family, layers, configs, folder)
+    tracked = sorted({s.sigma_rel for s in snapshots})
+    card = (f"Post-hoc EMA reconstruction (Karras et al. 2024): σ_rel {sigma_rel:g} at step {at_step}, from "
+            f"{len(snapshots)} snapshots of σ_rel {', '.join(f'{s:g}' for s in tracked)} (fit error {fit_error:.2%}).\n")  # fmt: skip
+    if note:
+        card += "".join(f"{key.replace('_', ' ').capitalize()}: {value}.\n" for key, value in note.items())
+    with atomic_path(folder / "README.md") as tmp:
+        tmp.write_text(card, encoding="utf-8")
+    write_json_atomic(folder / "posthoc_ema.json", {"sigma_rel": sigma_rel, "step": at_step, "fit_error": float(fit_error), **(note or {})})
+    return written
+
+
 def reconstruct(run_dir: Path, sigma_rels: list[float], at_step: int | None = None, log=print) -> list[Path]:
     """One Diffusers-format adapter per wanted σ_rel, the least-squares combination of the snapshots, in
     `<run>/posthoc_ema/sigma_rel_<σ>_step_<n>/`, each with a README line saying what it is."""
@@ -110,32 +163,11 @@ def reconstruct(run_dir: Path, sigma_rels: list[float], at_step: int | None = No
     run_dir = Path(run_dir)
     snapshots, configs = read_snapshots(run_dir, at_step)
     at_step = at_step if at_step is not None else max(s.step for s in snapshots)
-    steps, tracked = [s.step for s in snapshots], [s.sigma_rel for s in snapshots]
-    for sigma_rel in sigma_rels:
-        parse_sigma_rels(str(sigma_rel), "--sigma-rel")
-    errors = relative_fit_error(steps, tracked, at_step, sigma_rels)
-    if (errors > MAX_FIT_ERROR).any():
-        low, high = reachable_sigma_rels(steps, tracked, at_step)
-        raise ConfigError(f"--sigma-rel: {', '.join(f'{s:g}' for s, e in zip(sigma_rels, errors) if e > MAX_FIT_ERROR)} cannot be "
-                          f"reconstructed at step {at_step} from these snapshots; they cover σ_rel {low:.3f} to {high:.3f}")  # fmt: skip
-    try:
-        family = family_by_name(json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["model_family"])
-    except (OSError, ValueError, KeyError):
-        raise ConfigError(f"--posthoc-ema: {str(run_dir / 'config.json')!r} is missing or unreadable; expected a run folder") from None
-    coefficients = solve_posthoc_coefficients(steps, tracked, at_step, sigma_rels)
+    coefficients, errors = posthoc_coefficients(snapshots, at_step, sigma_rels)
+    family = family_by_name(read_run_config(run_dir)["model_family"])
     written = []
     for column, (sigma_rel, error) in enumerate(zip(sigma_rels, errors)):
-        layers = {
-            component: {key: sum(float(x) * s.layers[component][key].double() for x, s in zip(coefficients[:, column], snapshots)).float()
-                        for key in state}  # fmt: skip
-            for component, state in snapshots[0].layers.items()
-        }
-        folder = run_dir / SNAPSHOT_FOLDER / f"sigma_rel_{sigma_rel:.3f}_step_{at_step}"
-        written.append(save_layers_atomic(family, layers, configs, folder))
-        card = (f"Post-hoc EMA reconstruction (Karras et al. 2024): σ_rel {sigma_rel:g} at step {at_step}, from "
-                f"{len(snapshots)} snapshots of σ_rel {', '.join(f'{s:g}' for s in sorted(set(tracked)))} (fit error {error:.2%}).\n")  # fmt: skip
-        with atomic_path(folder / "README.md") as tmp:
-            tmp.write_text(card, encoding="utf-8")
-        write_json_atomic(folder / "posthoc_ema.json", {"sigma_rel": sigma_rel, "step": at_step, "fit_error": float(error)})
+        layers = combine_snapshots(snapshots, coefficients[:, column])
+        written.append(write_reconstruction(run_dir, family, layers, configs, snapshots, sigma_rel, at_step, error))
         log(f"σ_rel {sigma_rel:g}: {written[-1]}")
     return written
