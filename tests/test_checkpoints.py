@@ -30,6 +30,7 @@ HARD = dict(use_ema=True, ema_decay=0.9, gradient_accumulation_steps=2, train_ba
             lr_warmup_steps=3, lora_dropout=0.1)  # EMA, accumulation, a non-constant schedule, dropout's RNG  # fmt: skip
 PLAIN = dict(train_batch_size=2)
 POSTHOC = dict(use_ema=True, ema_type="posthoc", posthoc_ema_snapshot_steps=4, train_batch_size=2)  # the profiles' state
+LEARNED = dict(loss_weighting="learned", validation_split=0.25, num_train_epochs=100, train_batch_size=2)  # u(σ); the history
 
 
 def parameters(tiny_models, sample_data, out: Path, **overrides) -> dict:
@@ -61,10 +62,10 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("settings", [HARD, PLAIN, POSTHOC], ids=["ema-accumulation-cosine", "plain", "posthoc-ema"])
+@pytest.mark.parametrize("settings", [HARD, PLAIN, POSTHOC, LEARNED], ids=["ema-accumulation-cosine", "plain", "posthoc-ema", "learned-weighting-validation"])
 def test_a_run_killed_at_a_random_step_resumes_to_the_unbroken_adapter(settings, tiny_models, sample_data, tmp_path):
     params = parameters(tiny_models, sample_data, tmp_path / "killed", max_train_steps=60, **settings)
-    _, unbroken, _ = train_in_process({**params, "output_dir": str(tmp_path / "unbroken")})
+    _, unbroken, unbroken_paths = train_in_process({**params, "output_dir": str(tmp_path / "unbroken")})
 
     process = launch(write_parameter_file(tmp_path / "run.json", params))
     checkpoints = tmp_path / "killed" / "test-adapter" / "checkpoints"
@@ -76,10 +77,12 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_unbroken_adapter(settings,
     assert steps and steps[-1] < 60, "killed before the end"
 
     logged = []
-    result, resumed, _ = train_in_process({**params, "resume_from_checkpoint": "latest"}, log=logged.append)
+    result, resumed, paths = train_in_process({**params, "resume_from_checkpoint": "latest"}, log=logged.append)
     assert any(line.startswith(f"resumed from {checkpoints / f'step_{steps[-1]}'}") for line in logged)
     assert result.steps == 60 and len(result.losses) == 60 - steps[-1]
     assert_identical(unbroken, resumed)
+    if settings.get("validation_split"):  # the validation history continues as if never broken
+        assert (paths.run_dir / "validation_loss.json").read_text() == (unbroken_paths.run_dir / "validation_loss.json").read_text()
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_adapter(tiny_models, sample_data, tmp_path):
