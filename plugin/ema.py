@@ -40,9 +40,10 @@ class EMA:
         self.num_updates = 0
 
     def current_decay(self) -> float:
-        """Warm-up as in Diffusers' EMAModel: min(decay, (1+n)/(10+n)), so short runs still move off the start."""
+        """Warm-up as in Diffusers' EMAModel: 0 at the first update (the average starts as a copy of the
+        weights after step 1), then min(decay, (1+n)/(10+n)), so short runs still move off the start."""
         n = self.num_updates
-        return min(self.decay, (1 + n) / (10 + n))
+        return 0.0 if n == 0 else min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
     def update(self, optimizer_step: int) -> None:

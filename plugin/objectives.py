@@ -328,8 +328,9 @@ def per_sample_loss(prediction: Tensor, target: Tensor, loss_type: str, huber_c:
     "l2": r². "l1": |r|.
     "huber" (pseudo-Huber, Diffusers' scheduled-Huber example): 2c(√(r² + c²) − c), smooth everywhere; ≈ r² for
     |r| ≪ c and ≈ 2c|r| for |r| ≫ c. Evaluated as 2c·r²/(√(r² + c²) + c) to avoid cancellation at small r.
-    "smooth_l1" (exact Huber): torch's smooth_l1 with β = c scaled by 2c, i.e. r² for |r| < c and 2c|r| − c²
-    beyond: the same asymptotes, piecewise. ``huber_c`` is a float or a (B,) tensor.
+    "smooth_l1" (as Diffusers' scheduled-Huber scripts define it): 2(√(r² + c²) − c), the pseudo-Huber loss ÷ c:
+    ≈ r²/c for |r| ≪ c and ≈ 2|r| for |r| ≫ c, so small c makes it L1-like without shrinking the large
+    residuals' gradients. Evaluated as 2r²/(√(r² + c²) + c). ``huber_c`` is a float or a (B,) tensor.
     """
     residual = prediction.float() - target.float()
     c = torch.as_tensor(huber_c, dtype=torch.float32, device=residual.device)
@@ -342,7 +343,7 @@ def per_sample_loss(prediction: Tensor, target: Tensor, loss_type: str, huber_c:
     elif loss_type == "huber":
         loss = 2 * c * residual**2 / (torch.sqrt(residual**2 + c**2) + c)
     elif loss_type == "smooth_l1":
-        loss = torch.where(residual.abs() < c, residual**2, 2 * c * residual.abs() - c**2)
+        loss = 2 * residual**2 / (torch.sqrt(residual**2 + c**2) + c)
     else:
         raise _unknown("loss_type", loss_type, LOSS_TYPES)
     return loss.flatten(1).mean(dim=1)

@@ -193,18 +193,20 @@ def test_per_sample_loss_closed_forms():
     # pseudo-Huber 2c(√(r²+c²) − c): 3-4-5 triangles give exact values
     close(obj.per_sample_loss(torch.tensor([[0.75]]), torch.zeros(1, 1), "huber", 1.0), [0.5])
     close(obj.per_sample_loss(torch.tensor([[3.0]]), torch.zeros(1, 1), "huber", 4.0), [8.0])
-    # exact Huber: r² inside |r| < c, 2c|r| − c² outside
-    close(obj.per_sample_loss(prediction, target, "smooth_l1", 1.0), [(0 + 0.25 + 5 + 5) / 4])
-    expected = 2 * 0.7 * torch.nn.functional.smooth_l1_loss(prediction, target, beta=0.7)
-    close(obj.per_sample_loss(prediction, target, "smooth_l1", 0.7), [expected])
+    # smooth_l1 as Diffusers' scheduled-Huber scripts define it, 2(√(r²+c²) − c): the same triangles
+    close(obj.per_sample_loss(torch.tensor([[0.75]]), torch.zeros(1, 1), "smooth_l1", 1.0), [0.5])
+    close(obj.per_sample_loss(torch.tensor([[3.0]]), torch.zeros(1, 1), "smooth_l1", 4.0), [2.0])
+    diffusers_smooth_l1 = 2 * (torch.sqrt(prediction**2 + 0.7**2) - 0.7)  # train_text_to_image_lora's conditional_loss
+    close(obj.per_sample_loss(prediction, target, "smooth_l1", 0.7), [diffusers_smooth_l1.mean()])
+    close(obj.per_sample_loss(prediction, target, "smooth_l1", 0.7), obj.per_sample_loss(prediction, target, "huber", 0.7) / 0.7)
 
 
-@pytest.mark.parametrize("loss_type", ["huber", "smooth_l1"])
-def test_huber_asymptotes(loss_type):
+@pytest.mark.parametrize("loss_type, small_limit, large_limit", [("huber", 1e-6, 2 * 0.01 * 1e3), ("smooth_l1", 1e-6, 2 * 1e3)])
+def test_huber_asymptotes(loss_type, small_limit, large_limit):
     small = obj.per_sample_loss(torch.tensor([[1e-3]]), torch.zeros(1, 1), loss_type, 1.0)
-    close(small, [1e-6], atol=0.0, rtol=1e-3)  # → r² for |r| ≪ c
+    close(small, [small_limit], atol=0.0, rtol=1e-3)  # huber → r², smooth_l1 → r²/c for |r| ≪ c (c = 1 here)
     large = obj.per_sample_loss(torch.tensor([[1e3]]), torch.zeros(1, 1), loss_type, 0.01)
-    close(large, [2 * 0.01 * 1e3], atol=0.0, rtol=1e-3)  # → 2c|r| for |r| ≫ c
+    close(large, [large_limit], atol=0.0, rtol=1e-3)  # huber → 2c|r|, smooth_l1 → 2|r| for |r| ≫ c
 
 
 def test_per_sample_loss_per_sample_huber_c_float32_and_reduction():

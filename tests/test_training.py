@@ -87,7 +87,7 @@ def test_ema_follows_its_closed_form():
         ema.update(step)
         if step % 2 == 0:
             n = ema.num_updates - 1
-            d = min(0.5, (1 + n) / (10 + n))
+            d = 0.0 if n == 0 else min(0.5, (1 + n) / (10 + n))  # Diffusers' EMAModel: the first update copies
             expected = d * expected + (1 - d) * step
     torch.testing.assert_close(ema.shadow[0], expected)
     with ema.swapped_in():
@@ -343,7 +343,7 @@ def test_ema_adapter_is_the_average_of_the_raw_trajectory(run_training):
     up = [k for k in averaged if "lora_B" in k]
     expected = {k: torch.zeros_like(averaged[k]) for k in up}
     for n, weights in enumerate(trajectory):
-        decay = min(0.5, (1 + n) / (10 + n))
+        decay = 0.0 if n == 0 else min(0.5, (1 + n) / (10 + n))
         expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in up}
     for k in up:
         torch.testing.assert_close(averaged[k], expected[k], rtol=1e-5, atol=1e-8)

@@ -21,6 +21,7 @@ from plugin.export import WEIGHTS_NAME
 from plugin.main import main
 from plugin.posthoc import SNAPSHOT_FOLDER
 from plugin.sweep import sweep
+from plugin.tiny import FAMILIES
 from plugin.trainer import RunPaths, train
 from plugin.validation import HISTORY_FILE, split_dataset
 
@@ -204,7 +205,7 @@ def test_training_with_learned_weighting_lowers_the_heldout_loss(family, run_tra
 SWEPT = dict(VALIDATED, use_ema=True, ema_type="posthoc", posthoc_ema_snapshot_steps=2, max_train_steps=16, learning_rate=3e-3)
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_sweep_plots_the_curve_and_saves_the_argmin(family, run_training, tiny_models, capsys):
     _, _, paths = run_training(family, **SWEPT)
     assert main(["--posthoc-ema", str(paths.run_dir), "--sweep"]) == 0
@@ -229,11 +230,16 @@ def test_the_sweep_plots_the_curve_and_saves_the_argmin(family, run_training, ti
     assert not np.array_equal(render(pipe, "a red circle", 0, **kwargs), before)
 
 
-def test_the_sweep_refuses_runs_without_a_validation_set_and_unreachable_lengths(run_training, capsys):
+def test_the_sweep_refuses_runs_without_a_validation_set_or_snapshots_and_unreachable_lengths(run_training, tmp_path):
     _, _, paths = run_training("sd", **{**SWEPT, "validation_split": 0.0})
     with pytest.raises(ConfigError, match="--sweep: the run in .* has no validation set to choose by"):
         sweep(paths.run_dir)
     assert main(["--posthoc-ema", str(paths.run_dir), "--sweep"]) == 2
+    with pytest.raises(ConfigError, match="--sweep: .*config.json.* is missing or unreadable; expected a run folder"):
+        sweep(tmp_path / "not-a-run")
+    _, _, paths = run_training("sd", **{**SWEPT, "use_ema": False})
+    with pytest.raises(ConfigError, match="has no post-hoc EMA snapshots"):
+        sweep(paths.run_dir)
     _, _, paths = run_training("sd", **SWEPT)
     with pytest.raises(ConfigError, match="--sigma-rel: 0.005 cannot be reconstructed .* they cover σ_rel"):
         sweep(paths.run_dir, [0.005, 0.05])
