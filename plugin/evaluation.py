@@ -49,15 +49,31 @@ def save_evaluation(images: list[Image.Image], folder: Path, epoch: int) -> Path
 
 
 PLOT_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
+MAX_DOTS = 60  # points are drawn as dots up to this many per curve; beyond, the line alone
 
 
-def line_plot(
-    series: dict[str, list[tuple[float, float]]], path: Path, title: str, x_label: str, log_x: bool = False,
+def _padded_range(values: list[float]) -> tuple[float, float]:
+    """(low, high) of the values; a flat range (a constant learning rate) is widened by 5 % either side."""
+    low, high = min(values), max(values)
+    if high > low:
+        return low, high
+    pad = abs(low) * 0.05 or 1.0
+    return low - pad, high + pad
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: str, x_label: str, **options) -> Path:
+    """`draw_plot`'s picture saved as a PNG at `path`."""
+    save_image_atomic(draw_plot(series, title, x_label, **options), path)
+    return Path(path)
+
+
+def draw_plot(
+    series: dict[str, list[tuple[float, float]]], title: str, x_label: str, log_x: bool = False,
     mark: tuple[float, float] | None = None, size: tuple[int, int] = (640, 400),
-) -> Path:
-    """Curves of (x, y) points as a PNG, drawn with PIL alone (no plotting library is a dependency): axes
-    with their ranges printed, one colour per named series, and `mark`, a point to circle (the chosen one).
-    Text is ASCII: PIL's bundled font has no Greek letters."""
+) -> Image.Image:
+    """Curves of (x, y) points, drawn with PIL alone (no plotting library is a dependency): axes with their
+    ranges printed, one colour per named series, and `mark`, a point to circle (the chosen one). Text is
+    ASCII: PIL's bundled font has no Greek letters."""
     from PIL import ImageDraw
 
     width, height = size
@@ -67,8 +83,8 @@ def line_plot(
     points = [p for curve in series.values() for p in curve]
     xs = [math.log(x) if log_x else x for x, _ in points]
     ys = [y for _, y in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    x0, x1 = _padded_range(xs)
+    y0, y1 = _padded_range(ys)
 
     def at(x: float, y: float) -> tuple[float, float]:
         u = ((math.log(x) if log_x else x) - x0) / (x1 - x0)
@@ -87,11 +103,10 @@ def line_plot(
         line = [at(x, y) for x, y in sorted(curve)]
         if len(line) > 1:
             draw.line(line, fill=colour, width=2)
-        for x, y in line:
+        for x, y in line if len(line) <= MAX_DOTS else []:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         draw.text((width - right - 150, top + 6 + 14 * k), name, fill=colour)
     if mark is not None:
         x, y = at(*mark)
         draw.ellipse([x - 8, y - 8, x + 8, y + 8], outline="black", width=2)
-    save_image_atomic(image, path)
-    return Path(path)
+    return image

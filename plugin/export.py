@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 
 from .errors import ConfigError
+from .kohya import FOLDED_FAMILIES, community_state, kohya_metadata, parse_export_formats
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 READABLE_FILE, READABLE_FOLDER = 0o644, 0o755  # results are read by other users and services (a launcher, a web UI)
@@ -73,15 +75,23 @@ def lora_state(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, dict], di
     return layers, metadata
 
 
-def save_adapter_atomic(family, modules: dict[str, torch.nn.Module], folder: Path) -> Path:
-    """Save the modules' current LoRA weights into folder/pytorch_lora_weights.safetensors, atomically."""
-    return save_layers_atomic(family, *lora_state(modules), folder)
+def save_adapter_atomic(family, modules: dict[str, torch.nn.Module], folder: Path, run_config: dict | None = None) -> Path:
+    """Save the modules' current LoRA weights into folder/pytorch_lora_weights.safetensors, atomically (and
+    the other formats `run_config` asks for, see `save_layers_atomic`)."""
+    return save_layers_atomic(family, *lora_state(modules), folder, run_config)
 
 
-def save_layers_atomic(family, layers: dict[str, dict], metadata: dict[str, dict], folder: Path) -> Path:
+def community_file_name(run_config: dict) -> str:
+    """The file of the community layout: `<adaptor_name>_kohya.safetensors` (SD, SDXL) or `_comfyui` (SD3, Flux)."""
+    return f"{run_config['adaptor_name']}_{'comfyui' if run_config['model_family'] in FOLDED_FAMILIES else 'kohya'}.safetensors"
+
+
+def save_layers_atomic(family, layers: dict[str, dict], metadata: dict[str, dict], folder: Path, run_config: dict | None = None) -> Path:
     """Save LoRA tensors (per component, as `lora_state` gives them) with the family's pipeline class into
     folder/pytorch_lora_weights.safetensors. The file is written in a sibling temp folder and renamed into
-    place, so the previous adapter survives any failure while writing."""
+    place, so the previous adapter survives any failure while writing. With "kohya" in the export_formats of
+    `run_config` (the run's resolved config), the community layout (`plugin/kohya.py`) is written beside it,
+    atomically too."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".saving-"))
@@ -91,4 +101,7 @@ def save_layers_atomic(family, layers: dict[str, dict], metadata: dict[str, dict
         os.replace(staging / WEIGHTS_NAME, folder / WEIGHTS_NAME)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if run_config is not None and "kohya" in parse_export_formats(run_config.get("export_formats", "diffusers")):
+        with atomic_path(folder / community_file_name(run_config)) as tmp:
+            save_file(community_state(family.name, layers, metadata), str(tmp), metadata=kohya_metadata(run_config, metadata))
     return folder / WEIGHTS_NAME

@@ -140,10 +140,11 @@ def write_reconstruction(
     run_dir: Path, family, layers: dict, configs: dict, snapshots: list[Snapshot], sigma_rel: float, at_step: int,
     fit_error: float, note: dict | None = None,
 ) -> Path:
+    run_config = read_run_config(run_dir)
     """An adapter in `<run>/posthoc_ema/sigma_rel_<σ>_step_<n>/` with a README line saying what it is and
     posthoc_ema.json (σ_rel, step, fit error, and `note`'s entries)."""
     folder = Path(run_dir) / SNAPSHOT_FOLDER / f"sigma_rel_{sigma_rel:.3f}_step_{at_step}"
-    written = save_layers_atomic(family, layers, configs, folder)
+    written = save_layers_atomic(family, layers, configs, folder, run_config)
     tracked = sorted({s.sigma_rel for s in snapshots})
     card = (f"Post-hoc EMA reconstruction (Karras et al. 2024): σ_rel {sigma_rel:g} at step {at_step}, from "
             f"{len(snapshots)} snapshots of σ_rel {', '.join(f'{s:g}' for s in tracked)} (fit error {fit_error:.2%}).\n")  # fmt: skip

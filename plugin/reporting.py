@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import netrc
 import os
 import shutil
@@ -33,10 +34,12 @@ def wandb_mode() -> str:
 class Reporter:
     """Fans metrics and images out to the sinks the config enables and to the job record."""
 
-    def __init__(self, cfg, log_dir: Path, job: "JobRecord", max_steps: int):
+    def __init__(self, cfg, log_dir: Path, job: "JobRecord", max_steps: int, history: Path | None = None, resumed_step: int | None = None):
+        """`history`: a JSON-lines file of every step's metrics (the model card's curves), continued from
+        `resumed_step` when the run resumes."""
         self.job = job
         self.max_steps = max_steps
-        self.sinks = []
+        self.sinks = [] if history is None else [_MetricsFile(history, resumed_step)]
         if cfg.log_to_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -67,6 +70,46 @@ class Reporter:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+
+
+METRICS_FILE = Path("logs") / "metrics.jsonl"  # in the run folder: every step's metrics, for the model card
+
+
+class _MetricsFile:
+    """One JSON line per report, {"step": n, metric: value, ...}, appended and flushed as it comes (a kill
+    loses at most the line being written, which `read_metrics` skips). A resumed run first drops the lines
+    after its checkpoint's step, rewriting the file atomically."""
+
+    def __init__(self, path: Path, resumed_step: int | None):
+        from .export import atomic_path
+
+        self.path = Path(path)
+        kept = [row for row in read_metrics(self.path) if row["step"] <= resumed_step] if resumed_step is not None else []
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def metrics(self, step, values):
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+
+    def images(self, step, tag, images):
+        pass
+
+    def close(self):
+        self.file.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics file (none if it is missing); a torn last line is skipped."""
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
 
 
 class _TensorBoard:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .buckets import BucketBatchSampler, BucketLayout
 from .cache import Conditioning, build_conditioning, resolve_caching
+from .card import write_model_card
 from .checkpoints import (
     INPUT_CONFIG, RESOLVED_CONFIG, Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder,
     load_checkpoint, resolve_resume, try_save_checkpoint,
@@ -32,10 +33,11 @@ from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_exam
 from .ema import PowerFunctionEMA, moving_average
 from .errors import ConfigError, TrainingDiverged, TrainingStopped
 from .evaluation import eval_prompts, render_images, save_evaluation
-from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
+from .export import WEIGHTS_NAME, community_file_name, save_adapter_atomic, write_json_atomic
 from .families import open_model
+from .kohya import parse_export_formats
 from .posthoc import discard_snapshots_after, parse_sigma_rels, write_snapshot
-from .reporting import SETUP_PERCENT, JobRecord, Reporter
+from .reporting import METRICS_FILE, SETUP_PERCENT, JobRecord, Reporter
 from .stopping import StopRequest
 from .validation import ValidationHistory, ValidationSet, check_validation_settings, training_and_validation_data
 
@@ -78,6 +80,7 @@ def check_settings(cfg) -> None:
     if cfg.use_ema and cfg.ema_type == "posthoc":
         parse_sigma_rels(cfg.posthoc_ema_sigma_rels)
     check_validation_settings(cfg)
+    parse_export_formats(cfg.export_formats)
     if cfg.lr_scheduler == "polynomial" and cfg.learning_rate <= POLYNOMIAL_END_LR:
         raise ConfigError(
             f"learning_rate: {cfg.learning_rate:g} is not above {POLYNOMIAL_END_LR:g}, where the polynomial schedule "
@@ -242,7 +245,13 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     if is_main:
         write_json_atomic(paths.run_dir / RESOLVED_CONFIG, resolved_config)
     sinks = cfg if is_main else cfg.replace(log_to_tensorboard=False, log_to_wandb=False)
-    reporter = Reporter(sinks, paths.run_dir / "logs", job, max_steps)
+    reporter = Reporter(sinks, paths.run_dir / "logs", job, max_steps, history=paths.run_dir / METRICS_FILE if is_main else None,
+                        resumed_step=position.step if resume_from is not None else None)  # fmt: skip
+    exports = {"diffusers": WEIGHTS_NAME}  # the files the model card names
+    if "kohya" in parse_export_formats(cfg.export_formats):
+        exports["kohya"] = community_file_name(resolved_config)
+    card_facts = {"images": len(examples), "processes": processes, "family_title": family.title,
+                  "pipeline_class": family.pipeline_class.__name__}  # fmt: skip
     log(
         f"{len(examples)} images, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
         f"epochs; {sum(p.numel() for p in parameters):,} trainable parameters on {accelerator.device}"
@@ -276,15 +285,16 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
         for module in modules.values():
             module.eval()
         if ema is not None:
-            save_adapter_atomic(family, modules, paths.adapter_dir / "raw")
+            save_adapter_atomic(family, modules, paths.adapter_dir / "raw", resolved_config)
         with ema.swapped_in() if ema is not None else nullcontext():
-            save_adapter_atomic(family, modules, paths.adapter_dir)
+            save_adapter_atomic(family, modules, paths.adapter_dir, resolved_config)
             validate()
             if prompts and render:
                 with family.unparked():
                     images = render_images(family, prompts, cfg.eval_seed)
                 result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch))
                 reporter.images(step, "eval", images, result.eval_images[-1])
+        write_model_card(paths.adapter_dir, paths.run_dir, resolved_config, prompts, {**card_facts, "steps": step}, exports)
         for module in modules.values():
             module.train()
 

@@ -81,6 +81,8 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_unbroken_adapter(settings,
     assert any(line.startswith(f"resumed from {checkpoints / f'step_{steps[-1]}'}") for line in logged)
     assert result.steps == 60 and len(result.losses) == 60 - steps[-1]
     assert_identical(unbroken, resumed)
+    metrics = [paths.run_dir / "logs" / "metrics.jsonl", unbroken_paths.run_dir / "logs" / "metrics.jsonl"]
+    assert metrics[0].read_text() == metrics[1].read_text(), "the metrics history continues as if never broken"
     if settings.get("validation_split"):  # the validation history continues as if never broken
         assert (paths.run_dir / "validation_loss.json").read_text() == (unbroken_paths.run_dir / "validation_loss.json").read_text()
 

@@ -1,0 +1,138 @@
+"""The adapter's model card: `README.md` beside the weights in the Hugging Face model-card format (YAML header,
+then Markdown), with the evaluation images of every evaluation as one grid (prompts × epochs), the training
+curves, the settings that matter and how to load the adapter in Diffusers, ComfyUI and A1111/Forge."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from PIL import Image, ImageDraw
+
+from .evaluation import draw_plot
+from .export import atomic_path, save_image_atomic
+from .reporting import METRICS_FILE, read_metrics
+from .validation import HISTORY_FILE, read_history
+
+CARD_NAME = "README.md"
+EVAL_GRID, CURVES = "eval_grid.png", "training_curves.png"
+FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}
+EVAL_IMAGE = re.compile(r"epoch_(\d+)_(\d+)\.png")
+LABEL_WIDTH = 90
+MIN_CELL = 128  # pixels: smaller evaluation images are scaled up by a whole factor in the grid
+FINAL_LOSS_STEPS = 20  # the card's final training loss: the mean of the last this many steps
+
+
+def evaluation_grid(eval_dir: Path, prompts: list[str]) -> Image.Image | None:
+    """Every evaluation's images in one picture: a row per evaluation (labelled with its epoch), a column per
+    prompt; None before the first evaluation."""
+    found: dict[int, dict[int, Path]] = {}
+    for path in Path(eval_dir).glob("epoch_*_*.png"):
+        if match := EVAL_IMAGE.fullmatch(path.name):
+            found.setdefault(int(match.group(1)), {})[int(match.group(2))] = path
+    rows = [(epoch, images) for epoch, images in sorted(found.items()) if len(images) == len(prompts)]
+    if not rows or not prompts:
+        return None
+    with Image.open(rows[0][1][0]) as first:
+        scale = max(1, -(-MIN_CELL // min(first.size)))  # tiny evaluation images are enlarged to be seen
+        width, height = first.width * scale, first.height * scale
+    grid = Image.new("RGB", (LABEL_WIDTH + width * len(prompts), height * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, (epoch, images) in enumerate(rows):
+        draw.text((6, row * height + height // 2 - 6), f"epoch {epoch}", fill="black")
+        for column in range(len(prompts)):
+            with Image.open(images[column]) as image:
+                cell = image.convert("RGB").resize((width, height), Image.Resampling.NEAREST)
+                grid.paste(cell, (LABEL_WIDTH + column * width, row * height))
+    return grid
+
+
+def training_curves(metrics: list[dict], validation: list[dict]) -> Image.Image | None:
+    """Loss (training, and validation when measured) over the learning rate, one panel each, by step."""
+    losses = [(row["step"], row["train/loss"]) for row in metrics if "train/loss" in row]
+    rates = [(row["step"], row["train/lr"]) for row in metrics if "train/lr" in row]
+    if not losses:
+        return None
+    series = {"training loss": losses}
+    if validation:
+        series["validation loss"] = [(entry["step"], entry["loss"]) for entry in validation]
+    top = draw_plot(series, "loss", "optimizer step")
+    bottom = draw_plot({"learning rate": rates}, "learning rate", "optimizer step")
+    curves = Image.new("RGB", (top.width, top.height + bottom.height), "white")
+    curves.paste(top, (0, 0))
+    curves.paste(bottom, (0, top.height))
+    return curves
+
+
+def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: dict, exports: dict[str, str]) -> str:
+    """The card's Markdown; `images` says which of EVAL_GRID and CURVES exist, `exports` maps a format to its
+    file name, `facts` holds what the run measured (steps, images, final and best validation loss)."""
+    family = config["model_family"]
+    hub_id = "/" in config["model_name"] and not Path(config["model_name"]).expanduser().exists()
+    header = {
+        **({"base_model": config["model_name"]} if hub_id else {}),  # the hub's field names a hub model only
+        "library_name": "diffusers",
+        "license": "other",
+        "tags": ["text-to-image", "diffusers", "lora", "diffusers-training", FAMILY_TAGS.get(family, family), "template:sd-lora"],
+        **({"instance_prompt": config["trigger_word"]} if config.get("trigger_word") else {}),
+        **({"widget": [{"text": prompt, "output": {"url": EVAL_GRID}} for prompt in prompts]} if images.get(EVAL_GRID) else {}),
+    }
+    name, weights = config["adaptor_name"], exports.get("diffusers", "pytorch_lora_weights.safetensors")
+    settings = {
+        "optimizer steps": facts["steps"], "training images": facts["images"], "resolution": config["resolution"],
+        "batch size": f"{config['train_batch_size']} per process x {facts['processes']} processes x "
+                      f"{config['gradient_accumulation_steps']} accumulation",
+        "learning rate": f"{config['learning_rate']:g}, {config['lr_scheduler']} schedule, {config['lr_warmup_steps']} warmup steps",
+        "LoRA": f"rank {config['lora_r']}, alpha {config['lora_alpha']}, dropout {config['lora_dropout']:g}"
+                + (", text encoder trained" if config.get("train_text_encoder") else ""),
+        "objective": f"{config.get('prediction_type', 'flow')} prediction, {config['timestep_sampling']} timesteps, "
+                     f"{config['loss_weighting']} weighting, {config['loss_type']} loss",
+        "precision": config["mixed_precision"],
+        "EMA": (f"{config['ema_type']}" + (f" (σ_rel {config['posthoc_ema_sigma_rels']})" if config["ema_type"] == "posthoc"
+                else f" (decay {config['ema_decay']:g})")) if config.get("use_ema") else "off",
+        "seed": config["seed"],
+        f"final training loss (mean of the last {FINAL_LOSS_STEPS} steps)":
+            f"{facts['final_loss']:.4f}" if facts.get("final_loss") is not None else "-",
+        "validation loss (last, best)": (f"{facts['validation'][-1]['loss']:.5f}, {min(e['loss'] for e in facts['validation']):.5f}"
+                                         if facts.get("validation") else "not measured"),
+    }  # fmt: skip
+    lines = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip(), "---", "", f"# {name}", "",
+             f"A LoRA adapter for `{config['model_name']}` ({facts['family_title']}), trained with the Diffusion LoRA "
+             "Trainer plugin.", ""]  # fmt: skip
+    if config.get("trigger_word"):
+        lines += ["## Trigger word", "", f"Put `{config['trigger_word']}` in your prompt.", ""]
+    lines += ["## Training", "", "| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in settings.items()] + [""]
+    if images.get(EVAL_GRID):
+        lines += ["## Evaluation images", "", "One row per evaluation, one column per prompt:", ""]
+        lines += [f"{k + 1}. {prompt}" for k, prompt in enumerate(prompts)] + ["", f"![evaluation images]({EVAL_GRID})", ""]
+    if images.get(CURVES):
+        lines += ["## Training curves", "", f"![loss and learning rate]({CURVES})", ""]
+    lines += ["## Use it", "", "Diffusers:", "", "```python", "import torch",
+              f"from diffusers import {facts['pipeline_class']}", "",
+              f"pipe = {facts['pipeline_class']}.from_pretrained({config['model_name']!r}, torch_dtype=torch.bfloat16)",
+              f"pipe.load_lora_weights('path/to/{name}', weight_name={weights!r})",
+              f"image = pipe({(prompts[0] if prompts else config.get('trigger_word') or 'a photo')!r}).images[0]", "```", ""]  # fmt: skip
+    if "kohya" in exports:
+        lines += [f"ComfyUI, A1111/Forge and other kohya-format tools: copy `{exports['kohya']}` into their LoRA folder "
+                  "(ComfyUI: `models/loras`, then a LoraLoader node; A1111/Forge: `models/Lora`, then "
+                  f"`<lora:{Path(exports['kohya']).stem}:1>` in the prompt).", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_model_card(adapter_dir: Path, run_dir: Path, config: dict, prompts: list[str], facts: dict, exports: dict[str, str]) -> Path:
+    """README.md, eval_grid.png and training_curves.png in `adapter_dir`, each written atomically."""
+    adapter_dir, run_dir = Path(adapter_dir), Path(run_dir)
+    validation = read_history(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else []
+    metrics = read_metrics(run_dir / METRICS_FILE)
+    recent = [row["train/loss"] for row in metrics if "train/loss" in row][-FINAL_LOSS_STEPS:]
+    facts = {**facts, "validation": validation, "final_loss": sum(recent) / len(recent) if recent else None}
+    pictures = {EVAL_GRID: evaluation_grid(run_dir / "eval_images", prompts),
+                CURVES: training_curves(metrics, validation)}  # fmt: skip
+    for name, picture in pictures.items():
+        if picture is not None:
+            save_image_atomic(picture, adapter_dir / name)
+    text = card_text(config, prompts, {name: p is not None for name, p in pictures.items()}, facts, exports)
+    with atomic_path(adapter_dir / CARD_NAME) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return adapter_dir / CARD_NAME

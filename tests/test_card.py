@@ -1,0 +1,52 @@
+"""The model card: Hugging Face format (YAML header that parses), its pictures present and right."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+from PIL import Image
+
+from plugin.card import CARD_NAME, CURVES, EVAL_GRID, MIN_CELL
+from plugin.reporting import METRICS_FILE, read_metrics
+
+PROMPTS = "a red circle on a blue background\na green square on a yellow background\na blue triangle"
+
+
+def front_matter(text: str) -> dict:
+    match = re.fullmatch(r"---\n(.*?)\n---\n(.*)", text, flags=re.S)
+    assert match, "the card starts with a YAML header between --- lines"
+    return yaml.safe_load(match.group(1))
+
+
+def test_the_card_renders_with_its_pictures_and_its_yaml_parses(run_training):
+    cfg, result, paths = run_training("sdxl", eval_prompt=PROMPTS, trigger_word="shapes", validation_split=0.25,
+                                      num_train_epochs=100, max_train_steps=9, eval_steps=1)  # fmt: skip
+    text = (paths.adapter_dir / CARD_NAME).read_text(encoding="utf-8")
+    header = front_matter(text)
+    assert header["library_name"] == "diffusers" and header["instance_prompt"] == "shapes"
+    assert {"lora", "diffusers", "text-to-image", "stable-diffusion-xl"} <= set(header["tags"])
+    assert "base_model" not in header, "a local folder is no hub id"
+    assert [w["text"] for w in header["widget"]] == PROMPTS.splitlines()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert set(links) == {EVAL_GRID, CURVES}
+    evaluations = len(result.eval_images)
+    assert evaluations == 3  # 6 training images, batch 2: an evaluation every 3 steps
+    with Image.open(paths.adapter_dir / EVAL_GRID) as grid:
+        cell = max(MIN_CELL, cfg.resolution)
+        assert grid.height == evaluations * cell and (grid.width - 90) == 3 * cell, grid.size
+    with Image.open(paths.adapter_dir / CURVES) as curves:
+        assert curves.size == (640, 800)
+    assert "StableDiffusionXLPipeline.from_pretrained" in text and "load_lora_weights" in text
+    assert "| optimizer steps | 9 |" in text and "| training images | 6 |" in text
+    assert "validation loss (last, best)" in text and "not measured" not in text
+    steps = [row["step"] for row in read_metrics(paths.run_dir / METRICS_FILE) if "train/loss" in row]
+    assert steps == list(range(1, 10)), "every step's metrics, once"
+
+
+def test_a_card_without_evaluations_says_so_plainly(run_training):
+    _, _, paths = run_training("flux", eval_prompt="", max_train_steps=2)
+    text = (paths.adapter_dir / CARD_NAME).read_text(encoding="utf-8")
+    assert "widget" not in front_matter(text) and EVAL_GRID not in text and not (paths.adapter_dir / EVAL_GRID).exists()
+    assert "FluxPipeline" in text and "| validation loss (last, best) | not measured |" in text
+    assert (paths.adapter_dir / CURVES).is_file()
