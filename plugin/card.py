@@ -17,7 +17,6 @@ from .validation import HISTORY_FILE, read_history
 
 CARD_NAME = "README.md"
 EVAL_GRID, CURVES = "eval_grid.png", "training_curves.png"
-FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}
 EVAL_IMAGE = re.compile(r"epoch_(\d+)_(\d+)\.png")
 LABEL_WIDTH = 90
 MIN_CELL = 128  # pixels: smaller evaluation images are scaled up by a whole factor in the grid
@@ -68,13 +67,12 @@ def training_curves(metrics: list[dict], validation: list[dict]) -> Image.Image 
 def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: dict, exports: dict[str, str]) -> str:
     """The card's Markdown; `images` says which of EVAL_GRID and CURVES exist, `exports` maps a format to its
     file name, `facts` holds what the run measured (steps, images, final and best validation loss)."""
-    family = config["model_family"]
     hub_id = "/" in config["model_name"] and not Path(config["model_name"]).expanduser().exists()
     header = {
         **({"base_model": config["model_name"]} if hub_id else {}),  # the hub's field names a hub model only
         "library_name": "diffusers",
         "license": "other",
-        "tags": ["text-to-image", "diffusers", "lora", "diffusers-training", FAMILY_TAGS.get(family, family), "template:sd-lora"],
+        "tags": ["text-to-image", "diffusers", "lora", "diffusers-training", facts["hub_tag"]],
         **({"instance_prompt": config["trigger_word"]} if config.get("trigger_word") else {}),
         **({"widget": [{"text": prompt, "output": {"url": EVAL_GRID}} for prompt in prompts]} if images.get(EVAL_GRID) else {}),
     }

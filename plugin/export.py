@@ -14,7 +14,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .errors import ConfigError
-from .kohya import FOLDED_FAMILIES, community_state, kohya_metadata, parse_export_formats
+from .kohya import community_file_name, community_state, parse_export_formats
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 READABLE_FILE, READABLE_FOLDER = 0o644, 0o755  # results are read by other users and services (a launcher, a web UI)
@@ -81,11 +81,6 @@ def save_adapter_atomic(family, modules: dict[str, torch.nn.Module], folder: Pat
     return save_layers_atomic(family, *lora_state(modules), folder, run_config)
 
 
-def community_file_name(run_config: dict) -> str:
-    """The file of the community layout: `<adaptor_name>_kohya.safetensors` (SD, SDXL) or `_comfyui` (SD3, Flux)."""
-    return f"{run_config['adaptor_name']}_{'comfyui' if run_config['model_family'] in FOLDED_FAMILIES else 'kohya'}.safetensors"
-
-
 def save_layers_atomic(family, layers: dict[str, dict], metadata: dict[str, dict], folder: Path, run_config: dict | None = None) -> Path:
     """Save LoRA tensors (per component, as `lora_state` gives them) with the family's pipeline class into
     folder/pytorch_lora_weights.safetensors. The file is written in a sibling temp folder and renamed into
@@ -102,6 +97,6 @@ def save_layers_atomic(family, layers: dict[str, dict], metadata: dict[str, dict
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if run_config is not None and "kohya" in parse_export_formats(run_config.get("export_formats", "diffusers")):
-        with atomic_path(folder / community_file_name(run_config)) as tmp:
-            save_file(community_state(family.name, layers, metadata), str(tmp), metadata=kohya_metadata(run_config, metadata))
+        with atomic_path(folder / community_file_name(family, run_config["adaptor_name"])) as tmp:
+            save_file(community_state(family, layers, metadata), str(tmp), metadata=family.kohya_metadata(run_config, metadata))
     return folder / WEIGHTS_NAME

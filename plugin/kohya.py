@@ -13,12 +13,11 @@ ComfyUI (SD3, Flux): Diffusers' own keys (`transformer.<module>.lora_A/B.weight`
 reads no alpha from file metadata and Diffusers rejects `.alpha` keys for these pipelines, while both apply
 a key set without alpha at scale 1. kohya's fused-qkv layout for Flux (BFL block names) is not written.
 
-kohya's `ss_*` metadata travels with both (base model, resolution, network dim and alpha, trigger word).
+kohya's `ss_*` metadata (`ModelFamily.kohya_metadata`) travels with both.
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
@@ -26,12 +25,6 @@ import torch
 from .errors import ConfigError
 
 FORMATS = ("diffusers", "kohya")
-KOHYA_PREFIXES = {
-    "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
-    "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
-}
-FOLDED_FAMILIES = ("sd3", "flux")  # written as Diffusers keys with the scale folded in (ComfyUI's layout)
-BASE_MODEL_VERSIONS = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 
 
 def parse_export_formats(text: str) -> tuple[str, ...]:
@@ -62,44 +55,24 @@ def kohya_module_path(component: str, module: str) -> str:
     return module
 
 
-def community_state(family: str, layers: dict[str, dict], configs: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """The tensors of the community layout of `family` (see the module docstring) from the LoRA tensors per
-    component (as `export.lora_state` gives them) and their PEFT configs."""
+def community_file_name(family, adaptor_name: str) -> str:
+    """`<adaptor_name>_kohya.safetensors`, or `_comfyui` for the families without a kohya layout."""
+    return f"{adaptor_name}_{'kohya' if family.kohya_prefixes else 'comfyui'}.safetensors"
+
+
+def community_state(family, layers: dict[str, dict], configs: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """The tensors of the community layout of `family` (its `kohya_prefixes`; see the module docstring) from
+    the LoRA tensors per component (as `export.lora_state` gives them) and their PEFT configs."""
     tensors: dict[str, torch.Tensor] = {}
     for component, state in layers.items():
         for module, (down, up) in lora_modules(state).items():
             scale = module_scale(configs[component], module, down.shape[0])
-            if family in FOLDED_FAMILIES:
+            if not family.kohya_prefixes:
                 tensors[f"{component}.{module}.lora_A.weight"] = down.contiguous()
                 tensors[f"{component}.{module}.lora_B.weight"] = (up * scale).contiguous()
             else:
-                name = f"{KOHYA_PREFIXES[family][component]}_{kohya_module_path(component, module).replace('.', '_')}"
+                name = f"{family.kohya_prefixes[component]}_{kohya_module_path(component, module).replace('.', '_')}"
                 tensors[f"{name}.lora_down.weight"] = down.contiguous()
                 tensors[f"{name}.lora_up.weight"] = up.contiguous()
                 tensors[f"{name}.alpha"] = torch.tensor(scale * down.shape[0], dtype=torch.float32)
     return tensors
-
-
-def kohya_metadata(config: dict, configs: dict[str, dict]) -> dict[str, str]:
-    """kohya's `ss_*` entries (strings, as safetensors metadata must be) from the run's resolved config."""
-    denoiser = next(iter(configs.values()))
-    family = config["model_family"]
-    version = BASE_MODEL_VERSIONS[family]
-    if family == "sd" and config.get("prediction_type") == "v_prediction":
-        version = "sd_v2_v"
-    return {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(denoiser["r"]),
-        "ss_network_alpha": f"{denoiser['lora_alpha']:g}",
-        "ss_network_args": json.dumps({"use_rslora": bool(denoiser.get("use_rslora"))}),
-        "ss_base_model_version": version,
-        "ss_v2": str(version.startswith("sd_v2")),
-        "ss_sd_model_name": str(config["model_name"]),
-        "ss_output_name": str(config["adaptor_name"]),
-        "ss_resolution": f"({config['resolution']}, {config['resolution']})",
-        "ss_learning_rate": f"{config['learning_rate']:g}",
-        "ss_mixed_precision": str(config["mixed_precision"]),
-        "ss_seed": str(config["seed"]),
-        "ss_training_comment": f"trigger word: {config['trigger_word']}" if config.get("trigger_word") else "",
-        "ss_tag_frequency": json.dumps({"trigger": {config["trigger_word"]: 1}} if config.get("trigger_word") else {}),
-    }

@@ -33,9 +33,9 @@ from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_exam
 from .ema import PowerFunctionEMA, moving_average
 from .errors import ConfigError, TrainingDiverged, TrainingStopped
 from .evaluation import eval_prompts, render_images, save_evaluation
-from .export import WEIGHTS_NAME, community_file_name, save_adapter_atomic, write_json_atomic
+from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
 from .families import open_model
-from .kohya import parse_export_formats
+from .kohya import community_file_name, parse_export_formats
 from .posthoc import discard_snapshots_after, parse_sigma_rels, write_snapshot
 from .reporting import METRICS_FILE, SETUP_PERCENT, JobRecord, Reporter
 from .stopping import StopRequest
@@ -249,9 +249,9 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
                         resumed_step=position.step if resume_from is not None else None)  # fmt: skip
     exports = {"diffusers": WEIGHTS_NAME}  # the files the model card names
     if "kohya" in parse_export_formats(cfg.export_formats):
-        exports["kohya"] = community_file_name(resolved_config)
+        exports["kohya"] = community_file_name(family, cfg.adaptor_name)
     card_facts = {"images": len(examples), "processes": processes, "family_title": family.title,
-                  "pipeline_class": family.pipeline_class.__name__}  # fmt: skip
+                  "pipeline_class": family.pipeline_class.__name__, "hub_tag": family.hub_tag}  # fmt: skip
     log(
         f"{len(examples)} images, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
         f"epochs; {sum(p.numel() for p in parameters):,} trainable parameters on {accelerator.device}"

@@ -218,9 +218,9 @@ def test_text_encoder_lora_is_saved_and_reloads(family, run_training, tiny_model
     trained = []  # the in-memory encoder output each time the trainer saves the adapter
     original = trainer_module.save_adapter_atomic
 
-    def spy(family_object, modules, folder):
+    def spy(family_object, modules, folder, *rest):
         trained.append(prompt_embeddings(family_object.pipe, family, prompt))
-        return original(family_object, modules, folder)
+        return original(family_object, modules, folder, *rest)
 
     monkeypatch.setattr(trainer_module, "save_adapter_atomic", spy)
     _, result, paths = run_training(family, train_text_encoder=True, max_train_steps=12, learning_rate=3e-3, eval_prompt="")

@@ -8,6 +8,7 @@ which objective (DDPM or flow matching) it trains with, and which pipeline class
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -39,6 +40,11 @@ class ModelFamily(ABC):
     denoiser_name: ClassVar[str]  # "unet" or "transformer"
     default_lora_targets: ClassVar[tuple[str, ...]]
     lora_text_encoders: ClassVar[tuple[str, ...]] = ()  # pipeline components that may take a text-encoder LoRA
+    hub_tag: ClassVar[str]  # the family's Hugging Face tag, for the model card
+    # The community layout of the adapter (plugin/kohya.py): kohya's key prefix per component, or None for
+    # ComfyUI's layout of Diffusers keys with the scale folded in; kohya's ss_base_model_version.
+    kohya_prefixes: ClassVar[dict[str, str] | None] = None
+    kohya_base_model_version: ClassVar[str]
 
     def __init__(self, description: ModelDescription):
         self.description = description
@@ -275,6 +281,33 @@ class ModelFamily(ABC):
             "guidance_scale": cfg.eval_guidance_scale,
             "height": cfg.eval_height or cfg.resolution,
             "width": cfg.eval_width or cfg.resolution,
+        }
+
+    @classmethod
+    def kohya_model_version(cls, config: dict) -> dict[str, str]:
+        """kohya's ss_base_model_version and ss_v2 for a run of this family (its resolved config)."""
+        return {"ss_base_model_version": cls.kohya_base_model_version, "ss_v2": "False"}
+
+    @classmethod
+    def kohya_metadata(cls, config: dict, configs: dict[str, dict]) -> dict[str, str]:
+        """kohya's `ss_*` entries for the community file (strings, as safetensors metadata must be): base
+        model, network dim and alpha, resolution, training settings, trigger word."""
+        denoiser = configs[cls.denoiser_name]
+        trigger = config.get("trigger_word") or ""
+        return {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(denoiser["r"]),
+            "ss_network_alpha": f"{denoiser['lora_alpha']:g}",
+            "ss_network_args": json.dumps({"use_rslora": bool(denoiser.get("use_rslora"))}),
+            **cls.kohya_model_version(config),
+            "ss_sd_model_name": str(config["model_name"]),
+            "ss_output_name": str(config["adaptor_name"]),
+            "ss_resolution": f"({config['resolution']}, {config['resolution']})",
+            "ss_learning_rate": f"{config['learning_rate']:g}",
+            "ss_mixed_precision": str(config["mixed_precision"]),
+            "ss_seed": str(config["seed"]),
+            "ss_training_comment": f"trigger word: {trigger}" if trigger else "",
+            "ss_tag_frequency": json.dumps({"trigger": {trigger: 1}} if trigger else {}),
         }
 
     @classmethod

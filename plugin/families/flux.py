@@ -46,6 +46,8 @@ class Flux(FlowFamily):
     pipeline_class_names = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
     denoiser_name = "transformer"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    hub_tag = "flux"
+    kohya_base_model_version = "flux1"
 
     @property
     def denoiser_input_channels(self) -> int:

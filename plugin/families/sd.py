@@ -16,6 +16,16 @@ class StableDiffusion(DDPMFamily):
     denoiser_name = "unet"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     lora_text_encoders = ("text_encoder",)
+    hub_tag = "stable-diffusion"
+    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    kohya_base_model_version = "sd_v1"
+
+    @classmethod
+    def kohya_model_version(cls, config: dict) -> dict[str, str]:
+        """v-prediction means an SD 2.x 768 model, which kohya calls sd_v2_v."""
+        if config.get("prediction_type") == "v_prediction":
+            return {"ss_base_model_version": "sd_v2_v", "ss_v2": "True"}
+        return super().kohya_model_version(config)
 
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         with torch.set_grad_enabled(self.trains_text_encoder):

@@ -15,6 +15,8 @@ class StableDiffusion3(FlowFamily):
     pipeline_class_names = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
     denoiser_name = "transformer"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    hub_tag = "sd3"
+    kohya_base_model_version = "sd3"
 
     def native_resolution(self) -> int:
         """StableDiffusion3Pipeline's default_sample_size: the transformer's sample_size, in latents."""

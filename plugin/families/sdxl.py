@@ -28,6 +28,9 @@ class StableDiffusionXL(DDPMFamily):
     denoiser_name = "unet"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     lora_text_encoders = ("text_encoder", "text_encoder_2")
+    hub_tag = "stable-diffusion-xl"
+    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    kohya_base_model_version = "sdxl_base_v1-0"
 
     def _check_trainable_model(self) -> None:
         """The SDXL refiner has only the second text encoder and other micro-conditioning: not trainable here."""
