@@ -333,3 +333,25 @@ def test_a_malformed_metadata_line_is_named_with_its_line_number(tmp_path):
     (data / "metadata.jsonl").write_text(f'{lines[0]}\n{{"text": "no file"}}\n')
     with pytest.raises(ConfigError, match=r"line 2: expected a JSON object with a \"file_name\" key"):
         load_image_dataset(str(data), "image", "text")
+
+
+@pytest.mark.parametrize("edm_part", ["scheduler", "vae"])
+def test_an_edm_formulated_sdxl_model_is_refused_before_loading(edm_part, tiny_models, sample_data, tmp_path, no_weights):
+    """Playground v2.5-style SDXL (an EDM scheduler, a VAE with latents_mean/latents_std) would train on the wrong
+    noise process and latent scale: refused, naming the model, before any weight is read. Either sign suffices."""
+    model = tmp_path / "playground-like"
+    shutil.copytree(tiny_models["sdxl"], model)
+    if edm_part == "scheduler":
+        index = json.loads((model / "model_index.json").read_text())
+        index["scheduler"] = ["diffusers", "EDMDPMSolverMultistepScheduler"]
+        (model / "model_index.json").write_text(json.dumps(index))
+        (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+            {"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5,
+             "prediction_type": "epsilon", "num_train_timesteps": 1000}))  # fmt: skip
+    else:
+        vae = json.loads((model / "vae" / "config.json").read_text())
+        vae.update(latents_mean=[0.1] * 4, latents_std=[0.9] * 4)
+        (model / "vae" / "config.json").write_text(json.dumps(vae))
+    cfg = parse_parameters(base_parameters(model, sample_data, tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"model_name: .*playground-like.* is an EDM-formulated SDXL model"):
+        train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)

@@ -329,6 +329,20 @@ class DDPMFamily(ModelFamily):
     def native_resolution(self) -> int:
         return self.description.denoiser_config["sample_size"] * self.vae_scale_factor
 
+    def _check_trainable_model(self) -> None:
+        """EDM-formulated models (Playground v2.5: an EDM scheduler and a VAE with latents_mean/latents_std)
+        have the DDPM families' layout but not their noise process or latent scaling; trained on Diffusers'
+        default linear betas and un-normalised latents they would learn the wrong thing, so they are refused."""
+        super()._check_trainable_model()
+        scheduler = self.description.components.get("scheduler") or ""
+        if scheduler.startswith("EDM") or self.description.vae_config.get("latents_mean") is not None:
+            raise ConfigError(
+                f"model_name: {self.description.source!r} is an EDM-formulated {self.title} model ({scheduler} scheduler"
+                + (", VAE latents_mean/latents_std" if self.description.vae_config.get("latents_mean") is not None else "")
+                + "), such as Playground v2.5; training it with the EDM formulation is not built yet, and the DDPM "
+                "training used here would be wrong for it. Use a DDPM-trained model"
+            )
+
     def _resolve_objective(self, cfg) -> dict[str, Any]:
         filled: dict[str, Any] = {}
         scheduler_config = self.description.scheduler_config
