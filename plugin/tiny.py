@@ -62,6 +62,7 @@ from transformers import (
 from .errors import ConfigError
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
+VARIANTS = ("sd2-v", "sd35-medium", "flux-schnell")  # model variants a family must train as their own kind
 SAMPLE_RESOLUTION = 32
 _MAX_TOKENS = 77
 
@@ -202,27 +203,27 @@ def _unet(cross_attention_dim: int, **extra) -> UNet2DConditionModel:
     ).eval()
 
 
-def _sd_scheduler() -> EulerDiscreteScheduler:
-    """SD's training betas (epsilon prediction); Euler samples sensibly in a couple of steps."""
+def _sd_scheduler(prediction_type: str = "epsilon") -> EulerDiscreteScheduler:
+    """SD's training betas (epsilon prediction, or v for SD 2.x-768); Euler samples sensibly in a couple of steps."""
     return EulerDiscreteScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         timestep_spacing="leading",
         steps_offset=1,
     )
 
 
-def _build_sd() -> StableDiffusionPipeline:
+def _build_sd(prediction_type: str = "epsilon") -> StableDiffusionPipeline:
     tokenizer = offline_clip_tokenizer()
     return StableDiffusionPipeline(
         vae=_vae(4, scaling_factor=0.18215),
         text_encoder=_clip_text_encoder(tokenizer, with_projection=False),
         tokenizer=tokenizer,
         unet=_unet(cross_attention_dim=32),
-        scheduler=_sd_scheduler(),
+        scheduler=_sd_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -254,7 +255,8 @@ def _build_sdxl() -> StableDiffusionXLPipeline:
     )
 
 
-def _build_sd3() -> StableDiffusion3Pipeline:
+def _build_sd3(dual_attention_layers: tuple[int, ...] = (), qk_norm: str | None = None) -> StableDiffusion3Pipeline:
+    """SD3 Medium's layout; SD3.5 Medium adds a second image self-attention in its first layers and qk-norm."""
     tokenizer, tokenizer_2, tokenizer_3 = offline_clip_tokenizer(), offline_clip_tokenizer(), _t5_tokenizer()
     text_encoder = _clip_text_encoder(tokenizer, with_projection=True)
     text_encoder_2 = _clip_text_encoder(tokenizer_2, with_projection=True)
@@ -271,6 +273,8 @@ def _build_sd3() -> StableDiffusion3Pipeline:
         caption_projection_dim=32,
         pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim,
         pos_embed_max_size=32,  # positional table for images up to 128 px
+        dual_attention_layers=dual_attention_layers,
+        qk_norm=qk_norm,
     ).eval()
     return StableDiffusion3Pipeline(
         transformer=transformer,
@@ -285,8 +289,9 @@ def _build_sd3() -> StableDiffusion3Pipeline:
     )
 
 
-def _build_flux() -> FluxPipeline:
-    """Flux packs 2x2 latent patches into tokens, so the transformer sees 4x the VAE's latent channels."""
+def _build_flux(schnell: bool = False) -> FluxPipeline:
+    """Flux packs 2x2 latent patches into tokens, so the transformer sees 4x the VAE's latent channels. Flux
+    schnell (`schnell`) has no guidance embedding and a fixed sigma shift of 1."""
     tokenizer, tokenizer_2 = offline_clip_tokenizer(), _t5_tokenizer()
     text_encoder = _clip_text_encoder(tokenizer, with_projection=False)
     text_encoder_2 = _t5_encoder(tokenizer_2)
@@ -300,13 +305,13 @@ def _build_flux() -> FluxPipeline:
         num_attention_heads=2,
         joint_attention_dim=text_encoder_2.config.d_model,
         pooled_projection_dim=text_encoder.config.hidden_size,
-        guidance_embeds=True,
+        guidance_embeds=not schnell,
         axes_dims_rope=(4, 6, 6),
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
+        shift=1.0 if schnell else 3.0,
+        use_dynamic_shifting=not schnell,
         base_shift=0.5,
         max_shift=1.15,
         base_image_seq_len=256,
@@ -324,10 +329,13 @@ def _build_flux() -> FluxPipeline:
 
 
 def build_tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
-    """A tiny random pipeline of `family`; the same seed gives the same weights, the caller's RNG is untouched."""
-    builders = {"sd": _build_sd, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux}
+    """A tiny random pipeline of `family` (or of a model variant in VARIANTS); the same seed gives the same
+    weights, the caller's RNG is untouched."""
+    builders = {"sd": _build_sd, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
+                "sd2-v": lambda: _build_sd("v_prediction"), "sd35-medium": lambda: _build_sd3((0,), "rms_norm"),
+                "flux-schnell": lambda: _build_flux(schnell=True)}  # fmt: skip
     if family not in builders:
-        raise ConfigError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+        raise ConfigError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES + VARIANTS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipe = builders[family]()
