@@ -30,7 +30,7 @@ HARD = dict(use_ema=True, ema_decay=0.9, gradient_accumulation_steps=2, train_ba
             lr_warmup_steps=3, lora_dropout=0.1)  # EMA, accumulation, a non-constant schedule, dropout's RNG  # fmt: skip
 PLAIN = dict(train_batch_size=2)
 POSTHOC = dict(use_ema=True, ema_type="posthoc", posthoc_ema_snapshot_steps=4, train_batch_size=2)  # the profiles' state
-LEARNED = dict(loss_weighting="learned", validation_split=0.25, num_train_epochs=100, train_batch_size=2)  # u(σ); the history
+LEARNED = dict(loss_weighting="learned", validation_split=0.25, num_train_epochs=100, eval_steps=4, train_batch_size=2)  # u(σ); the history
 
 
 def parameters(tiny_models, sample_data, out: Path, **overrides) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import base_parameters, write_parameter_file
 from plugin.config import parse_parameters
@@ -355,3 +356,20 @@ def test_an_edm_formulated_sdxl_model_is_refused_before_loading(edm_part, tiny_m
     cfg = parse_parameters(base_parameters(model, sample_data, tmp_path / "out"))
     with pytest.raises(ConfigError, match=r"model_name: .*playground-like.* is an EDM-formulated SDXL model"):
         train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
+
+
+def test_default_targets_a_model_lacks_are_skipped_with_a_warning(tiny_models, sample_data, tmp_path, monkeypatch):
+    """A variant without one of its family's usual layers trains on the others, and says which it skipped; a
+    model with none of them is an error, as is a missing target the user named (above)."""
+    from plugin.families.sd import StableDiffusion
+
+    monkeypatch.setattr(StableDiffusion, "default_lora_targets", ("to_q", "to_v", "add_q_proj"))
+    with pytest.warns(UserWarning, match="lora_target_modules: this Stable Diffusion 1.x/2.x unet has no layer named add_q_proj; LoRA goes on to_q, to_v"):
+        result = run(base_parameters(tiny_models["sd"], sample_data, tmp_path / "out", max_train_steps=1, eval_prompt=""))
+    modules = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in load_file(str(result.adapter_path))}
+    assert modules == {"to_q", "to_v"}
+    resolved = json.loads((tmp_path / "out" / "test-adapter" / "config.json").read_text())
+    assert resolved["lora_target_modules"] == "to_q,to_v", "the run's config says what it trained"
+    monkeypatch.setattr(StableDiffusion, "default_lora_targets", ("add_q_proj",))
+    with pytest.raises(ConfigError, match="no linear or convolution layer named 'add_q_proj'"):
+        run(base_parameters(tiny_models["sd"], sample_data, tmp_path / "out"))

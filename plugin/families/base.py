@@ -169,12 +169,27 @@ class ModelFamily(ABC):
             if getattr(cfg, field) % self.resolution_multiple:
                 raise ConfigError(f"{field}: {getattr(cfg, field)} must be a multiple of {self.resolution_multiple} for {self.title} models (or 0)")
         self._check_trainable_model()
-        _check_targets_exist(self.description, lora_targets(cfg, self.default_lora_targets), f"this {self.title} {self.denoiser_name}")
+        if cfg.lora_target_modules.strip():  # named by the user: each must exist
+            _check_targets_exist(self.description, lora_targets(cfg, self.default_lora_targets), f"this {self.title} {self.denoiser_name}")
+        else:
+            filled["lora_target_modules"] = ",".join(self._present_default_targets())
         if cfg.train_text_encoder and not self.lora_text_encoders:
             raise ConfigError(f"train_text_encoder: not supported for {self.title}; it is for SD 1.x/2.x and SDXL")
         filled.update(self._resolve_objective(cfg))
         self.cfg = cfg.replace(**filled)
         return self.cfg, filled
+
+    def _present_default_targets(self) -> list[str]:
+        """The family's default targets that this model has; one it lacks (a variant without that layer) is
+        skipped with a warning naming it, and a model with none of them is an error."""
+        present = [t for t in self.default_lora_targets if _target_matches(self.description, t)]
+        missing = [t for t in self.default_lora_targets if t not in present]
+        if not present:
+            _check_targets_exist(self.description, missing[:1], f"this {self.title} {self.denoiser_name}")
+        if missing:
+            warnings.warn(f"lora_target_modules: this {self.title} {self.denoiser_name} has no layer named "
+                          f"{', '.join(missing)}; LoRA goes on {', '.join(present)}", stacklevel=3)  # fmt: skip
+        return present
 
     @property
     def denoiser_input_channels(self) -> int:
@@ -459,11 +474,16 @@ def lora_targets(cfg, defaults: tuple[str, ...]) -> list[str]:
     return [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] or list(defaults)
 
 
+def _target_matches(model: ModelDescription, target: str) -> bool:
+    """Whether PEFT would wrap a layer for `target`: the whole name or its last dotted parts."""
+    return any(name == target or name.endswith("." + target) for name in model.denoiser_module_names)
+
+
 def _check_targets_exist(model: ModelDescription, targets: list[str], where: str) -> None:
     """Every target names a layer LoRA can wrap (as PEFT matches them: the whole name or its last dotted parts),
     so a typo, or a norm or block that PEFT would refuse after loading, is an error listing the names that exist."""
     for target in targets:
-        if not any(name == target or name.endswith("." + target) for name in model.denoiser_module_names):
+        if not _target_matches(model, target):
             raise ConfigError(
                 f"lora_target_modules: no linear or convolution layer named {target!r} in {where}; its layer names are: "
                 + ", ".join(model.denoiser_layer_names)
