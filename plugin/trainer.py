@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .buckets import BucketBatchSampler, BucketLayout
-from .cache import Conditioning, build_conditioning, resolve_caching
+from .cache import build_conditioning, resolve_caching
 from .card import write_model_card
 from .checkpoints import (
     INPUT_CONFIG, RESOLVED_CONFIG, Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder,
