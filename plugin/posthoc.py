@@ -137,12 +137,12 @@ def combine_snapshots(snapshots: list[Snapshot], coefficients) -> dict[str, dict
 
 
 def write_reconstruction(
-    run_dir: Path, family, layers: dict, configs: dict, snapshots: list[Snapshot], sigma_rel: float, at_step: int,
-    fit_error: float, note: dict | None = None,
+    run_dir: Path, run_config: dict, family, layers: dict, configs: dict, snapshots: list[Snapshot], sigma_rel: float,
+    at_step: int, fit_error: float, note: dict | None = None,
 ) -> Path:
-    run_config = read_run_config(run_dir)
-    """An adapter in `<run>/posthoc_ema/sigma_rel_<σ>_step_<n>/` with a README line saying what it is and
-    posthoc_ema.json (σ_rel, step, fit error, and `note`'s entries)."""
+    """An adapter in `<run>/posthoc_ema/sigma_rel_<σ>_step_<n>/` (in the export formats of `run_config`, the
+    run's config.json) with a README line saying what it is and posthoc_ema.json (σ_rel, step, fit error, and
+    `note`'s entries)."""
     folder = Path(run_dir) / SNAPSHOT_FOLDER / f"sigma_rel_{sigma_rel:.3f}_step_{at_step}"
     written = save_layers_atomic(family, layers, configs, folder, run_config)
     tracked = sorted({s.sigma_rel for s in snapshots})
@@ -165,10 +165,11 @@ def reconstruct(run_dir: Path, sigma_rels: list[float], at_step: int | None = No
     snapshots, configs = read_snapshots(run_dir, at_step)
     at_step = at_step if at_step is not None else max(s.step for s in snapshots)
     coefficients, errors = posthoc_coefficients(snapshots, at_step, sigma_rels)
-    family = family_by_name(read_run_config(run_dir)["model_family"])
+    run_config = read_run_config(run_dir)
+    family = family_by_name(run_config["model_family"])
     written = []
     for column, (sigma_rel, error) in enumerate(zip(sigma_rels, errors)):
         layers = combine_snapshots(snapshots, coefficients[:, column])
-        written.append(write_reconstruction(run_dir, family, layers, configs, snapshots, sigma_rel, at_step, error))
+        written.append(write_reconstruction(run_dir, run_config, family, layers, configs, snapshots, sigma_rel, at_step, error))
         log(f"σ_rel {sigma_rel:g}: {written[-1]}")
     return written

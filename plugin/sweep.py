@@ -40,8 +40,8 @@ def sweep(run_dir: Path, sigma_rels: list[float] | None = None, at_step: int | N
     from .trainer import WEIGHT_DTYPES, new_accelerator
 
     run_dir = Path(run_dir)
-    raw = read_run_config(run_dir, "--sweep")
-    cfg = parse_parameters(raw, ignore=frozenset({"model_family"}))
+    run_config = read_run_config(run_dir, "--sweep")
+    cfg = parse_parameters(run_config, ignore=frozenset({"model_family"}))
     if not (cfg.validation_split > 0 or cfg.validation_dataset):
         raise ConfigError(f"--sweep: the run in {str(run_dir)!r} has no validation set to choose by; train with "
                           "validation_split or validation_dataset, or pick σ_rel yourself with --sigma-rel")  # fmt: skip
@@ -82,7 +82,7 @@ def sweep(run_dir: Path, sigma_rels: list[float] | None = None, at_step: int | N
         "points": [{"sigma_rel": s, "validation_loss": v, "fit_error": float(e)} for s, v, e in zip(grid, losses, errors)],
     })  # fmt: skip
     layers = combine_snapshots(snapshots, coefficients[:, best])
-    adapter = write_reconstruction(run_dir, family, layers, configs, snapshots, grid[best], at_step, errors[best],
+    adapter = write_reconstruction(run_dir, run_config, family, layers, configs, snapshots, grid[best], at_step, errors[best],
                                    {"validation_loss": losses[best], "chosen_by": f"lowest validation loss of {len(grid)} σ_rel"})  # fmt: skip
     log(f"best σ_rel {grid[best]:.4f} (validation loss {losses[best]:.5f}): {adapter}; curve: {curve}")
     return adapter

@@ -92,7 +92,7 @@ class ValidationSet:
         with family.unparked():
             for chunk in chunks:
                 batch = collate_examples([examples[i] for i in chunk])
-                latents = family.encode_images(batch.pop("pixel_values").to(family.denoiser.device)).cpu()
+                latents = family.encode_images(batch.pop("pixel_values")).cpu()
                 batches.append((batch, latents))
         return cls(batches, cfg.seed)
 
