@@ -288,12 +288,12 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
             save_adapter_atomic(family, modules, paths.adapter_dir / "raw", resolved_config)
         with ema.swapped_in() if ema is not None else nullcontext():
             save_adapter_atomic(family, modules, paths.adapter_dir, resolved_config)
-            validate()
-            if prompts and render:
-                with family.unparked():
+            with family.unparked():  # the parked encoders come over once, for the validation loss and the images
+                validate()
+                if prompts and render:
                     images = render_images(family, prompts, cfg.eval_seed)
-                result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch))
-                reporter.images(step, "eval", images, result.eval_images[-1])
+                    result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch))
+                    reporter.images(step, "eval", images, result.eval_images[-1])
         write_model_card(paths.adapter_dir, paths.run_dir, resolved_config, prompts, {**card_facts, "steps": step}, exports)
         for module in modules.values():
             module.train()

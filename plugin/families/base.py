@@ -51,6 +51,7 @@ class ModelFamily(ABC):
         self.pipe: DiffusionPipeline | None = None  # set by load()
         self.cfg = None  # the resolved run config, set by configure()
         self.parked: list[torch.nn.Module] = []  # encoders kept off the accelerator while caches stand in
+        self.unparked_now = False  # inside an `unparked` block
 
     # ----- loading and preparation -------------------------------------------------------------------
     def load(self, dtype: torch.dtype) -> None:
@@ -97,15 +98,20 @@ class ModelFamily(ABC):
 
     @contextmanager
     def unparked(self):
-        """Within the block the parked encoders sit on the denoiser's device (a no-op on a CPU run)."""
-        device = self.denoiser.device
-        for module in self.parked:
-            module.to(device)
+        """Within the block the parked encoders sit on the denoiser's device (a no-op on a CPU run). A block
+        inside another moves nothing, so callers that each need the encoders can nest without a round trip."""
+        outermost = not self.unparked_now
+        if outermost:
+            for module in self.parked:
+                module.to(self.denoiser.device)
+            self.unparked_now = True
         try:
             yield
         finally:
-            for module in self.parked:
-                module.to("cpu")
+            if outermost:
+                for module in self.parked:
+                    module.to("cpu")
+                self.unparked_now = False
 
     def attach_lora(self) -> dict[str, torch.nn.Module]:
         """Put LoRA adapters on the denoiser (and text encoders when asked); returns the modules that train.
