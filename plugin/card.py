@@ -107,8 +107,8 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
     if images.get(CURVES):
         lines += ["## Training curves", "", f"![loss and learning rate]({CURVES})", ""]
     lines += ["## Use it", "", "Diffusers:", "", "```python", "import torch",
-              f"from diffusers import {facts['pipeline_class']}", "",
-              f"pipe = {facts['pipeline_class']}.from_pretrained({config['model_name']!r}, torch_dtype=torch.bfloat16)",
+              f"from diffusers import {', '.join(facts['loading_classes'])}", "",
+              *facts["loading"],
               f"pipe.load_lora_weights('path/to/{name}', weight_name={weights!r})",
               f"image = pipe({(prompts[0] if prompts else config.get('trigger_word') or 'a photo')!r}).images[0]", "```", ""]  # fmt: skip
     if "kohya" in exports:

@@ -45,7 +45,7 @@ RESUMABLE_CHANGES = frozenset({
     "eval_guidance_scale", "eval_seed", "eval_width", "eval_height", "log_to_wandb", "log_to_tensorboard",
     "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "output_dir",
     "dataloader_num_workers", "cache_latents", "cache_text_embeddings", "cache_dir", "gradient_checkpointing",
-    "enable_xformers_memory_efficient_attention", "overwrite_output", "posthoc_ema_snapshot_steps",
+    "enable_xformers_memory_efficient_attention", "overwrite_output", "posthoc_ema_snapshot_steps", "allow_pickle_checkpoints",
 })  # fmt: skip
 
 

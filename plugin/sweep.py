@@ -50,7 +50,7 @@ def sweep(run_dir: Path, sigma_rels: list[float] | None = None, at_step: int | N
     grid = sorted(sigma_rels) if sigma_rels else sweep_grid(snapshots, at_step)
     coefficients, errors = posthoc_coefficients(snapshots, at_step, grid)
 
-    family = open_model(cfg.model_name)
+    family = open_model(cfg.model_name, cfg.model_config, cfg.text_encoder_source, cfg.allow_pickle_checkpoints)
     cfg, _ = family.configure(cfg)
     dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
     _, held_out_rows = training_and_validation_data(cfg, dataset)

@@ -129,11 +129,11 @@ def _t5_tokenizer() -> T5TokenizerFast:
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=_MAX_TOKENS)
 
 
-def _clip_text_encoder(tokenizer: CLIPTokenizer, with_projection: bool) -> CLIPTextModel:
+def _clip_text_encoder(tokenizer: CLIPTokenizer, with_projection: bool, hidden_size: int = 32) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         projection_dim=32,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -234,7 +234,8 @@ def _build_sdxl() -> StableDiffusionXLPipeline:
     """Added-condition input = 6 size/crop numbers x addition_time_embed_dim + text_encoder_2's projection."""
     tokenizer, tokenizer_2 = offline_clip_tokenizer(), offline_clip_tokenizer()
     text_encoder = _clip_text_encoder(tokenizer, with_projection=False)
-    text_encoder_2 = _clip_text_encoder(tokenizer_2, with_projection=True)
+    # Wider than the first, as OpenCLIP bigG is than CLIP-L: single-file loading tells them apart by width.
+    text_encoder_2 = _clip_text_encoder(tokenizer_2, with_projection=True, hidden_size=48)
     time_embed_dim = 8
     unet = _unet(
         cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,

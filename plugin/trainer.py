@@ -165,7 +165,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     if resume_from is not None:
         check_resumable(resume_from, cfg, log)
     input_config = cfg.as_dict()
-    family = open_model(cfg.model_name)  # its configs, module names and tokenizers: no weights yet
+    family = open_model(cfg.model_name, cfg.model_config, cfg.text_encoder_source, cfg.allow_pickle_checkpoints)  # configs, no weights yet
     cfg, filled = family.configure(resolve_caching(cfg, log))
     resolved_config = {**cfg.as_dict(), "model_family": family.name}
     dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
@@ -251,7 +251,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     if "kohya" in parse_export_formats(cfg.export_formats):
         exports["kohya"] = community_file_name(family, cfg.adaptor_name)
     card_facts = {"images": len(examples), "processes": processes, "family_title": family.title,
-                  "pipeline_class": family.pipeline_class.__name__, "hub_tag": family.hub_tag}  # fmt: skip
+                  "hub_tag": family.hub_tag, **family.loading_code()}  # fmt: skip
     log(
         f"{len(examples)} images, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
         f"epochs; {sum(p.numel() for p in parameters):,} trainable parameters on {accelerator.device}"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..errors import ConfigError
 from .base import ModelFamily
 from .description import describe_model, read_model_index
+from .single_file import describe_single_file, family_of_file, is_single_file, read_header
 from .flux import Flux
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
@@ -37,9 +40,15 @@ def detect_family(model_name: str) -> type[ModelFamily]:
     return family_of_index(model_name, read_model_index(model_name))
 
 
-def open_model(model_name: str) -> ModelFamily:
-    """The model's family, described from its config files (see `describe_model`): every setting can be
-    checked against it before `load` reads a single weight."""
+def open_model(model_name: str, model_config: str = "", text_encoder_source: str = "", allow_pickle: bool = False) -> ModelFamily:
+    """The model's family, described from its config files (see `describe_model`) or, for a single-file
+    checkpoint, from its header and the configs of `model_config` (see `describe_single_file`): every
+    setting can be checked against it before `load` reads a single weight."""
+    if is_single_file(model_name):
+        path = Path(model_name).expanduser()
+        header = read_header(path, allow_pickle)
+        family = family_of_file(path, header, FAMILIES)
+        return family(describe_single_file(path, header, family, model_config, text_encoder_source))
     model_index = read_model_index(model_name)
     family = family_of_index(model_name, model_index)
     return family(describe_model(model_name, model_index, family.denoiser_name))

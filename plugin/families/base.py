@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from ..errors import ConfigError
 from ..objectives import DiffusionObjective, FlowMatchingObjective, dynamic_shift_mu
 from .description import ModelDescription
+from .single_file import load_single_file
 
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -45,6 +46,10 @@ class ModelFamily(ABC):
     # ComfyUI's layout of Diffusers keys with the scale folded in; kohya's ss_base_model_version.
     kohya_prefixes: ClassVar[dict[str, str] | None] = None
     kohya_base_model_version: ClassVar[str]
+    # Single-file checkpoints (plugin/families/single_file.py): key names (bare or under a prefix) that all
+    # appear in this family's files, and the key prefix under which each other component sits in the file.
+    single_file_markers: ClassVar[tuple[str, ...]]
+    single_file_components: ClassVar[dict[str, str]]
 
     def __init__(self, description: ModelDescription):
         self.description = description
@@ -58,7 +63,10 @@ class ModelFamily(ABC):
         """The pipeline's weights, frozen and in eval mode (the described tokenizers are reused)."""
         source = self.description.source
         try:
-            pipe = self.pipeline_class.from_pretrained(source, dtype=dtype, **self.description.tokenizers)
+            if self.description.single_file is not None:
+                pipe = load_single_file(self, dtype)
+            else:
+                pipe = self.pipeline_class.from_pretrained(source, dtype=dtype, **self.description.tokenizers)
         except (OSError, ValueError, SafetensorError) as error:
             raise ConfigError(f"model_name: cannot load the weights of {source!r}: {str(error).splitlines()[0]}") from None
         if dtype == torch.float16:
@@ -303,6 +311,27 @@ class ModelFamily(ABC):
             "height": cfg.eval_height or cfg.resolution,
             "width": cfg.eval_width or cfg.resolution,
         }
+
+    @classmethod
+    def single_file_to_diffusers(cls, checkpoint: dict, config, convert) -> dict:
+        """A single file's denoiser tensors under Diffusers' names: `convert` is the key mapping Diffusers'
+        `from_single_file` uses for the denoiser class. Works on meta tensors too (the check before loading)."""
+        return convert(checkpoint=checkpoint, config=config)
+
+    def loading_code(self) -> dict[str, list[str]]:
+        """How the base model loads in plain Diffusers, for the model card: the classes to import and the lines
+        that set `pipe` (a single file takes its configs, and the components it lacks, from where the run did)."""
+        pipeline, source = self.pipeline_class.__name__, self.description.single_file
+        if source is None:
+            return {"loading_classes": [pipeline], "loading": [f"pipe = {pipeline}.from_pretrained({self.description.source!r}, torch_dtype=torch.bfloat16)"]}
+        if not source.absent:
+            return {"loading_classes": [pipeline],
+                    "loading": [f"pipe = {pipeline}.from_single_file({str(source.path)!r}, config={source.config!r}, torch_dtype=torch.bfloat16)"]}
+        denoiser = self.description.components[self.denoiser_name]
+        return {"loading_classes": [denoiser, pipeline], "loading": [
+            f"{self.denoiser_name} = {denoiser}.from_single_file({str(source.path)!r}, config={source.config!r}, "
+            f"subfolder={self.denoiser_name!r}, torch_dtype=torch.bfloat16)",
+            f"pipe = {pipeline}.from_pretrained({source.components_from!r}, {self.denoiser_name}={self.denoiser_name}, torch_dtype=torch.bfloat16)"]}
 
     @classmethod
     def kohya_model_version(cls, config: dict) -> dict[str, str]:

@@ -15,7 +15,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from accelerate import init_empty_weights
@@ -23,6 +23,9 @@ from diffusers import DiffusionPipeline
 
 from ..errors import ConfigError
 from ..hub import require_hub
+
+if TYPE_CHECKING:
+    from .single_file import SingleFileSource
 
 LOCAL_EXAMPLE = "./models/stable-diffusion-xl-base-1.0"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
@@ -33,13 +36,15 @@ class ModelDescription:
     """A pipeline's configs (with every default filled in, as the loaded modules would have them), the names
     of its denoiser's layers, and its tokenizers (small, and handed to the pipeline when it loads)."""
 
-    source: str  # model_name as given: a local folder or a hub id
+    source: str  # model_name as given: a local folder, a hub id or a single-file checkpoint
     components: Mapping[str, str | None]  # component -> class name; None where the pipeline has none
+    libraries: Mapping[str, str]  # component -> the package (or Diffusers pipeline module) of its class
     scheduler_config: Mapping[str, Any]
     vae_config: Mapping[str, Any]
     denoiser_config: Mapping[str, Any]
     denoiser_module_names: tuple[str, ...]  # the linear and convolution layers LoRA can wrap, in full
     tokenizers: Mapping[str, Any]
+    single_file: SingleFileSource | None = None  # set when model_name is a single-file checkpoint
 
     @property
     def denoiser_layer_names(self) -> tuple[str, ...]:
@@ -50,33 +55,35 @@ class ModelDescription:
         return tuple(sorted(short))
 
 
-def read_model_index(model_name: str) -> dict:
+def read_model_index(model_name: str, field: str = "model_name") -> dict:
     """model_index.json of a local pipeline folder or hub id (from the cache when it is there)."""
     if not model_name:
-        raise ConfigError("model_name is required: a Diffusers pipeline folder or hub id")
+        raise ConfigError(f"{field} is required: a Diffusers pipeline folder or hub id")
     path = Path(model_name).expanduser()
     looks_local = path.is_absolute() or model_name.startswith((".", "~")) or model_name.count("/") > 1
     if looks_local and not path.is_dir():
-        raise ConfigError(f"model_name: folder {model_name!r} does not exist")
+        raise ConfigError(f"{field}: folder {model_name!r} does not exist")
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise ConfigError(f"model_name: {model_name!r} has no model_index.json; expected a Diffusers pipeline folder")
-        return _read_json(path / "model_index.json", "model_name")
+            raise ConfigError(f"{field}: {model_name!r} has no model_index.json; expected a Diffusers pipeline folder")
+        return _read_json(path / "model_index.json", field)
     try:
         with warnings.catch_warnings():  # Diffusers passes huggingface_hub a deprecated argument: noise here
             warnings.simplefilter("ignore", UserWarning)
             return dict(DiffusionPipeline.load_config(model_name, local_files_only=True))
     except (OSError, ValueError):
         pass  # not cached: the hub it is
-    require_hub("model_name", model_name, LOCAL_EXAMPLE)
+    require_hub(field, model_name, LOCAL_EXAMPLE)
     try:
         return dict(DiffusionPipeline.load_config(model_name))
     except Exception as error:
-        raise ConfigError(f"model_name: cannot read model_index.json of {model_name!r} ({error})") from None
+        raise ConfigError(f"{field}: cannot read model_index.json of {model_name!r} ({error})") from None
 
 
-def describe_model(model_name: str, model_index: Mapping, denoiser_name: str) -> ModelDescription:
-    """The description of the pipeline at `model_name` whose model_index.json is `model_index`."""
+def describe_model(model_name: str, model_index: Mapping, denoiser_name: str, field: str = "model_name", check_files: bool = True) -> ModelDescription:
+    """The description of the pipeline at `model_name` whose model_index.json is `model_index` (`field` names
+    the parameter that gave it, in errors). `check_files`: the folder must hold every component's weights (a
+    folder giving only the configs of a single-file checkpoint need not)."""
     components = {
         name: entry[1] if entry[0] is not None else None
         for name, entry in model_index.items()
@@ -84,25 +91,26 @@ def describe_model(model_name: str, model_index: Mapping, denoiser_name: str) ->
     }
     libraries = {name: entry[0] for name, entry in model_index.items() if name in components}
     local = Path(model_name).expanduser()
-    if local.is_dir():
+    if check_files and local.is_dir():
         for name, class_name in components.items():
             if class_name is not None:
-                _check_component_files(local, name, _component_class(libraries[name], class_name, name))
+                check_component_files(local, name, component_class(libraries[name], class_name, name), field)
     for required in ("scheduler", "vae", denoiser_name):
         if components.get(required) is None:
-            raise ConfigError(f"model_name: {model_name!r} has no {required} in model_index.json; expected a complete text-to-image pipeline")
-    scheduler = _component_class(libraries["scheduler"], components["scheduler"], "scheduler")
-    scheduler_config = scheduler.from_config(_component_config(scheduler, model_name, "scheduler")).config
-    vae_config, _ = _built_on_meta(libraries, components, model_name, "vae")
-    denoiser_config, denoiser = _built_on_meta(libraries, components, model_name, denoiser_name)
+            raise ConfigError(f"{field}: {model_name!r} has no {required} in model_index.json; expected a complete text-to-image pipeline")
+    scheduler = component_class(libraries["scheduler"], components["scheduler"], "scheduler")
+    scheduler_config = scheduler.from_config(_component_config(scheduler, model_name, "scheduler", field)).config
+    vae_config, _ = _built_on_meta(libraries, components, model_name, "vae", field)
+    denoiser_config, denoiser = _built_on_meta(libraries, components, model_name, denoiser_name, field)
     tokenizers = {
-        name: _component_class(libraries[name], class_name, name).from_pretrained(model_name, subfolder=name)
+        name: component_class(libraries[name], class_name, name).from_pretrained(model_name, subfolder=name)
         for name, class_name in components.items()
         if name.startswith("tokenizer") and class_name is not None
     }
     return ModelDescription(
         source=model_name,
         components=components,
+        libraries=libraries,
         scheduler_config=scheduler_config,
         vae_config=vae_config,
         denoiser_config=denoiser_config,
@@ -111,51 +119,51 @@ def describe_model(model_name: str, model_index: Mapping, denoiser_name: str) ->
     )
 
 
-def _built_on_meta(libraries, components, model_name: str, name: str) -> tuple[Mapping, torch.nn.Module]:
+def _built_on_meta(libraries, components, model_name: str, name: str, field: str) -> tuple[Mapping, torch.nn.Module]:
     """The component's full config and module structure, built with no memory behind its weights."""
-    cls = _component_class(libraries[name], components[name], name)
-    config = _component_config(cls, model_name, name)
+    cls = component_class(libraries[name], components[name], name)
+    config = _component_config(cls, model_name, name, field)
     with init_empty_weights():
         module = cls.from_config(config)
     return module.config, module
 
 
-def _component_class(library: str, class_name: str, component: str) -> type:
+def component_class(library: str, class_name: str, component: str) -> type:
     """The class model_index.json names: `library` is a package, or (safety checkers) a Diffusers pipeline module."""
     for module in (library, f"diffusers.pipelines.{library}"):
         try:
             return getattr(importlib.import_module(module), class_name)
         except (ImportError, AttributeError):
             continue
-    raise ConfigError(f"model_name: component {component!r} is a {library}.{class_name}, which this installation does not have")
+    raise ConfigError(f"the pipeline's {component} is a {library}.{class_name}, which this installation does not have")
 
 
-def _component_config(cls: type, model_name: str, component: str) -> dict:
+def _component_config(cls: type, model_name: str, component: str, field: str) -> dict:
     try:
         return cls.load_config(model_name, subfolder=component)
     except Exception as error:
-        raise ConfigError(f"model_name: cannot read the {component} config of {model_name!r} ({str(error).splitlines()[0]})") from None
+        raise ConfigError(f"{field}: cannot read the {component} config of {model_name!r} ({str(error).splitlines()[0]})") from None
 
 
-def _check_component_files(folder: Path, component: str, cls: type) -> None:
+def check_component_files(folder: Path, component: str, cls: type, field: str = "model_name") -> None:
     """The component's folder exists; a module's folder has weights, and every safetensors file is whole."""
     where = folder / component
     if not where.is_dir():
-        raise ConfigError(f"model_name: the {component}/ folder is missing from {str(folder)!r} (model_index.json lists a {cls.__name__})")
+        raise ConfigError(f"{field}: the {component}/ folder is missing from {str(folder)!r} (model_index.json lists a {cls.__name__})")
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         return
     weights = [file for pattern in WEIGHT_PATTERNS for file in where.glob(pattern)]
     if not weights:
-        raise ConfigError(f"model_name: {component}/ in {str(folder)!r} has no weights file (.safetensors or .bin)")
+        raise ConfigError(f"{field}: {component}/ in {str(folder)!r} has no weights file (.safetensors or .bin)")
     for file in weights:
         if file.name.endswith(".index.json"):
-            for shard in sorted(set(_read_json(file, "model_name").get("weight_map", {}).values())):
+            for shard in sorted(set(_read_json(file, field).get("weight_map", {}).values())):
                 if not (where / shard).is_file():
-                    raise ConfigError(f"model_name: {component}/{shard}, listed in {file.name}, is missing from {str(folder)!r}")
+                    raise ConfigError(f"{field}: {component}/{shard}, listed in {file.name}, is missing from {str(folder)!r}")
         elif file.suffix == ".safetensors":
             problem = safetensors_problem(file)
             if problem:
-                raise ConfigError(f"model_name: {component}/{file.name} in {str(folder)!r} is {problem}; re-download or re-save the model")
+                raise ConfigError(f"{field}: {component}/{file.name} in {str(folder)!r} is {problem}; re-download or re-save the model")
 
 
 def safetensors_problem(path: Path) -> str | None:

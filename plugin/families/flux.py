@@ -48,6 +48,28 @@ class Flux(FlowFamily):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     hub_tag = "flux"
     kohya_base_model_version = "flux1"
+    single_file_markers = ("double_blocks.0.img_attn.qkv.weight",)
+    single_file_components = {}  # Flux files hold the transformer; the rest comes from text_encoder_source
+    diffusers_flux_width = 3072  # the inner width Diffusers' conversion of BFL files assumes (Flux.1's)
+
+    @classmethod
+    def single_file_to_diffusers(cls, checkpoint: dict, config, convert) -> dict:
+        """Diffusers' conversion cuts each single block's fused q/k/v/MLP projection at Flux.1's width; a file of
+        another width (a distilled or test model) is cut at its own, with meta stand-ins for the conversion."""
+        checkpoint = {k.removeprefix("model.diffusion_model."): v for k, v in checkpoint.items()}
+        width = checkpoint["img_in.weight"].shape[0]
+        if width == cls.diffusers_flux_width:
+            return convert(checkpoint=checkpoint, config=config)
+        pieces = {}
+        for key in [k for k in checkpoint if k.startswith("single_blocks.") and ".linear1." in k]:
+            fused = checkpoint[key]
+            block, kind = key.split(".")[1], key.rsplit(".", 1)[1]
+            sizes = (width, width, width, fused.shape[0] - 3 * width)
+            names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+            pieces.update({f"single_transformer_blocks.{block}.{name}.{kind}": piece for name, piece in zip(names, fused.split(sizes))})
+            stand_in = 7 * cls.diffusers_flux_width  # q, k, v and the 4x-wide MLP input, as Diffusers splits them
+            checkpoint[key] = torch.empty((stand_in, *fused.shape[1:]), dtype=fused.dtype, device="meta")
+        return {**convert(checkpoint=checkpoint, config=config), **pieces}
 
     @property
     def denoiser_input_channels(self) -> int:

@@ -19,6 +19,8 @@ class StableDiffusion(DDPMFamily):
     hub_tag = "stable-diffusion"
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
     kohya_base_model_version = "sd_v1"
+    single_file_markers = ("input_blocks.0.0.weight",)
+    single_file_components = {"vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
 
     @classmethod
     def kohya_model_version(cls, config: dict) -> dict[str, str]:

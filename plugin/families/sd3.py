@@ -17,6 +17,9 @@ class StableDiffusion3(FlowFamily):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     hub_tag = "sd3"
     kohya_base_model_version = "sd3"
+    single_file_markers = ("joint_blocks.0.x_block.attn.qkv.weight",)
+    single_file_components = {"vae": "first_stage_model.", "text_encoder": "text_encoders.clip_l.", "text_encoder_2": "text_encoders.clip_g.",
+                              "text_encoder_3": "text_encoders.t5xxl."}  # fmt: skip
 
     def native_resolution(self) -> int:
         """StableDiffusion3Pipeline's default_sample_size: the transformer's sample_size, in latents."""

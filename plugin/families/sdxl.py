@@ -31,6 +31,8 @@ class StableDiffusionXL(DDPMFamily):
     hub_tag = "stable-diffusion-xl"
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     kohya_base_model_version = "sdxl_base_v1-0"
+    single_file_markers = ("input_blocks.0.0.weight", "label_emb.0.0.weight")
+    single_file_components = {"vae": "first_stage_model.", "text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}
 
     def _check_trainable_model(self) -> None:
         """The SDXL refiner has only the second text encoder and other micro-conditioning: not trainable here."""
