@@ -119,8 +119,18 @@ def module_identity(module: torch.nn.Module) -> str:
     sha.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in module.state_dict().items():
         sha.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        sha.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        for part in _plain_tensors(tensor):
+            sha.update(part.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return sha.hexdigest()
+
+
+def _plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding a tensor's data: itself, or for a quantised tensor subclass (torchao's, with
+    base_quantization) the tensors it is made of (integer data, scales)."""
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [plain for name in names for plain in _plain_tensors(getattr(tensor, name))]
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -243,11 +253,8 @@ class Conditioning:
             latents = self.latent_cache.lookup(batch["indices"], batch["plans"]).to(device)
         else:
             latents = self.family.encode_images(batch["pixel_values"])
-        if self.text_cache is not None:
-            text = {name: t.to(device) for name, t in self.text_cache.lookup(batch["captions"]).items()}
-        else:
-            text = self.family.encode_prompts(batch["captions"])
-        return latents, text
+        text = self.text_cache.lookup(batch["captions"]) if self.text_cache is not None else self.family.encode_prompts(batch["captions"])
+        return latents, {name: t.to(device) for name, t in text.items()}
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """(computed, reused) entries per cache that is on."""

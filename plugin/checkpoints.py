@@ -6,7 +6,8 @@
   ema.safetensors         the averaged weights (the EMA shadow, or each post-hoc EMA profile), when EMA is on
   rng.safetensors         every process's torch RNG states (CPU, and its CUDA device): LoRA dropout draws from them
   state.json              step, data position (epoch, micro-batches done), number of processes, optimizer
-                          hyper-parameters, LR schedule, EMA state, loss-scaler state
+                          hyper-parameters (Prodigy's step-size estimate among them) and per-parameter
+                          numbers, LR schedule, EMA state, loss-scaler state
   config.json             the resolved config of the run that wrote it (family defaults filled in)
   input_config.json       the config as given, which a resumption is compared with before any model loads
 
@@ -162,6 +163,9 @@ def _write(folder: Path, position: Position, state: TrainingState, rng: dict[str
     optimizer = state.optimizer.state_dict()
     moments = {f"{names[i]}::{key}": value.detach().cpu().contiguous()
                for i, slots in optimizer["state"].items() for key, value in slots.items() if torch.is_tensor(value)}  # fmt: skip
+    # Per-parameter numbers that are not tensors (Adafactor's and 8-bit AdamW's step counts) go to state.json.
+    scalars = {f"{names[i]}::{key}": value for i, slots in optimizer["state"].items() for key, value in slots.items()
+               if not torch.is_tensor(value)}  # fmt: skip
     save_file(moments, str(folder / "optimizer.safetensors"))
     groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer["param_groups"]]
     save_file(rng, str(folder / "rng.safetensors"))
@@ -174,6 +178,7 @@ def _write(folder: Path, position: Position, state: TrainingState, rng: dict[str
         "num_processes": state.num_processes,
         "parameter_names": names,
         "optimizer_param_groups": groups,
+        "optimizer_scalars": scalars,
         "lr_schedule": {k: v for k, v in _scheduler(state.lr_schedule).state_dict().items() if k != "lr_lambdas"},
         "ema": state.ema.summary() if state.ema is not None else None,
         "scaler": state.scaler.state_dict() if state.scaler is not None else None,
@@ -209,7 +214,7 @@ def load_checkpoint(folder: Path, state: TrainingState) -> Position:
             parameter.copy_(weights[name])
     moments = _read_tensors(folder / "optimizer.safetensors")
     slots: dict[int, dict] = {}
-    for key, value in moments.items():
+    for key, value in {**moments, **summary.get("optimizer_scalars", {})}.items():
         name, slot = key.split("::")
         slots.setdefault(names.index(name), {})[slot] = value
     groups = [{**group, "params": saved["params"]} for group, saved in

@@ -36,7 +36,9 @@ from .evaluation import eval_prompts, render_images, save_evaluation
 from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
 from .families import open_model
 from .kohya import community_file_name, parse_export_formats
+from .optimizers import build_optimizer, check_optimizer
 from .posthoc import discard_snapshots_after, parse_sigma_rels, write_snapshot
+from .quantization import check_quantization, quantization_plan
 from .reporting import METRICS_FILE, SETUP_PERCENT, JobRecord, Reporter
 from .stopping import StopRequest
 from .validation import ValidationHistory, ValidationSet, check_validation_settings, training_and_validation_data
@@ -81,6 +83,10 @@ def check_settings(cfg) -> None:
         parse_sigma_rels(cfg.posthoc_ema_sigma_rels)
     check_validation_settings(cfg)
     parse_export_formats(cfg.export_formats)
+    check_quantization(cfg)
+    check_optimizer(cfg)
+    if cfg.offload_text_encoders and cfg.train_text_encoder:
+        raise ConfigError("offload_text_encoders: the text encoders train (train_text_encoder), so they stay on the accelerator")
     if cfg.lr_scheduler == "polynomial" and cfg.learning_rate <= POLYNOMIAL_END_LR:
         raise ConfigError(
             f"learning_rate: {cfg.learning_rate:g} is not above {POLYNOMIAL_END_LR:g}, where the polynomial schedule "
@@ -185,8 +191,8 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     job.setup(1)
 
     set_seed(cfg.seed)
-    family.load(WEIGHT_DTYPES[cfg.mixed_precision])
-    family.to(accelerator.device)
+    family.load(WEIGHT_DTYPES[cfg.mixed_precision], quantization_plan(cfg, family, WEIGHT_DTYPES[cfg.mixed_precision]))
+    family.to(accelerator.device, text_encoders=cfg.cache_text_embeddings or not cfg.offload_text_encoders)  # cached: they leave after
     job.setup(2)
     modules = family.attach_lora()
     if cfg.gradient_checkpointing:
@@ -216,13 +222,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     groups = [{"params": list(lora_parameters.values())}]
     if weighting_parameters:  # a calibration, not a model: its own learning rate and no weight decay
         groups.append({"params": list(weighting_parameters.values()), "lr": cfg.loss_weighting_learning_rate, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-    )
+    optimizer = build_optimizer(cfg, groups)
     lr_schedule = get_scheduler(
         cfg.lr_scheduler,
         optimizer,

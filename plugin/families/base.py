@@ -13,15 +13,16 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
-from diffusers import DDPMScheduler, DDIMScheduler, DiffusionPipeline
+from diffusers import DDPMScheduler, DDIMScheduler, DiffusionPipeline, PipelineQuantizationConfig
 from peft import LoraConfig
 from safetensors import SafetensorError
 
 from ..errors import ConfigError
 from ..objectives import DiffusionObjective, FlowMatchingObjective, dynamic_shift_mu
+from ..quantization import quiet_quantizers
 from .description import ModelDescription
 from .single_file import load_single_file
 
@@ -59,14 +60,17 @@ class ModelFamily(ABC):
         self.unparked_now = False  # inside an `unparked` block
 
     # ----- loading and preparation -------------------------------------------------------------------
-    def load(self, dtype: torch.dtype) -> None:
-        """The pipeline's weights, frozen and in eval mode (the described tokenizers are reused)."""
-        source = self.description.source
+    def load(self, dtype: torch.dtype, quantization: Mapping[str, Any] | None = None) -> None:
+        """The pipeline's weights, frozen and in eval mode (the described tokenizers are reused); the components
+        in `quantization` (see plugin/quantization.py) quantised as they load."""
+        source, quantization = self.description.source, dict(quantization or {})
         try:
-            if self.description.single_file is not None:
-                pipe = load_single_file(self, dtype)
-            else:
-                pipe = self.pipeline_class.from_pretrained(source, dtype=dtype, **self.description.tokenizers)
+            with quiet_quantizers():
+                if self.description.single_file is not None:
+                    pipe = load_single_file(self, dtype, quantization)
+                else:
+                    quantized = {"quantization_config": PipelineQuantizationConfig(quant_mapping=quantization)} if quantization else {}
+                    pipe = self.pipeline_class.from_pretrained(source, dtype=dtype, **self.description.tokenizers, **quantized)
         except (OSError, ValueError, SafetensorError) as error:
             raise ConfigError(f"model_name: cannot load the weights of {source!r}: {str(error).splitlines()[0]}") from None
         if dtype == torch.float16:
@@ -93,14 +97,28 @@ class ModelFamily(ABC):
     def native_resolution(self) -> int:
         """The resolution the model was trained at, used when the user leaves resolution at 0."""
 
-    def to(self, device: torch.device) -> None:
-        self.pipe.to(device)
+    def to(self, device: torch.device, text_encoders: bool = True) -> None:
+        """Move the pipeline to `device`; with `text_encoders` False its text encoders stay parked on the CPU
+        (offload_text_encoders), where prompts are encoded and from where the embeddings are moved."""
+        for name, component in self.pipe.components.items():
+            if isinstance(component, torch.nn.Module) and (text_encoders or not name.startswith("text_encoder")):
+                component.to(device)
+        if not text_encoders:
+            self.park_encoders(images=False, text=True)
+
+    @property
+    def text_device(self) -> torch.device:
+        """Where the text encoders are, and so where prompts are encoded (the CPU while they are parked)."""
+        encoder = next(m for n, m in self.pipe.components.items() if n.startswith("text_encoder") and isinstance(m, torch.nn.Module))
+        return next(encoder.parameters()).device
 
     def park_encoders(self, images: bool, text: bool) -> None:
-        """Move the VAE (`images`) and the text encoders (`text`) to the CPU, where caches replace them, so
-        their accelerator memory goes to training; `unparked` brings them back for evaluation images."""
+        """Move the VAE (`images`) and the text encoders (`text`) to the CPU, where caches replace them (or
+        offload_text_encoders keeps them), so their accelerator memory goes to training; `unparked` brings them
+        back for evaluation images. Parked modules stay parked."""
         names = (["vae"] if images else []) + ([n for n in self.pipe.components if n.startswith("text_encoder")] if text else [])
-        self.parked = [m for m in (getattr(self.pipe, n, None) for n in names) if isinstance(m, torch.nn.Module)]
+        parking = [m for m in (getattr(self.pipe, n, None) for n in names) if isinstance(m, torch.nn.Module)]
+        self.parked += [m for m in parking if all(m is not p for p in self.parked)]
         for module in self.parked:
             module.to("cpu")
 
@@ -324,7 +342,7 @@ class ModelFamily(ABC):
         pipeline, source = self.pipeline_class.__name__, self.description.single_file
         if source is None:
             return {"loading_classes": [pipeline], "loading": [f"pipe = {pipeline}.from_pretrained({self.description.source!r}, torch_dtype=torch.bfloat16)"]}
-        if not source.absent:
+        if source.components_from is None:
             return {"loading_classes": [pipeline],
                     "loading": [f"pipe = {pipeline}.from_single_file({str(source.path)!r}, config={source.config!r}, torch_dtype=torch.bfloat16)"]}
         denoiser = self.description.components[self.denoiser_name]

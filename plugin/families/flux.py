@@ -81,7 +81,7 @@ class Flux(FlowFamily):
 
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            embeds, pooled, _ = self.pipe.encode_prompt(captions, None, device=self.denoiser.device)
+            embeds, pooled, _ = self.pipe.encode_prompt(captions, None, device=self.text_device)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:

@@ -31,7 +31,7 @@ class StableDiffusion(DDPMFamily):
 
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         with torch.set_grad_enabled(self.trains_text_encoder):
-            embeds, _ = self.pipe.encode_prompt(captions, self.denoiser.device, 1, False)
+            embeds, _ = self.pipe.encode_prompt(captions, self.text_device, 1, False)
         return {"encoder_hidden_states": embeds}
 
     def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:

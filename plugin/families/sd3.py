@@ -28,7 +28,7 @@ class StableDiffusion3(FlowFamily):
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             embeds, _, pooled, _ = self.pipe.encode_prompt(
-                captions, None, None, device=self.denoiser.device, do_classifier_free_guidance=False
+                captions, None, None, device=self.text_device, do_classifier_free_guidance=False
             )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 

@@ -43,7 +43,7 @@ class StableDiffusionXL(DDPMFamily):
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         with torch.set_grad_enabled(self.trains_text_encoder):
             embeds, _, pooled, _ = self.pipe.encode_prompt(
-                captions, device=self.denoiser.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                captions, device=self.text_device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 

@@ -37,8 +37,7 @@ class SingleFileSource:
 
     path: Path
     config: str  # the Diffusers folder or hub id whose configs describe the file's modules
-    absent: tuple[str, ...]  # pipeline components the file lacks ...
-    components_from: str | None  # ... loaded from this Diffusers folder or hub id (text_encoder_source)
+    components_from: str | None  # text_encoder_source: all but the denoiser load from this folder or hub id
 
 
 def is_single_file(model_name: str) -> bool:
@@ -101,7 +100,8 @@ def default_config(path: Path, header: Mapping[str, torch.Tensor]) -> str:
 
 def describe_single_file(path: Path, header: Mapping[str, torch.Tensor], family, model_config: str, text_encoder_source: str) -> ModelDescription:
     """The description of the file's pipeline: the configs of `model_config` (or Diffusers' guess), checked
-    against the file's own shapes; components the file lacks must be in `text_encoder_source`."""
+    against the file's own shapes. With `text_encoder_source` only the file's denoiser is used and the other
+    components come from there; without it the file must hold them all."""
     field = "model_config" if model_config or not text_encoder_source else "text_encoder_source"
     config = model_config or text_encoder_source or default_config(path, header)
     model_index = read_model_index(config, field)
@@ -110,16 +110,16 @@ def describe_single_file(path: Path, header: Mapping[str, torch.Tensor], family,
                           "checkpoint; give the configs of the file's own architecture")  # fmt: skip
     description = describe_model(config, model_index, family.denoiser_name, field=field, check_files=False)
     _check_denoiser_matches(path, header, description, family, field, config)
-    absent = tuple(name for name, class_name in description.components.items()
-                   if class_name is not None and name != family.denoiser_name and _is_module(description, name)
-                   and not any(key.startswith(family.single_file_components.get(name, "\0")) for key in header))  # fmt: skip
+    others = [name for name, class_name in description.components.items()
+              if class_name is not None and name != family.denoiser_name and _is_module(description, name)]  # fmt: skip
+    absent = [name for name in others if not any(key.startswith(family.single_file_components.get(name, "\0")) for key in header)]
     if absent and not text_encoder_source:
         raise ConfigError(f"text_encoder_source: {str(path)!r} holds no {', '.join(absent)}; set text_encoder_source to a "
                           f"Diffusers {family.title} pipeline folder or hub id to take them from")  # fmt: skip
-    if absent and Path(text_encoder_source).expanduser().is_dir():
-        for name in absent:
-            check_component_files(Path(text_encoder_source).expanduser(), name, component_class(description.libraries[name], description.components[name], name), "text_encoder_source")
-    source = SingleFileSource(path=path, config=config, absent=absent, components_from=text_encoder_source or None)
+    if text_encoder_source and Path(text_encoder_source).expanduser().is_dir():
+        for name in others:
+            check_component_files(Path(text_encoder_source).expanduser(), name, _class_of(description, name), "text_encoder_source")
+    source = SingleFileSource(path=path, config=config, components_from=text_encoder_source or None)
     return dataclasses.replace(description, source=str(path), single_file=source)
 
 
@@ -162,14 +162,24 @@ def _check_denoiser_matches(path: Path, header, description: ModelDescription, f
                           "give the configs of the file's own architecture")  # fmt: skip
 
 
-def load_single_file(family, dtype: torch.dtype):
-    """The pipeline from the file. A whole file loads through Diffusers' `from_single_file`; a file lacking
-    components gives its denoiser, and the rest of the pipeline comes from text_encoder_source."""
+def load_single_file(family, dtype: torch.dtype, quantization: dict):
+    """The pipeline from the file. Without text_encoder_source, the whole file loads through Diffusers'
+    `from_single_file`; with it, the file gives the denoiser and the rest comes from text_encoder_source. The
+    components in `quantization` are quantised as they load (see plugin/quantization.py)."""
     description = family.description
-    source = description.single_file
-    if not source.absent:
-        return family.pipeline_class.from_single_file(str(source.path), config=source.config, dtype=dtype, **description.tokenizers)
+    source, name = description.single_file, family.denoiser_name
+    denoiser_class = _class_of(description, name)
+    quantized = {"quantization_config": quantization[name]} if name in quantization else {}
+    if source.components_from is None:
+        if set(quantization) - {name}:
+            raise ConfigError("quantize_text_encoders: the text encoders inside a single-file checkpoint load through Diffusers' "
+                              "single-file reader, which cannot quantise them; set text_encoder_source to take them from a folder")  # fmt: skip
+        denoiser = {name: denoiser_class.from_single_file(str(source.path), config=source.config, subfolder=name, dtype=dtype, **quantized)} if quantized else {}
+        return family.pipeline_class.from_single_file(str(source.path), config=source.config, dtype=dtype, **description.tokenizers, **denoiser)
     tensors = pickled_tensors(source.path, "cpu") if source.path.suffix.lower() in PICKLE_SUFFIXES else load_file(str(source.path))
-    denoiser = _class_of(description, family.denoiser_name).from_single_file(
-        diffusers_denoiser_state(family, description, tensors), config=source.config, subfolder=family.denoiser_name, dtype=dtype)
-    return family.pipeline_class.from_pretrained(source.components_from, dtype=dtype, **{family.denoiser_name: denoiser}, **description.tokenizers)
+    denoiser = denoiser_class.from_single_file(diffusers_denoiser_state(family, description, tensors), config=source.config,
+                                               subfolder=name, dtype=dtype, **quantized)  # fmt: skip
+    others = {component: _class_of(description, component).from_pretrained(source.components_from, subfolder=component, dtype=dtype,
+                                                                            quantization_config=config)
+              for component, config in quantization.items() if component != name}  # fmt: skip
+    return family.pipeline_class.from_pretrained(source.components_from, dtype=dtype, **{name: denoiser}, **others, **description.tokenizers)

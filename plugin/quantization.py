@@ -1,0 +1,94 @@
+"""A quantised frozen base: the denoiser's linear layers (and, with `quantize_text_encoders`, the frozen text
+encoders') stored in int8, float8 or NF4 and dequantised inside each matmul, so that a Flux-size base fits an
+ordinary GPU. LoRA trains on top in fp32 (PEFT wraps torchao's and bitsandbytes' layers with its own LoRA
+layers) and the saved adapter is an ordinary one, for unquantised pipelines.
+
+The library per mode:
+- int8 and fp8: torchao's weight-only configs (Int8WeightOnlyConfig, Float8WeightOnlyConfig). PyTorch's own
+  quantisation library, kept up with PyTorch; it needs no custom kernels for weight-only storage, so both run
+  on the CPU as well as on GPUs, and PEFT 0.21 has a LoRA layer for its tensors. (optimum-quanto also works
+  but has had no release since early 2025, and Diffusers marks its quanto backend deprecated.)
+- nf4: bitsandbytes' 4-bit NormalFloat, QLoRA's format; CUDA only (Diffusers refuses it without a GPU).
+
+Quantisation happens while the weights load, through Diffusers' and Transformers' own quantizers, each weight
+as it is read: peak memory is the quantised model's, and the base never exists on the GPU in full precision.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+MODES = ("none", "int8", "fp8", "nf4")
+
+
+def import_quantization_libraries() -> None:
+    """Import torchao and Diffusers' quantizers, without their noise (see `quiet_quantizers`). Diffusers'
+    model classes import torchao whenever it is installed, quantised base or not, so this runs first, when
+    the plugin package is imported."""
+    if importlib.util.find_spec("torchao") is not None:
+        with quiet_quantizers():
+            import diffusers.quantizers  # noqa: F401
+            import torchao  # noqa: F401
+
+
+def check_quantization(cfg) -> None:
+    """The mode's library and hardware are there, checked before any weights load."""
+    if cfg.quantize_text_encoders and cfg.base_quantization == "none":
+        raise ConfigError("quantize_text_encoders: set base_quantization (int8, fp8 or nf4) to say how")
+    if cfg.base_quantization == "nf4":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("base_quantization: 'nf4' needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU; "
+                              "int8 and fp8 need neither")  # fmt: skip
+        if not torch.cuda.is_available():
+            raise ConfigError("base_quantization: 'nf4' needs a CUDA GPU (bitsandbytes' 4-bit kernels); int8 and fp8 run anywhere")
+    elif cfg.base_quantization != "none" and importlib.util.find_spec("torchao") is None:
+        raise ConfigError(f"base_quantization: {cfg.base_quantization!r} needs torchao (pip install torchao; setup.sh installs it)")
+
+
+def quantization_plan(cfg, family, dtype: torch.dtype) -> dict[str, Any]:
+    """component -> the quantization_config its loader takes (Diffusers' for the denoiser, Transformers' for
+    text encoders): the denoiser, and with quantize_text_encoders the text encoders that stay frozen. `dtype`
+    is the compute dtype (the run's weight dtype)."""
+    if cfg.base_quantization == "none":
+        return {}
+    import diffusers
+    import transformers
+
+    text_encoders = [name for name, cls in family.description.components.items() if name.startswith("text_encoder") and cls]
+    frozen_text = [name for name in text_encoders if not cfg.train_text_encoder] if cfg.quantize_text_encoders else []
+    configs = {}
+    with quiet_quantizers():
+        for name in [family.denoiser_name] + frozen_text:
+            library = diffusers if name == family.denoiser_name else transformers
+            if cfg.base_quantization == "nf4":
+                configs[name] = library.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+            else:
+                from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+                weight_only = Int8WeightOnlyConfig(set_inductor_config=False) if cfg.base_quantization == "int8" else Float8WeightOnlyConfig()
+                configs[name] = library.TorchAoConfig(weight_only)
+    return configs
+
+
+@contextmanager
+def quiet_quantizers():
+    """Without the noise of quantisation libraries: torchao's import warns about each prebuilt CUDA extension
+    that does not match this machine (weight-only quantisation needs none of them), and Diffusers' torchao
+    quantizer calls int8 in fp32 unsupported, which it is not (it computes in the activations' dtype)."""
+    names = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
