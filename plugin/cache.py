@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .data import ImagePlan, TrainingExamples, apply_plan, image_digests
 from .export import READABLE_FILE, atomic_path, require_writable_folder
+from .quantization import plain_tensors
 
 # Config entries that say where a model came from or which library saved it, not what it computes.
 PROVENANCE_KEYS = frozenset({"_name_or_path", "_commit_hash", "_diffusers_version", "transformers_version", "_use_default_values"})
@@ -119,18 +120,10 @@ def module_identity(module: torch.nn.Module) -> str:
     sha.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in module.state_dict().items():
         sha.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        for part in _plain_tensors(tensor):
+        for part in plain_tensors(tensor):
             sha.update(part.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return sha.hexdigest()
 
-
-def _plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors holding a tensor's data: itself, or for a quantised tensor subclass (torchao's, with
-    base_quantization) the tensors it is made of (integer data, scales)."""
-    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
-        return [tensor]
-    names, _ = tensor.__tensor_flatten__()
-    return [plain for name in names for plain in _plain_tensors(getattr(tensor, name))]
 
 
 def tokenizer_identity(tokenizer) -> str:

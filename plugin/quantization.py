@@ -77,6 +77,38 @@ def quantization_plan(cfg, family, dtype: torch.dtype) -> dict[str, Any]:
     return configs
 
 
+def plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding a tensor's data: itself, or for a quantised tensor subclass (torchao's) the
+    tensors it is made of (integer or float8 data, scales)."""
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [plain for name in names for plain in plain_tensors(getattr(tensor, name))]
+
+
+def quantization_summary(pipe, mode: str) -> str:
+    """One line: how many linear layers of which components are quantised, and their weights' bytes in the
+    compute dtype and as stored."""
+    layers, components, logical, stored = 0, [], 0, 0
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        quantized = [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear) and type(m.weight) not in (torch.Tensor, torch.nn.Parameter)]
+        if quantized:
+            layers, components = layers + len(quantized), components + [name]
+            logical += sum(_full_bytes(w) for w in quantized)
+            stored += sum(t.numel() * t.element_size() for w in quantized for t in plain_tensors(w))
+    return (f"base_quantization {mode}: {layers} linear layers of {', '.join(components) or 'nothing'}; their weights "
+            f"{logical / 2**20:.3g} MiB -> {stored / 2**20:.3g} MiB")
+
+
+def _full_bytes(weight: torch.Tensor) -> int:
+    """A quantised weight's bytes in its compute dtype (bitsandbytes' 4-bit data is packed bytes; the shape
+    and dtype it stands for are in its quant_state)."""
+    state = getattr(weight, "quant_state", None)
+    return state.shape.numel() * state.dtype.itemsize if state is not None else weight.numel() * weight.dtype.itemsize
+
+
 @contextmanager
 def quiet_quantizers():
     """Without the noise of quantisation libraries: torchao's import warns about each prebuilt CUDA extension

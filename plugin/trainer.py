@@ -38,7 +38,7 @@ from .families import open_model
 from .kohya import community_file_name, parse_export_formats
 from .optimizers import build_optimizer, check_optimizer
 from .posthoc import discard_snapshots_after, parse_sigma_rels, write_snapshot
-from .quantization import check_quantization, quantization_plan
+from .quantization import check_quantization, quantization_plan, quantization_summary
 from .reporting import METRICS_FILE, SETUP_PERCENT, JobRecord, Reporter
 from .stopping import StopRequest
 from .validation import ValidationHistory, ValidationSet, check_validation_settings, training_and_validation_data
@@ -192,6 +192,8 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
 
     set_seed(cfg.seed)
     family.load(WEIGHT_DTYPES[cfg.mixed_precision], quantization_plan(cfg, family, WEIGHT_DTYPES[cfg.mixed_precision]))
+    if cfg.base_quantization != "none":
+        log(quantization_summary(family.pipe, cfg.base_quantization))
     family.to(accelerator.device, text_encoders=cfg.cache_text_embeddings or not cfg.offload_text_encoders)  # cached: they leave after
     job.setup(2)
     modules = family.attach_lora()
