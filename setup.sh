@@ -61,5 +61,11 @@ if has_gpu && ! "$VENV/bin/python" -c "import xformers.ops" 2>/dev/null; then
     || { "$VENV/bin/python" -m pip uninstall -y -q xformers 2>/dev/null; echo "setup: xFormers unusable here; PyTorch SDPA will be used"; }
 fi
 
+# bitsandbytes (base_quantization nf4, optimizer adamw_8bit) is CUDA-only: installed where a GPU is present,
+# without dependencies so that it cannot replace our torch. Without it those two settings are refused.
+if has_gpu && ! "$VENV/bin/python" -c "import bitsandbytes" 2>/dev/null; then
+  "${PIP[@]}" --no-deps bitsandbytes || echo "setup: bitsandbytes unavailable; base_quantization nf4 and optimizer adamw_8bit will be refused"
+fi
+
 echo "$WANT" > "$STAMP"
 echo "setup: ready ($("$VENV/bin/python" -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__)'))"

@@ -33,10 +33,13 @@ from plugin.trainer import RunPaths, train  # noqa: E402
 
 
 def variants(cuda: bool) -> list[dict]:
-    """Option sets worth timing here: fp16 and xFormers only exist on CUDA."""
-    runs = [{"mixed_precision": "no"}, {"mixed_precision": "bf16"}, {"mixed_precision": "bf16", "gradient_checkpointing": True}]
+    """Option sets worth timing here: fp16, xFormers, nf4 and 8-bit AdamW only exist on CUDA."""
+    runs = [{"mixed_precision": "no"}, {"mixed_precision": "bf16"}, {"mixed_precision": "bf16", "gradient_checkpointing": True},
+            {"mixed_precision": "bf16", "base_quantization": "int8", "gradient_checkpointing": True}]
     if cuda:
-        runs += [{"mixed_precision": "fp16"}, {"mixed_precision": "bf16", "enable_xformers_memory_efficient_attention": True}]
+        runs += [{"mixed_precision": "fp16"}, {"mixed_precision": "bf16", "enable_xformers_memory_efficient_attention": True},
+                 {"mixed_precision": "bf16", "base_quantization": "nf4", "quantize_text_encoders": True, "optimizer": "adamw_8bit"},
+                 {"mixed_precision": "bf16", "base_quantization": "fp8", "offload_text_encoders": True, "cache_text_embeddings": False}]
     return runs
 
 

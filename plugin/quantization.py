@@ -102,6 +102,17 @@ def quantization_summary(pipe, mode: str) -> str:
             f"{logical / 2**20:.3g} MiB -> {stored / 2**20:.3g} MiB")
 
 
+def own_weights(module: torch.nn.Module) -> None:
+    """Copy a quantised module's remaining full-precision tensors (biases, norms, convolutions) out of the
+    memory-mapped weight file they were loaded from. While any of them points into it the whole mapping stays,
+    with the pages of every weight read while quantising: on a CPU run that keeps the full-precision model
+    resident beside its quantised copy. (Moving to a GPU drops those references anyway.)"""
+    for sub in module.modules():
+        for name, tensor in list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False)):
+            if type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+
+
 def _full_bytes(weight: torch.Tensor) -> int:
     """A quantised weight's bytes in its compute dtype (bitsandbytes' 4-bit data is packed bytes; the shape
     and dtype it stands for are in its quant_state)."""

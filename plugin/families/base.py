@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 
 from ..errors import ConfigError
 from ..objectives import DiffusionObjective, FlowMatchingObjective, dynamic_shift_mu
-from ..quantization import quiet_quantizers
+from ..quantization import own_weights, quiet_quantizers
 from .description import ModelDescription
 from .single_file import load_single_file
 
@@ -58,12 +58,14 @@ class ModelFamily(ABC):
         self.cfg = None  # the resolved run config, set by configure()
         self.parked: list[torch.nn.Module] = []  # encoders kept off the accelerator while caches stand in
         self.unparked_now = False  # inside an `unparked` block
+        self.quantized: list[str] = []  # components loaded quantised (plugin/quantization.py)
 
     # ----- loading and preparation -------------------------------------------------------------------
     def load(self, dtype: torch.dtype, quantization: Mapping[str, Any] | None = None) -> None:
         """The pipeline's weights, frozen and in eval mode (the described tokenizers are reused); the components
         in `quantization` (see plugin/quantization.py) quantised as they load."""
         source, quantization = self.description.source, dict(quantization or {})
+        self.quantized = list(quantization)
         try:
             with quiet_quantizers():
                 if self.description.single_file is not None:
@@ -103,6 +105,8 @@ class ModelFamily(ABC):
         for name, component in self.pipe.components.items():
             if isinstance(component, torch.nn.Module) and (text_encoders or not name.startswith("text_encoder")):
                 component.to(device)
+                if name in self.quantized and device.type == "cpu":
+                    own_weights(component)
         if not text_encoders:
             self.park_encoders(images=False, text=True)
 
