@@ -4,12 +4,14 @@ curves, the settings that matter and how to load the adapter in Diffusers, Comfy
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
 import yaml
 from PIL import Image, ImageDraw
 
+from .adapters import load_lycoris
 from .evaluation import draw_plot
 from .export import atomic_path, save_image_atomic
 from .reporting import METRICS_FILE, read_metrics
@@ -106,10 +108,12 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
         lines += [f"{k + 1}. {prompt}" for k, prompt in enumerate(prompts)] + ["", f"![evaluation images]({EVAL_GRID})", ""]
     if images.get(CURVES):
         lines += ["## Training curves", "", f"![loss and learning rate]({CURVES})", ""]
-    lines += ["## Use it", "", "Diffusers:", "", "```python", "import torch",
-              f"from diffusers import {', '.join(facts['loading_classes'])}", "",
-              *facts["loading"],
-              f"pipe.load_lora_weights('path/to/{name}', weight_name={weights!r})",
+    lycoris = config.get("lora_type") in ("lokr", "loha")
+    loading = ([*inspect.getsource(load_lycoris).splitlines(), "", *facts["loading"], f"load_lycoris(pipe, 'path/to/{name}')"] if lycoris
+               else [*facts["loading"], f"pipe.load_lora_weights('path/to/{name}', weight_name={weights!r})"])  # fmt: skip
+    lines += ["## Use it", "", "Diffusers" + (" (its `load_lora_weights` reads LoRA and DoRA only; this "
+              f"{config['lora_type']} adapter loads with PEFT)" if lycoris else "") + ":", "", "```python", "import torch",
+              f"from diffusers import {', '.join(facts['loading_classes'])}", "", *loading,
               f"image = pipe({(prompts[0] if prompts else config.get('trigger_word') or 'a photo')!r}).images[0]", "```", ""]  # fmt: skip
     if "kohya" in exports:
         lines += [f"ComfyUI, A1111/Forge and other kohya-format tools: copy `{exports['kohya']}` into their LoRA folder "

@@ -14,6 +14,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .errors import ConfigError
+from .adapters import is_lycoris, save_lycoris
 from .kohya import community_file_name, community_state, parse_export_formats
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -91,7 +92,10 @@ def save_layers_atomic(family, layers: dict[str, dict], metadata: dict[str, dict
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".saving-"))
     try:
-        family.save_lora(staging, layers, metadata)
+        if is_lycoris(metadata):
+            save_lycoris(staging, layers, metadata, WEIGHTS_NAME)
+        else:
+            family.save_lora(staging, layers, metadata)
         os.chmod(staging / WEIGHTS_NAME, READABLE_FILE)  # the library writes it 0600: unreadable to other users
         os.replace(staging / WEIGHTS_NAME, folder / WEIGHTS_NAME)
     finally:

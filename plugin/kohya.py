@@ -13,6 +13,10 @@ ComfyUI (SD3, Flux): Diffusers' own keys (`transformer.<module>.lora_A/B.weight`
 reads no alpha from file metadata and Diffusers rejects `.alpha` keys for these pipelines, while both apply
 a key set without alpha at scale 1. kohya's fused-qkv layout for Flux (BFL block names) is not written.
 
+DoRA adds `.dora_scale`, the magnitude per output feature, which ComfyUI applies as PEFT does (the updated
+weight re-normalised per output row, times the magnitude). LoKr and LoHa keep PEFT's tensor names
+(`.lokr_w1`, `.lokr_w2_a`, `.hada_w1_a`, ...), which are LyCORIS's, under the same module names.
+
 kohya's `ss_*` metadata (`ModelFamily.kohya_metadata`) travels with both.
 """
 
@@ -25,6 +29,9 @@ import torch
 from .errors import ConfigError
 
 FORMATS = ("diffusers", "kohya")
+# PEFT's tensor names within an adapter module: LoRA, DoRA's magnitude, LoKr's and LoHa's factors.
+TENSOR_NAMES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2",
+                "lokr_w2_a", "lokr_w2_b", "lokr_t2", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")  # fmt: skip
 
 
 def parse_export_formats(text: str) -> tuple[str, ...]:
@@ -36,15 +43,21 @@ def parse_export_formats(text: str) -> tuple[str, ...]:
 
 
 def module_scale(config: dict, module: str, rank: int) -> float:
-    """PEFT's scale of one LoRA module: lora_alpha / r (/ √r with rsLoRA), with its per-module patterns."""
-    alpha = next((a for pattern, a in (config.get("alpha_pattern") or {}).items() if module.endswith(pattern)), config["lora_alpha"])
+    """PEFT's scale of one adapter module: alpha / r (/ √r with rsLoRA), with its per-module patterns (LoRA
+    and DoRA call alpha `lora_alpha`, LoKr and LoHa `alpha`)."""
+    alpha = next((a for pattern, a in (config.get("alpha_pattern") or {}).items() if module.endswith(pattern)),
+                 config.get("lora_alpha", config.get("alpha")))  # fmt: skip
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def lora_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module path: (lora_A, lora_B)} of one component's PEFT state dict."""
-    return {key.removesuffix(".lora_A.weight"): (value, state[key.replace(".lora_A.", ".lora_B.")])
-            for key, value in state.items() if key.endswith(".lora_A.weight")}  # fmt: skip
+def adapter_modules(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path: {PEFT tensor name (lora_A.weight, lora_magnitude_vector, lokr_w1, hada_w1_a, ...): tensor}}
+    of one component's PEFT state dict."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        module, name = next((key[: -len(n) - 1], n) for n in TENSOR_NAMES if key.endswith("." + n))
+        modules.setdefault(module, {})[name] = value
+    return modules
 
 
 def kohya_module_path(component: str, module: str) -> str:
@@ -60,19 +73,38 @@ def community_file_name(family, adaptor_name: str) -> str:
     return f"{adaptor_name}_{'kohya' if family.kohya_prefixes else 'comfyui'}.safetensors"
 
 
+def community_module(tensors: dict[str, torch.Tensor], scale: float, rank: int, kohya: bool) -> dict[str, torch.Tensor]:
+    """One module's tensors in the community layout, by suffix. These tools scale a LoRA (DoRA) module by
+    `.alpha` / rank and a LoKr/LoHa module by `.alpha` / (its decomposed factor's rank), both by 1.0 without
+    `.alpha`. So: kohya LoRA and every decomposed LyCORIS module carry `.alpha` = scale x rank; ComfyUI's
+    Diffusers-keyed LoRA and a LoKr with both factors whole fold the scale into one factor instead."""
+    if "lora_A.weight" in tensors:
+        down, up = tensors["lora_A.weight"], tensors["lora_B.weight"]
+        out = {"lora_down.weight": down, "lora_up.weight": up} if kohya else {"lora_A.weight": down, "lora_B.weight": up * scale}
+        if kohya:
+            out["alpha"] = torch.tensor(scale * rank, dtype=torch.float32)
+        if "lora_magnitude_vector" in tensors:  # DoRA: ComfyUI's dora_scale, the magnitude per output feature
+            magnitude = tensors["lora_magnitude_vector"]
+            out["dora_scale"] = magnitude.reshape(magnitude.shape[0], *[1] * (down.dim() - 1))
+        return out
+    decomposed = any(name.endswith("_a") for name in tensors)
+    if decomposed:
+        return {**tensors, "alpha": torch.tensor(scale * rank, dtype=torch.float32)}
+    return {**tensors, "lokr_w1": tensors["lokr_w1"] * scale}
+
+
 def community_state(family, layers: dict[str, dict], configs: dict[str, dict]) -> dict[str, torch.Tensor]:
     """The tensors of the community layout of `family` (its `kohya_prefixes`; see the module docstring) from
-    the LoRA tensors per component (as `export.lora_state` gives them) and their PEFT configs."""
+    the adapter tensors per component (as `export.lora_state` gives them) and their PEFT configs."""
     tensors: dict[str, torch.Tensor] = {}
     for component, state in layers.items():
-        for module, (down, up) in lora_modules(state).items():
-            scale = module_scale(configs[component], module, down.shape[0])
-            if not family.kohya_prefixes:
-                tensors[f"{component}.{module}.lora_A.weight"] = down.contiguous()
-                tensors[f"{component}.{module}.lora_B.weight"] = (up * scale).contiguous()
-            else:
+        for module, parts in adapter_modules(state).items():
+            rank = parts["lora_A.weight"].shape[0] if "lora_A.weight" in parts else configs[component]["r"]
+            scale = module_scale(configs[component], module, rank)
+            if family.kohya_prefixes:
                 name = f"{family.kohya_prefixes[component]}_{kohya_module_path(component, module).replace('.', '_')}"
-                tensors[f"{name}.lora_down.weight"] = down.contiguous()
-                tensors[f"{name}.lora_up.weight"] = up.contiguous()
-                tensors[f"{name}.alpha"] = torch.tensor(scale * down.shape[0], dtype=torch.float32)
+            else:
+                name = f"{component}.{module}"
+            for suffix, value in community_module(parts, scale, rank, bool(family.kohya_prefixes)).items():
+                tensors[f"{name}.{suffix}"] = value.contiguous()
     return tensors

@@ -102,6 +102,31 @@ def quantization_summary(pipe, mode: str) -> str:
             f"{logical / 2**20:.3g} MiB -> {stored / 2**20:.3g} MiB")
 
 
+class QuantizedLinear(torch.autograd.Function):
+    """x Wᵀ + b through a frozen torchao-quantised W, whose gradient to x is grad · W dequantised again.
+
+    torchao computes F.linear above autograd, as F.linear(x, W.dequantize(), b): autograd then keeps each layer's
+    dequantised full-precision W until the backward, a whole unquantised copy of the base by the end of the
+    forward, and int8 saves nothing. Here autograd keeps only the quantised W."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.weight, ctx.input_dtype = weight, x.dtype
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad @ ctx.weight.dequantize().to(grad.dtype)).to(ctx.input_dtype), None, None
+
+
+def keep_quantized_for_backward(module: torch.nn.Module) -> None:
+    """Route the forward of every torchao-quantised linear layer in `module` through QuantizedLinear
+    (bitsandbytes' 4-bit layers already keep their quantised weight for the backward)."""
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Linear) and hasattr(layer.weight, "dequantize") and type(layer.weight).__module__.startswith("torchao"):
+            layer.forward = lambda x, layer=layer: QuantizedLinear.apply(x, layer.weight, layer.bias)
+
+
 def own_weights(module: torch.nn.Module) -> None:
     """Copy a quantised module's remaining full-precision tensors (biases, norms, convolutions) out of the
     memory-mapped weight file they were loaded from. While any of them points into it the whole mapping stays,

@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .adapters import check_adapter_type
 from .buckets import BucketBatchSampler, BucketLayout
 from .cache import build_conditioning, resolve_caching
 from .card import write_model_card
@@ -85,6 +86,7 @@ def check_settings(cfg) -> None:
     parse_export_formats(cfg.export_formats)
     check_quantization(cfg)
     check_optimizer(cfg)
+    check_adapter_type(cfg)
     if cfg.offload_text_encoders and cfg.train_text_encoder:
         raise ConfigError("offload_text_encoders: the text encoders train (train_text_encoder), so they stay on the accelerator")
     if cfg.lr_scheduler == "polynomial" and cfg.learning_rate <= POLYNOMIAL_END_LR:

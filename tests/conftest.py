@@ -128,6 +128,7 @@ def heldout_losses(model: Path, cfg, data: Path, adapter_dir: Path | None = None
     (eval mode, no grad), for the base model or with a saved adapter loaded through Diffusers. Lower after
     training means the adapter learned the data's distribution, not just its training images; the yardstick
     falling too means it learned to denoise, not just to please a mis-wired objective."""
+    from plugin.adapters import load_adapter
     from plugin.cache import Conditioning
     from plugin.data import collate_examples, load_image_dataset
     from plugin.families import load_model
@@ -139,7 +140,7 @@ def heldout_losses(model: Path, cfg, data: Path, adapter_dir: Path | None = None
                                           random_rotation=False, center_crop=True,
                                           cache_latents=False))
     if adapter_dir is not None:
-        family.pipe.load_lora_weights(str(adapter_dir))
+        load_adapter(family.pipe, adapter_dir)  # Diffusers' load_lora_weights, or the LoKr/LoHa loader
     objective = family.make_objective()
     examples = build_examples(cfg, load_image_dataset(str(data), cfg.image_column, cfg.caption_column))
     batch = collate_examples([examples[i] for i in range(len(examples))])

@@ -20,9 +20,10 @@ from diffusers import DDPMScheduler, DDIMScheduler, DiffusionPipeline, PipelineQ
 from peft import LoraConfig
 from safetensors import SafetensorError
 
+from ..adapters import adapter_config, peft_type
 from ..errors import ConfigError
 from ..objectives import DiffusionObjective, FlowMatchingObjective, dynamic_shift_mu
-from ..quantization import own_weights, quiet_quantizers
+from ..quantization import keep_quantized_for_backward, own_weights, quiet_quantizers
 from .description import ModelDescription
 from .single_file import load_single_file
 
@@ -75,6 +76,8 @@ class ModelFamily(ABC):
                     pipe = self.pipeline_class.from_pretrained(source, dtype=dtype, **self.description.tokenizers, **quantized)
         except (OSError, ValueError, SafetensorError) as error:
             raise ConfigError(f"model_name: cannot load the weights of {source!r}: {str(error).splitlines()[0]}") from None
+        for name in self.quantized:
+            keep_quantized_for_backward(getattr(pipe, name))
         if dtype == torch.float16:
             _keep_in_fp32(pipe.vae)
         for component in pipe.components.values():
@@ -154,15 +157,11 @@ class ModelFamily(ABC):
         if cfg.train_text_encoder:
             modules.update({name: getattr(self.pipe, name) for name in self.lora_text_encoders})
         for name, module in modules.items():
-            module.add_adapter(
-                LoraConfig(
-                    r=cfg.lora_r,
-                    lora_alpha=cfg.lora_alpha,
-                    lora_dropout=cfg.lora_dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=targets if name == self.denoiser_name else list(TEXT_ENCODER_LORA_TARGETS),
-                )
-            )
+            if name == self.denoiser_name:
+                module.add_adapter(adapter_config(cfg, targets))
+            else:  # text encoders take LoRA only (check_adapter_type)
+                module.add_adapter(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                              init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_LORA_TARGETS)))  # fmt: skip
         for module in modules.values():
             for parameter in module.parameters():
                 if parameter.requires_grad:
@@ -366,11 +365,15 @@ class ModelFamily(ABC):
         model, network dim and alpha, resolution, training settings, trigger word."""
         denoiser = configs[cls.denoiser_name]
         trigger = config.get("trigger_word") or ""
+        algorithm = peft_type(denoiser).lower()
+        network_args = {"use_rslora": bool(denoiser.get("use_rslora"))} if algorithm == "lora" else {"algo": algorithm}
+        if denoiser.get("use_dora"):
+            network_args["dora_wd"] = True
         return {
-            "ss_network_module": "networks.lora",
+            "ss_network_module": "networks.lora" if algorithm == "lora" else "lycoris.kohya",
             "ss_network_dim": str(denoiser["r"]),
-            "ss_network_alpha": f"{denoiser['lora_alpha']:g}",
-            "ss_network_args": json.dumps({"use_rslora": bool(denoiser.get("use_rslora"))}),
+            "ss_network_alpha": f"{denoiser.get('lora_alpha', denoiser.get('alpha')):g}",
+            "ss_network_args": json.dumps(network_args),
             **cls.kohya_model_version(config),
             "ss_sd_model_name": str(config["model_name"]),
             "ss_output_name": str(config["adaptor_name"]),
