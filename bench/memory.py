@@ -1,8 +1,10 @@
 """Peak memory and seconds per step of the real trainer with a quantised frozen base, against the unquantised
 base, on full-size architectures with random weights (built in code: no hub).
 
-CPU: an SD 1.5-sized pipeline at 256 px, batch 1, rank 4, bf16 weights, caches on; peak process RSS
-(ru_maxrss, the whole run including loading). Target: int8 <= 0.55x the bf16 run.
+CPU: an SD 1.5-sized pipeline at 256 px and a slice of Flux-dev at full width (3 double and 6 single blocks,
+1.9B parameters; one-layer text encoders) at 128 px, batch 1, rank 4, bf16 weights, caches on; the peak RSS
+while training (and the whole run's, loading included). Target: int8 <= 0.55x the bf16 run for the Flux
+slice; SD 1.5's UNet is mostly convolutions, which stay unquantised, so its row has none.
 CUDA (with --gpu): also a Flux-dev-sized transformer (the real config, 12B parameters) with real-size
 T5-XXL and CLIP-L, and an SDXL-sized pipeline, at 1024 px, batch 1, rank 16, gradient checkpointing, caches
 on; peak torch.cuda.max_memory_allocated. Targets: Flux int8 <= 16 GiB, nf4 <= 10 GiB, bf16 <= 30 GiB;
@@ -42,8 +44,10 @@ from plugin.trainer import RunPaths, train  # noqa: E402
 
 # model -> (resolution, LoRA rank, settings of every case, cases as (label, settings, target)); a target is
 # ("x", ratio to the model's first case) or ("GiB", peak), or None
+# SD 1.5's UNet is 69 % convolutions, which no weight-only quantiser here handles: int8 reaches its linear 31 %
+# only, so it has no target; a Flux transformer is linear layers, and its slice carries the issue's 0.55x.
 CPU_CASES = {
-    "sd15": (256, 4, {"mixed_precision": "bf16"}, [("bf16", {}, None), ("int8", {"base_quantization": "int8"}, ("x", 0.55))]),
+    "sd15": (256, 4, {"mixed_precision": "bf16"}, [("bf16", {}, None), ("int8", {"base_quantization": "int8"}, None)]),
     "flux-slice": (128, 4, {"mixed_precision": "bf16"}, [("bf16", {}, None), ("int8", {"base_quantization": "int8"}, ("x", 0.55))]),
 }  # fmt: skip
 GPU_CASES = {
@@ -104,7 +108,7 @@ def sdxl_sized_pipeline():
 
 
 BUILDERS = {"sd15": sd15_sized_pipeline, "flux-dev": flux_dev_sized_pipeline, "sdxl": sdxl_sized_pipeline,
-            "flux-slice": lambda: flux_dev_sized_pipeline(double_blocks=1, single_blocks=2, text_layers=(1, 1))}  # fmt: skip
+            "flux-slice": lambda: flux_dev_sized_pipeline(double_blocks=3, single_blocks=6, text_layers=(1, 1))}  # fmt: skip
 
 
 class TrainingRss(threading.Thread):
