@@ -39,7 +39,8 @@ def run(model, data, out, **overrides):
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_a_quantized_base_trains_and_its_adapter_changes_the_unquantized_pipeline(mode, family, tiny_models, sample_data, heldout_data, tmp_path):
     model = tiny_models[family]
-    cfg, paths, logged = run(model, sample_data, tmp_path / "out", base_quantization=mode, quantize_text_encoders=True)
+    cfg, paths, logged = run(model, sample_data, tmp_path / "out", base_quantization=mode, quantize_text_encoders=True,
+                             eval_prompt="a red circle")  # an evaluation renders with the quantised base too
     quantized = next(line for line in logged if line.startswith("base_quantization"))
     assert f"{mode}:" in quantized and " 0 linear" not in quantized, quantized
     before, after = heldout_losses(model, cfg, heldout_data), heldout_losses(model, cfg, heldout_data, paths.adapter_dir)
@@ -135,3 +136,17 @@ def test_prodigy_settings_that_fight_it_are_warned(overrides, message, tiny_mode
     cfg = parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path, optimizer="prodigy", **overrides))
     with pytest.warns(UserWarning, match=message):
         check_optimizer(cfg)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_evaluation_leaves_the_base_in_its_dtype_and_the_pipeline_settings_as_they_were(family, tiny_models, sample_data, tmp_path):
+    """Diffusers' from_pipe casts every module it shares to float32: a bf16 base became fp32 at the first
+    evaluation (and a quantised one raised). The eval pipeline shares the modules and keeps the config."""
+    cfg = parse_parameters(base_parameters(tiny_models[family], sample_data, tmp_path, mixed_precision="bf16"))
+    model = load_model(cfg.model_name, torch.bfloat16)
+    model.configure(cfg)
+    pipe = model.eval_pipeline()
+    assert {p.dtype for p in model.denoiser.parameters()} == {torch.bfloat16}
+    assert pipe.components[model.denoiser_name] is model.denoiser
+    kept = lambda config: {k: v for k, v in config.items() if k not in ("scheduler", "_name_or_path")}  # noqa: E731
+    assert kept(pipe.config) == kept(model.pipe.config)

@@ -321,8 +321,15 @@ class ModelFamily(ABC):
     # ----- evaluation and export ---------------------------------------------------------------------
     def eval_pipeline(self) -> DiffusionPipeline:
         """An inference pipeline sharing the loaded (LoRA-carrying) modules and the pipeline's own settings:
-        nothing reloaded from disk."""
-        return self.pipeline_class.from_pipe(self.pipe)
+        nothing reloaded from disk. Built with the constructor, not `from_pipe`, which casts every module it
+        shares to float32: a bf16 base became fp32 for the rest of the run at its first evaluation, and a
+        quantised one cannot be cast at all."""
+        components, config = self.pipe.components, self.pipe.config
+        arguments = {name: components[name] if name in components else config[name]
+                     for name in inspect.signature(self.pipeline_class.__init__).parameters if name in components or name in config}  # fmt: skip
+        pipe = self.pipeline_class(**arguments)
+        pipe.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
+        return pipe
 
     def eval_call_kwargs(self) -> dict[str, Any]:
         cfg = self.cfg
