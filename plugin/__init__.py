@@ -1,5 +1,1 @@
 """LoRA fine-tuning plugin for Diffusers pipelines (SD 1.x/2.x, SDXL, SD3, Flux)."""
-
-from .quantization import import_quantization_libraries
-
-import_quantization_libraries()

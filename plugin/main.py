@@ -147,6 +147,9 @@ def train_run(cfg: Config, adaptor_output_dir: str | None, job: JobRecord) -> No
 
 def quiet_libraries() -> None:
     """Library chatter (loading bars, optional-backend notices) would bury the trainer's own output."""
+    from plugin.quantization import import_quantization_libraries
+
+    import_quantization_libraries()  # first: Diffusers imports torchao, which warns about its CUDA extensions
     import datasets
     import diffusers
     import transformers

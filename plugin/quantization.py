@@ -30,8 +30,8 @@ MODES = ("none", "int8", "fp8", "nf4")
 
 def import_quantization_libraries() -> None:
     """Import torchao and Diffusers' quantizers, without their noise (see `quiet_quantizers`). Diffusers'
-    model classes import torchao whenever it is installed, quantised base or not, so this runs first, when
-    the plugin package is imported."""
+    model classes import torchao whenever it is installed, quantised base or not, so main.py runs this before
+    anything imports Diffusers."""
     if importlib.util.find_spec("torchao") is not None:
         with quiet_quantizers():
             import diffusers.quantizers  # noqa: F401
