@@ -4,7 +4,8 @@ base, on full-size architectures with random weights (built in code: no hub).
 CPU: an SD 1.5-sized pipeline at 256 px and a slice of Flux-dev at full width (3 double and 6 single blocks,
 1.9B parameters; one-layer text encoders) at 128 px, batch 1, rank 4, bf16 weights, caches on; the peak RSS
 while training (and the whole run's, loading included). Target: int8 <= 0.55x the bf16 run for the Flux
-slice; SD 1.5's UNet is mostly convolutions, which stay unquantised, so its row has none.
+slice; SD 1.5's UNet is mostly convolutions, which stay unquantised, so its row has none. The Flux slice
+also trains in two processes (gloo), whole and with shard_base_model; the peak is the larger process's.
 CUDA (with --gpu): also a Flux-dev-sized transformer (the real config, 12B parameters) with real-size
 T5-XXL and CLIP-L, and an SDXL-sized pipeline, at 1024 px, batch 1, rank 16, gradient checkpointing, caches
 on; peak torch.cuda.max_memory_allocated. Targets: Flux int8 <= 16 GiB, nf4 <= 10 GiB, bf16 <= 30 GiB;
@@ -13,7 +14,7 @@ SDXL int8 <= 8 GiB. Building and saving the Flux-sized model writes about 35 GB 
 Every case runs in its own process (a peak belongs to one run), the cases alternate over --repeats rounds
 (this machine is noisy) and the table shows medians and the ratio to the unquantised run:
 
-    .venv/bin/python bench/memory.py [--repeats 2] [--steps 4] [--gpu] 2>/dev/null
+    .venv/bin/python bench/memory.py [--repeats 2] [--steps 4] [--gpu] [--models flux-slice ...] 2>/dev/null
 """
 
 from __future__ import annotations
@@ -42,13 +43,17 @@ from plugin.main import quiet_libraries  # noqa: E402
 from plugin.tiny import offline_clip_tokenizer, write_sample_dataset  # noqa: E402
 from plugin.trainer import RunPaths, train  # noqa: E402
 
+# Two processes sharding the slice's 3.8 GB transformer each drop half of it, 1.9 GB of the 5.7 GB a whole run holds
+SHARDED_TARGET = 0.75
 # model -> (resolution, LoRA rank, settings of every case, cases as (label, settings, target)); a target is
 # ("x", ratio to the model's first case) or ("GiB", peak), or None
 # SD 1.5's UNet is 69 % convolutions, which no weight-only quantiser here handles: int8 reaches its linear 31 %
 # only, so it has no target; a Flux transformer is linear layers, and its slice carries the issue's 0.55x.
 CPU_CASES = {
     "sd15": (256, 4, {"mixed_precision": "bf16"}, [("bf16", {}, None), ("int8", {"base_quantization": "int8"}, None)]),
-    "flux-slice": (128, 4, {"mixed_precision": "bf16"}, [("bf16", {}, None), ("int8", {"base_quantization": "int8"}, ("x", 0.55))]),
+    "flux-slice": (128, 4, {"mixed_precision": "bf16"}, [("bf16", {}, None), ("int8", {"base_quantization": "int8"}, ("x", 0.55)),
+                   ("bf16, 2 processes", {"processes": 2}, None),
+                   ("bf16, 2 processes, sharded", {"processes": 2, "shard_base_model": True}, ("x", SHARDED_TARGET))]),
 }  # fmt: skip
 GPU_CASES = {
     "flux-dev": (1024, 16, {"mixed_precision": "bf16", "gradient_checkpointing": True},
@@ -154,6 +159,14 @@ def one_run(model: Path, data: Path, out: Path, resolution: int, rank: int, sett
     return {"peak_gib": peak, "run_peak_rss_gib": _status_kib("VmHWM") / 2**20, "seconds_per_step": statistics.median(timed)}
 
 
+def launcher(processes: int) -> list[str]:
+    """The command that runs a script in `processes` processes: Python itself, or accelerate launch (gloo)."""
+    if processes == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29561"]  # fmt: skip
+
+
 def measure(name: str, spec: tuple, root: Path, repeats: int, steps: int) -> list[str]:
     """Build and save the model once, run its cases alternately in fresh processes, and format the rows."""
     resolution, rank, common, cases = spec
@@ -165,11 +178,15 @@ def measure(name: str, spec: tuple, root: Path, repeats: int, steps: int) -> lis
     figures = {label: [] for label, _, _ in cases}
     for round_ in range(repeats):
         for label, settings, _ in cases:
-            job = json.dumps([str(model), str(data), str(root / f"out-{name}-{label}-{round_}"), resolution, rank, {**common, **settings}, steps])
-            done = subprocess.run([sys.executable, __file__, "--one", job], capture_output=True, text=True)
+            settings = {**common, **settings}
+            processes = settings.pop("processes", 1)
+            job = json.dumps([str(model), str(data), str(root / f"out-{name}-{label}-{round_}"), resolution, rank, settings, steps])
+            done = subprocess.run(launcher(processes) + [__file__, "--one", job], capture_output=True, text=True,
+                                  env={**os.environ, "ACCELERATE_USE_CPU": "1"} if processes > 1 else None)  # fmt: skip
             if done.returncode:
                 raise RuntimeError(f"{name} {label} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
-            figures[label].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            each = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]  # a line per process
+            figures[label].append({key: max(f[key] for f in each) for key in each[0]})
     rows, baseline = [], statistics.median(f["peak_gib"] for f in figures[cases[0][0]])
     for label, _, target in cases:
         peak = statistics.median(f["peak_gib"] for f in figures[label])
@@ -188,6 +205,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--gpu", action="store_true", help="also the Flux-dev- and SDXL-sized cases (CUDA)")
+    parser.add_argument("--models", nargs="+", choices=list(BUILDERS), help="only these models' cases")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a single case, in a child process
     args = parser.parse_args()
     if args.one:
@@ -196,11 +214,11 @@ def main() -> int:
         return 0
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs CUDA")
-    specs = {**CPU_CASES, **(GPU_CASES if args.gpu else {})}
+    specs = {name: spec for name, spec in {**CPU_CASES, **(GPU_CASES if args.gpu else {})}.items() if name in (args.models or BUILDERS)}
     where = "GPU allocated" if torch.cuda.is_available() else "RSS while training"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device}; torch {torch.__version__}; {args.repeats} alternating rounds of {args.steps} steps")
-    rows = [f"| model | base | peak {where}, GiB | x unquantised | whole run's peak RSS, GiB | s/step | |", "|---|---|---|---|---|---|---|"]
+    rows = [f"| model | base | peak {where}, GiB | x the first row | whole run's peak RSS, GiB | s/step | |", "|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as workdir:
         for name, spec in specs.items():
             rows += measure(name, spec, Path(workdir), args.repeats, args.steps)

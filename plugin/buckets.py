@@ -90,15 +90,18 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     With `num_processes` > 1 the global batches hold batch_size x num_processes images and each process
     iterates over its slice of every one (an unfilled batch is split as evenly as it goes, so a slice may
     be empty); `shares` gives the weight of each slice's mean loss that makes the processes' average the
-    global batch's mean.
+    global batch's mean. With `lockstep` (a sharded base, whose forwards are collectives) an empty slice is
+    the batch's first image at share 0, so that every process runs a forward for every batch.
     """
 
-    def __init__(self, bucket_ids: list[int], batch_size: int, seed: int, num_processes: int = 1, process_index: int = 0):
+    def __init__(self, bucket_ids: list[int], batch_size: int, seed: int, num_processes: int = 1, process_index: int = 0,
+                 lockstep: bool = False):  # fmt: skip
         self.bucket_ids = list(bucket_ids)
         self.batch_size = batch_size * num_processes
         self.seed = seed
         self.num_processes = num_processes
         self.process_index = process_index
+        self.lockstep = lockstep
         self.epoch = 0
         self.skip = 0
 
@@ -126,7 +129,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             base, extra = divmod(len(batch), self.num_processes)
             start = self.process_index * base + min(self.process_index, extra)
             size = base + (self.process_index < extra)
-            result.append((batch[start : start + size], size * self.num_processes / len(batch)))
+            if size == 0 and self.lockstep:
+                result.append((batch[:1], 0.0))
+            else:
+                result.append((batch[start : start + size], size * self.num_processes / len(batch)))
         return result
 
     def shares(self) -> list[float]:

@@ -41,6 +41,7 @@ from .optimizers import build_optimizer, check_optimizer
 from .posthoc import discard_snapshots_after, parse_sigma_rels, write_snapshot
 from .quantization import check_quantization, quantization_plan, quantization_summary
 from .reporting import METRICS_FILE, SETUP_PERCENT, JobRecord, Reporter
+from .sharding import check_sharding, shard_frozen_base
 from .stopping import StopRequest
 from .validation import ValidationHistory, ValidationSet, check_validation_settings, training_and_validation_data
 
@@ -87,6 +88,7 @@ def check_settings(cfg) -> None:
     check_quantization(cfg)
     check_optimizer(cfg)
     check_adapter_type(cfg)
+    check_sharding(cfg)
     if cfg.offload_text_encoders and cfg.train_text_encoder:
         raise ConfigError("offload_text_encoders: the text encoders train (train_text_encoder), so they stay on the accelerator")
     if cfg.lr_scheduler == "polynomial" and cfg.learning_rate <= POLYNOMIAL_END_LR:
@@ -193,12 +195,15 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     job.setup(1)
 
     set_seed(cfg.seed)
-    family.load(WEIGHT_DTYPES[cfg.mixed_precision], quantization_plan(cfg, family, WEIGHT_DTYPES[cfg.mixed_precision]))
+    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    family.load(weight_dtype, quantization_plan(cfg, family, weight_dtype))
     if cfg.base_quantization != "none":
         log(quantization_summary(family.pipe, cfg.base_quantization))
+    modules = family.attach_lora()  # before anything moves, so that sharding can leave the LoRA weights out
+    if cfg.shard_base_model:
+        log(shard_frozen_base(family.denoiser, processes, accelerator.device))
     family.to(accelerator.device, text_encoders=cfg.cache_text_embeddings or not cfg.offload_text_encoders)  # cached: they leave after
     job.setup(2)
-    modules = family.attach_lora()
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(modules)
     if cfg.enable_xformers_memory_efficient_attention:
@@ -210,11 +215,12 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     weighting_parameters = objective.learned_parameters(accelerator.device)  # learned loss weighting's u(σ), or none
     named_parameters = {**lora_parameters, **weighting_parameters}
     parameters = list(named_parameters.values())
-    held_out = ValidationSet.build(cfg, family, held_out_rows) if is_main and held_out_rows is not None else None
+    held_out = ValidationSet.build(cfg, family, held_out_rows) if held_out_rows is not None else None
     with accelerator.main_process_first():  # a disk cache is filled once, then read by the other processes
         conditioning = build_conditioning(cfg, family, examples, log)
     job.setup(SETUP_PERCENT)
-    sampler = BucketBatchSampler(layout.bucket_ids(), cfg.train_batch_size, cfg.seed, processes, accelerator.process_index)
+    sampler = BucketBatchSampler(layout.bucket_ids(), cfg.train_batch_size, cfg.seed, processes, accelerator.process_index,
+                                 lockstep=cfg.shard_base_model)  # fmt: skip
     # The loader's own generator: each epoch's iterator draws a worker base seed from it, which from the global
     # RNG would shift LoRA dropout's draws and make a resumed run differ from an unbroken one.
     loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate_examples, num_workers=cfg.dataloader_num_workers,
@@ -244,7 +250,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
         log(f"resumed from {resume_from} at step {position.step} (epoch {position.epoch + 1}, {position.batches_done} batches in)")
         if is_main:
             discard_snapshots_after(paths.run_dir, position.step)
-    validation = ValidationHistory(paths.run_dir, held_out, position.step if resume_from is not None else None)
+    validation = ValidationHistory(paths.run_dir, held_out, position.step if resume_from is not None else None, record=is_main)
 
     if is_main:
         write_json_atomic(paths.run_dir / RESOLVED_CONFIG, resolved_config)
@@ -271,36 +277,38 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
         accelerator.wait_for_everyone()
 
     def validate() -> None:
-        """The validation loss of the weights as they are now (main process, modules in eval mode)."""
+        """The validation loss of the weights as they are now (modules in eval mode), reported by the main process."""
         loss = validation.measure(step, family, objective, accelerator.autocast)
         if loss is not None:
             reporter.metrics(step, {"validation/loss": loss})
             log(f"step {step}: validation loss {loss:.5f} ({held_out.size} held-out images)")
 
-    def save_and_render(epoch: int, render: bool = True) -> None:
-        """The adapter, then eval images, from the weights that count (EMA when on); raw weights beside them.
-        Saving first means a failure while rendering cannot cost the trained weights. Main process only."""
-        if is_main:
-            save_adapters_and_render(epoch, render)
-        accelerator.wait_for_everyone()
-
-    def save_adapters_and_render(epoch: int, render: bool) -> None:
-        """save_and_render's work, on the main process."""
-        for module in modules.values():
-            module.eval()
+    def save_adapters() -> None:
+        """The adapter from the weights that count (EMA when on), the raw weights beside it. Main process."""
         if ema is not None:
             save_adapter_atomic(family, modules, paths.adapter_dir / "raw", resolved_config)
         with ema.swapped_in() if ema is not None else nullcontext():
             save_adapter_atomic(family, modules, paths.adapter_dir, resolved_config)
-            with family.unparked():  # the parked encoders come over once, for the validation loss and the images
-                validate()
-                if prompts and render:
-                    images = render_images(family, prompts, cfg.eval_seed)
-                    result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch))
-                    reporter.images(step, "eval", images, result.eval_images[-1])
-        write_model_card(paths.adapter_dir, paths.run_dir, resolved_config, prompts, {**card_facts, "steps": step}, exports)
+
+    def save_and_render(epoch: int, render: bool = True) -> None:
+        """The adapter, then the validation loss and eval images of the same weights; saving first means a
+        failure while rendering cannot cost the trained weights. Every process evaluates (a sharded base needs
+        them all for each forward; unsharded, the others would only wait), the main one writes."""
+        for module in modules.values():
+            module.eval()
+        if is_main:
+            save_adapters()
+        with ema.swapped_in() if ema is not None else nullcontext(), family.unparked():  # encoders come over once for both
+            validate()
+            images = render_images(family, prompts, cfg.eval_seed) if prompts and render else []
+        if is_main:
+            if images:
+                result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch))
+                reporter.images(step, "eval", images, result.eval_images[-1])
+            write_model_card(paths.adapter_dir, paths.run_dir, resolved_config, prompts, {**card_facts, "steps": step}, exports)
         for module in modules.values():
             module.train()
+        accelerator.wait_for_everyone()
 
     def accumulate_gradients(group: list[tuple[dict | None, float]], epoch: int) -> float:
         """Backward over one optimizer step's micro-batches, each scaled by 1/len(group) so accumulation
@@ -348,7 +356,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     result = RunResult(adapter_path=paths.adapter_dir / WEIGHTS_NAME)
     step, epoch = position.step, position.epoch
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
-    if is_main and resume_from is None:
+    if resume_from is None:
         for module in modules.values():
             module.eval()
         validate()  # the base model's, the curve's first point

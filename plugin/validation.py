@@ -114,11 +114,13 @@ class ValidationSet:
 
 class ValidationHistory:
     """The validation losses of a run, `<run>/validation_loss.json` ([{"step", "loss"}, ...]), rewritten
-    atomically after each measurement. A resumed run keeps the entries up to its checkpoint's step."""
+    atomically after each measurement (by one process: `record`). A resumed run keeps the entries up to its
+    checkpoint's step."""
 
-    def __init__(self, run_dir: Path, held_out: ValidationSet | None, resumed_step: int | None = None):
+    def __init__(self, run_dir: Path, held_out: ValidationSet | None, resumed_step: int | None = None, record: bool = True):
         self.path = Path(run_dir) / HISTORY_FILE
         self.held_out = held_out
+        self.record = record
         self.entries: list[dict] = []
         if resumed_step is not None and self.path.is_file():
             self.entries = [e for e in read_history(self.path) if e["step"] <= resumed_step]
@@ -129,7 +131,8 @@ class ValidationHistory:
             return None
         value = self.held_out.loss(family, objective, autocast)
         self.entries = [e for e in self.entries if e["step"] != step] + [{"step": step, "loss": value}]
-        write_json_atomic(self.path, self.entries)
+        if self.record:
+            write_json_atomic(self.path, self.entries)
         return value
 
 

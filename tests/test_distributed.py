@@ -3,12 +3,16 @@ and only the main process writes files."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import base_parameters, write_parameter_file
@@ -17,6 +21,18 @@ from plugin.config import parse_parameters
 from plugin.export import WEIGHTS_NAME
 from plugin.tiny import write_sample_dataset
 from plugin.trainer import RunPaths, train
+from plugin.validation import HISTORY_FILE, read_history
+
+
+def launch_two_processes(config: Path, port: int, **environment) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2` of plugin/main.py on the CPU (gloo); it must succeed."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+               str(Path(__file__).resolve().parent.parent / "plugin" / "main.py"), "--config", str(config)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "1", **environment},
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
 
 
 def test_process_slices_cover_each_global_batch_and_weigh_it_evenly():
@@ -44,12 +60,7 @@ def test_two_processes_train_what_one_process_with_twice_the_batch_trains(tiny_m
     common = dict(max_train_steps=6, learning_rate=1e-4, gradient_accumulation_steps=2, use_ema=True, ema_decay=0.9,
                   checkpointing_steps=3, log_to_tensorboard=True, eval_num_inference_steps=2)  # fmt: skip
     two = base_parameters(tiny_models["sd"], data, tmp_path / "two", train_batch_size=1, **common)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-               str(Path(__file__).resolve().parent.parent / "plugin" / "main.py"), "--config",
-               str(write_parameter_file(tmp_path / "two.json", two))]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = launch_two_processes(write_parameter_file(tmp_path / "two.json", two), port=29517)
     assert done.stdout.count("trained 6 steps") == 1, "one process reports"
 
     cfg = parse_parameters(base_parameters(tiny_models["sd"], data, tmp_path / "one", train_batch_size=2, **common))
@@ -63,3 +74,58 @@ def test_two_processes_train_what_one_process_with_twice_the_batch_trains(tiny_m
     assert len(list((two_dir / "logs").glob("events.out.tfevents.*"))) == 1, "only the main process logs"
     assert sorted(p.name for p in (two_dir / "checkpoints").iterdir()) == ["step_3", "step_6"]
     assert not list(two_dir.rglob(".*")), "no temporary files left by a second writer"
+
+
+def test_lockstep_slices_give_an_empty_slice_one_image_of_no_weight():
+    """A sharded base's forwards are collectives: every process must run one for every batch."""
+    free, lockstep = (BucketBatchSampler([0] * 3, 1, seed=0, num_processes=2, process_index=1, lockstep=flag) for flag in (False, True))
+    assert [len(i) for i, _ in free.slices()] == [1, 0], "3 images in global batches of 2: the last slice of process 1 is empty"
+    last = free.batches(0)[-1]
+    assert lockstep.slices()[:1] == free.slices()[:1] and lockstep.slices()[1] == (last[:1], 0.0)
+
+
+def test_a_sharded_base_trains_what_an_unsharded_one_trains(tiny_models, tmp_path):
+    """Flux with its frozen transformer sharded over two processes (FSDP2 on gloo) against one unsharded
+    process with twice the batch: the same adapter, validation losses and eval images. Each process holds
+    half the frozen weights. 5 training images, so one slice is empty and its process runs a weightless
+    forward; gradient checkpointing, so the backward gathers the blocks again."""
+    data = write_sample_dataset(tmp_path / "data", n=6)
+    common = dict(max_train_steps=4, learning_rate=1e-3, validation_split=1 / 6, gradient_checkpointing=True, eval_steps=1,
+                  eval_num_inference_steps=2, eval_prompt="a red circle;a blue square")  # fmt: skip
+    two = base_parameters(tiny_models["flux"], data, tmp_path / "two", train_batch_size=1, shard_base_model=True, **common)
+    done = launch_two_processes(write_parameter_file(tmp_path / "two.json", two), port=29519)
+    held, whole = map(float, re.search(r"this process holds ([0-9.]+) MiB of its ([0-9.]+) MiB", done.stdout).groups())
+    assert 0.45 < held / whole <= 0.55, done.stdout
+
+    cfg = parse_parameters(base_parameters(tiny_models["flux"], data, tmp_path / "one", train_batch_size=2, **common))
+    result = train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
+    one_dir, two_dir = tmp_path / "one" / "test-adapter", tmp_path / "two" / "test-adapter"
+    a, b = load_file(str(one_dir / WEIGHTS_NAME)), load_file(str(two_dir / WEIGHTS_NAME))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+    assert any((a[key] != 0).any() for key in a if "lora_B" in key), "the adapter trained"
+    one_losses, two_losses = (read_history(d / HISTORY_FILE) for d in (one_dir, two_dir))
+    assert [e["step"] for e in two_losses] == [e["step"] for e in one_losses] == [0, 3, 4], "base, end of epoch 1, end"
+    for x, y in zip(one_losses, two_losses):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"])
+    assert len(result.eval_images) == 2
+    for theirs in result.eval_images:
+        ours = two_dir / "eval_images" / theirs.name
+        difference = np.abs(np.asarray(Image.open(ours), dtype=int) - np.asarray(Image.open(theirs), dtype=int))
+        assert difference.max() <= 1, f"{ours.name}: the sharded run rendered other images"
+
+
+def test_every_family_predicts_with_a_sharded_denoiser_what_it_predicts_whole(tiny_models, sample_data):
+    """Each family's denoiser sharded over two processes (its blocks' units and the root's) gives one
+    held-out batch the loss and LoRA gradients it gives whole, and each process holds about half of it."""
+    script = Path(__file__).resolve().parent / "sharded_predictions.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521", str(script),
+               str(sample_data), *(str(tiny_models[family]) for family in ("sd", "sdxl", "sd3", "flux"))]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert sorted((r["model"], r["rank"]) for r in results) == sorted((f, r) for f in ("sd", "sdxl", "sd3", "flux") for r in (0, 1))
+    for r in results:
+        assert r["loss_difference"] <= 1e-6 and r["gradient_difference"] <= 1e-5 * r["gradient_scale"], r
+        assert 0.4 < r["held_fraction"] < 0.6, r

@@ -1,0 +1,66 @@
+"""The frozen base spread across the processes (`shard_base_model`), for a base too big for one accelerator.
+
+Data parallelism (distributed.py) gives every process a whole copy of the frozen denoiser; Flux-dev's is
+24 GB in bf16, more than an ordinary GPU holds beside its activations. Sharded, each process keeps 1/N of
+every frozen weight (PyTorch's FSDP2 `fully_shard`, one unit per block): a block's weights are gathered for
+its forward, and again for its backward (the gradient flows through it to the LoRA weights below), and
+freed after. The LoRA weights are left out (`ignored_params`): they stay whole and identical on every
+process, distributed.average_gradients averages their gradients as it does unsharded, and the optimizer,
+EMA, checkpoints and saved adapter see the same tensors either way. So a sharded run trains the adapter an
+unsharded one trains; it trades memory for communication.
+
+The gathers are collectives, so every process must run every forward of the denoiser in the same order: a
+process whose slice of a small batch is empty still runs one (`BucketBatchSampler`'s `lockstep`), and
+evaluation (validation loss and images) runs on every process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from .errors import ConfigError
+
+# What `accelerate launch --use_fsdp / --use_deepspeed` set: those wrap a model handed to accelerator.prepare,
+# which this trainer never does (only LoRA trains); the frozen base is sharded by shard_base_model instead.
+ACCELERATE_SHARDING_LAUNCHES = {"ACCELERATE_USE_FSDP": "--use_fsdp", "ACCELERATE_USE_DEEPSPEED": "--use_deepspeed"}
+
+
+def check_sharding(cfg) -> None:
+    """The launch and the settings can shard as asked, checked before any weights load."""
+    for variable, flag in ACCELERATE_SHARDING_LAUNCHES.items():
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes"):
+            raise ConfigError(f"accelerate launch {flag}: this trainer does not hand the model to Accelerate; launch with "
+                              "--multi_gpu (no FSDP or DeepSpeed options) and set shard_base_model: true to shard the frozen base")  # fmt: skip
+    if cfg.shard_base_model and cfg.base_quantization != "none":
+        raise ConfigError(f"shard_base_model: a quantised base (base_quantization {cfg.base_quantization!r}) cannot be sharded "
+                          "(its weights are not plain tensors FSDP can split); use one or the other")  # fmt: skip
+
+
+def shard_units(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+    """The members of the denoiser's top-level ModuleLists (the transformer blocks; a UNet's down and up
+    blocks), one gather each, so a process holds at most one whole block beside its shards. What is left
+    (embeddings, the UNet's middle block, the output layers) is the root's unit."""
+    return [block for child in denoiser.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+
+
+def shard_frozen_base(denoiser: torch.nn.Module, num_processes: int, device: torch.device) -> str:
+    """Shard `denoiser`'s frozen weights over the processes, each one's part moved to `device` (its
+    trainable LoRA weights stay whole and where they are); returns a line saying what each process holds."""
+    if num_processes == 1:
+        return "shard_base_model: one process, so the frozen base stays whole (launch several to shard it)"
+    name = type(denoiser).__name__  # before fully_shard renames the class
+    mesh = init_device_mesh(device.type, (num_processes,))
+    trainable = {p for p in denoiser.parameters() if p.requires_grad}
+    units = shard_units(denoiser)
+    for unit in [*units, denoiser]:  # blocks first: the root's unit is what they leave
+        fully_shard(unit, mesh=mesh, ignored_params=trainable)
+    shards = [p for p in denoiser.parameters() if isinstance(p, DTensor)]
+    whole = sum(p.numel() * p.element_size() for p in shards)
+    held = sum(p.to_local().numel() * p.element_size() for p in shards)
+    return (f"frozen {name} sharded over {num_processes} processes in {len(units) + 1} units: this process holds "
+            f"{held / 2**20:.3g} MiB of its {whole / 2**20:.3g} MiB")  # fmt: skip
