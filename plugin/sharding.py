@@ -12,11 +12,15 @@ unsharded one trains; it trades memory for communication.
 The gathers are collectives, so every process must run every forward of the denoiser in the same order: a
 process whose slice of a small batch is empty still runs one (`BucketBatchSampler`'s `lockstep`), and
 evaluation (validation loss and images) runs on every process.
+
+Each process reads the whole base into host memory before it keeps its part; `in_turn` has the processes
+load one after another, so that a machine needs the RAM of one base at a time rather than of N.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -64,3 +68,18 @@ def shard_frozen_base(denoiser: torch.nn.Module, num_processes: int, device: tor
     held = sum(p.to_local().numel() * p.element_size() for p in shards)
     return (f"frozen {name} sharded over {num_processes} processes in {len(units) + 1} units: this process holds "
             f"{held / 2**20:.3g} MiB of its {whole / 2**20:.3g} MiB")  # fmt: skip
+
+
+@contextmanager
+def in_turn(accelerator, enabled: bool = True):
+    """The block runs on one process after another (process 0 first), each entering once the one before has
+    left it; all at once when not `enabled`. The block must not hold collectives (creating a device mesh and
+    calling fully_shard communicate nothing)."""
+    if not enabled:
+        yield
+        return
+    for _ in range(accelerator.process_index):  # the turns before this one
+        accelerator.wait_for_everyone()
+    yield
+    for _ in range(accelerator.process_index, accelerator.num_processes):  # this one's, and the turns after it
+        accelerator.wait_for_everyone()

@@ -41,7 +41,7 @@ from .optimizers import build_optimizer, check_optimizer
 from .posthoc import discard_snapshots_after, parse_sigma_rels, write_snapshot
 from .quantization import check_quantization, quantization_plan, quantization_summary
 from .reporting import METRICS_FILE, SETUP_PERCENT, JobRecord, Reporter
-from .sharding import check_sharding, shard_frozen_base
+from .sharding import check_sharding, in_turn, shard_frozen_base
 from .stopping import StopRequest
 from .validation import ValidationHistory, ValidationSet, check_validation_settings, training_and_validation_data
 
@@ -196,13 +196,14 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
 
     set_seed(cfg.seed)
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
-    family.load(weight_dtype, quantization_plan(cfg, family, weight_dtype))
-    if cfg.base_quantization != "none":
-        log(quantization_summary(family.pipe, cfg.base_quantization))
-    modules = family.attach_lora()  # before anything moves, so that sharding can leave the LoRA weights out
-    if cfg.shard_base_model:
-        log(shard_frozen_base(family.denoiser, processes, accelerator.device))
-    family.to(accelerator.device, text_encoders=cfg.cache_text_embeddings or not cfg.offload_text_encoders)  # cached: they leave after
+    with in_turn(accelerator, enabled=cfg.shard_base_model):  # sharded, one whole base at a time in host memory
+        family.load(weight_dtype, quantization_plan(cfg, family, weight_dtype))
+        if cfg.base_quantization != "none":
+            log(quantization_summary(family.pipe, cfg.base_quantization))
+        modules = family.attach_lora()  # before anything moves, so that sharding can leave the LoRA weights out
+        if cfg.shard_base_model:
+            log(shard_frozen_base(family.denoiser, processes, accelerator.device))
+        family.to(accelerator.device, text_encoders=cfg.cache_text_embeddings or not cfg.offload_text_encoders)  # cached: they leave after
     job.setup(2)
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(modules)

@@ -118,14 +118,18 @@ def test_a_sharded_base_trains_what_an_unsharded_one_trains(tiny_models, tmp_pat
 
 def test_every_family_predicts_with_a_sharded_denoiser_what_it_predicts_whole(tiny_models, sample_data):
     """Each family's denoiser sharded over two processes (its blocks' units and the root's) gives one
-    held-out batch the loss and LoRA gradients it gives whole, and each process holds about half of it."""
-    script = Path(__file__).resolve().parent / "sharded_predictions.py"
+    held-out batch the loss and LoRA gradients it gives whole, and each process holds about half of it.
+    And `in_turn` (the sharded run's loading) lets one process into its block at a time, in order."""
+    script = Path(__file__).resolve().parent / "sharding_checks.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521", str(script),
                str(sample_data), *(str(tiny_models[family]) for family in ("sd", "sdxl", "sd3", "flux"))]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert sorted((r["model"], r["rank"]) for r in results) == sorted((f, r) for f in ("sd", "sdxl", "sd3", "flux") for r in (0, 1))
-    for r in results:
+    first, second = sorted((r for r in results if r["check"] == "turn"), key=lambda r: r["rank"])
+    assert first["left"] <= second["entered"], "process 1 waited for process 0 to leave"
+    sharded = [r for r in results if r["check"] == "sharded"]
+    assert sorted((r["model"], r["rank"]) for r in sharded) == sorted((f, r) for f in ("sd", "sdxl", "sd3", "flux") for r in (0, 1))
+    for r in sharded:
         assert r["loss_difference"] <= 1e-6 and r["gradient_difference"] <= 1e-5 * r["gradient_scale"], r
         assert 0.4 < r["held_fraction"] < 0.6, r

@@ -74,12 +74,23 @@ def model_copy(source: Path, folder: Path, edit_json: dict[str, dict] | None = N
         ("sd", {"lora_target_modules": "norm1"}, "no linear or convolution layer named 'norm1'"),  # PEFT cannot wrap a norm
         ("sd", {"alpha_background": "not-a-colour"}, "alpha_background"),
         ("sd", {"trigger_word": " ".join(["circle"] * 80)}, "trigger_word: .* alone fills the 77-token limit"),
+        ("flux", {"shard_base_model": True, "base_quantization": "int8"}, "shard_base_model: a quantised base .* cannot be sharded"),
     ],
 )
 def test_config_only_mistakes_are_reported_before_any_weight_loads(family, overrides, message, tiny_models, sample_data,
                                                                     tmp_path, no_weights):  # fmt: skip
     with pytest.raises(ConfigError, match=message):
         run(base_parameters(tiny_models[family], sample_data, tmp_path / "out", **overrides))
+
+
+@pytest.mark.parametrize("variable, flag", [("ACCELERATE_USE_FSDP", "--use_fsdp"), ("ACCELERATE_USE_DEEPSPEED", "--use_deepspeed")])
+def test_an_fsdp_or_deepspeed_launch_is_refused_before_loading(variable, flag, tiny_models, sample_data, tmp_path, no_weights,
+                                                               monkeypatch):  # fmt: skip
+    """Accelerate's sharding wraps a model handed to prepare(), which this trainer never does: such a launch
+    would train unsharded while the user believes otherwise."""
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ConfigError, match=f"accelerate launch {flag}: .* shard_base_model: true"):
+        run(base_parameters(tiny_models["flux"], sample_data, tmp_path / "out"))
 
 
 def test_the_default_resolution_trains_at_the_models_native_size(tiny_models, sample_data, tmp_path):

@@ -1,13 +1,16 @@
-"""Run under `torch.distributed.run --nproc_per_node 2` (gloo): for each tiny model folder given, the loss and
-the LoRA gradients of one held-out batch with the denoiser whole, then with it sharded by
-plugin.sharding.shard_frozen_base. Process 0 prints one JSON line per model and process: the largest
-differences, and the fraction of the frozen weights the process holds."""
+"""Run under `torch.distributed.run --nproc_per_node 2` (gloo). Process 0 prints JSON lines, one per process
+and check: when each process was inside an `in_turn` block ("turn"), and for each tiny model folder given,
+the loss and LoRA gradients of one held-out batch with the denoiser whole, then sharded by
+plugin.sharding.shard_frozen_base (the largest differences, and the fraction of the frozen weights the
+process holds)."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -19,7 +22,7 @@ from plugin.config import parse_parameters  # noqa: E402
 from plugin.denoising import denoising_loss, sample_generators  # noqa: E402
 from plugin.data import load_image_dataset  # noqa: E402
 from plugin.families import open_model  # noqa: E402
-from plugin.sharding import shard_frozen_base  # noqa: E402
+from plugin.sharding import in_turn, shard_frozen_base  # noqa: E402
 from plugin.validation import ValidationSet  # noqa: E402
 
 
@@ -59,12 +62,27 @@ def compare(model: str, data: str) -> dict:
     }
 
 
+def turn() -> dict:
+    """When this process entered and left an in_turn block that takes 0.3 s."""
+    processes = SimpleNamespace(process_index=dist.get_rank(), num_processes=dist.get_world_size(), wait_for_everyone=dist.barrier)
+    with in_turn(processes):
+        entered = time.time()
+        time.sleep(0.3)
+        left = time.time()
+    return {"check": "turn", "entered": entered, "left": left}
+
+
+def report(result: dict) -> None:
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {"rank": dist.get_rank(), **result})
+    if dist.get_rank() == 0:
+        print("\n".join(json.dumps(r) for r in everyone), flush=True)
+
+
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     data, models = sys.argv[1], sys.argv[2:]
+    report(turn())
     for model in models:
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, {"rank": dist.get_rank(), **compare(model, data)})
-        if dist.get_rank() == 0:
-            print("\n".join(json.dumps(result) for result in everyone), flush=True)
+        report({"check": "sharded", **compare(model, data)})
     dist.destroy_process_group()
