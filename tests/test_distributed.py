@@ -133,3 +133,10 @@ def test_every_family_predicts_with_a_sharded_denoiser_what_it_predicts_whole(ti
     for r in sharded:
         assert r["loss_difference"] <= 1e-6 and r["gradient_difference"] <= 1e-5 * r["gradient_scale"], r
         assert 0.4 < r["held_fraction"] < 0.6, r
+
+
+def test_the_sharded_flux_example_is_a_parameter_file_that_shards():
+    """The README's multi-GPU Flux command names this file; it must stay valid as the manifest changes."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "flux_dev_sharded.json"
+    cfg = parse_parameters(json.loads(example.read_text(encoding="utf-8")))
+    assert cfg.shard_base_model and cfg.mixed_precision == "bf16" and cfg.cache_text_embeddings and cfg.base_quantization == "none"

@@ -145,12 +145,17 @@ def _component_config(cls: type, model_name: str, component: str, field: str) ->
         raise ConfigError(f"{field}: cannot read the {component} config of {model_name!r} ({str(error).splitlines()[0]})") from None
 
 
+def is_module_class(cls) -> bool:
+    """A component with weights (a scheduler or tokenizer has none)."""
+    return isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+
+
 def check_component_files(folder: Path, component: str, cls: type, field: str = "model_name") -> None:
     """The component's folder exists; a module's folder has weights, and every safetensors file is whole."""
     where = folder / component
     if not where.is_dir():
         raise ConfigError(f"{field}: the {component}/ folder is missing from {str(folder)!r} (model_index.json lists a {cls.__name__})")
-    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+    if not is_module_class(cls):
         return
     weights = [file for pattern in WEIGHT_PATTERNS for file in where.glob(pattern)]
     if not weights:

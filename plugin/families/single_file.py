@@ -22,7 +22,9 @@ from diffusers.loaders.single_file_utils import fetch_diffusers_config
 from safetensors.torch import load_file
 
 from ..errors import ConfigError
-from .description import ModelDescription, check_component_files, component_class, describe_model, read_model_index, safetensors_problem
+from .description import (
+    ModelDescription, check_component_files, component_class, describe_model, is_module_class, read_model_index, safetensors_problem,
+)  # fmt: skip
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -111,7 +113,7 @@ def describe_single_file(path: Path, header: Mapping[str, torch.Tensor], family,
     description = describe_model(config, model_index, family.denoiser_name, field=field, check_files=False)
     _check_denoiser_matches(path, header, description, family, field, config)
     others = [name for name, class_name in description.components.items()
-              if class_name is not None and name != family.denoiser_name and _is_module(description, name)]  # fmt: skip
+              if class_name is not None and name != family.denoiser_name and is_module_class(_class_of(description, name))]  # fmt: skip
     absent = [name for name in others if not any(key.startswith(family.single_file_components.get(name, "\0")) for key in header)]
     if absent and not text_encoder_source:
         raise ConfigError(f"text_encoder_source: {str(path)!r} holds no {', '.join(absent)}; set text_encoder_source to a "
@@ -121,11 +123,6 @@ def describe_single_file(path: Path, header: Mapping[str, torch.Tensor], family,
             check_component_files(Path(text_encoder_source).expanduser(), name, _class_of(description, name), "text_encoder_source")
     source = SingleFileSource(path=path, config=config, components_from=text_encoder_source or None)
     return dataclasses.replace(description, source=str(path), single_file=source)
-
-
-def _is_module(description: ModelDescription, name: str) -> bool:
-    cls = _class_of(description, name)
-    return isinstance(cls, type) and issubclass(cls, torch.nn.Module)
 
 
 def _class_of(description: ModelDescription, name: str) -> type:
