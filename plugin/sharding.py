@@ -13,8 +13,8 @@ The gathers are collectives, so every process must run every forward of the deno
 process whose slice of a small batch is empty still runs one (`BucketBatchSampler`'s `lockstep`), and
 evaluation (validation loss and images) runs on every process.
 
-Each process reads the whole base into host memory before it keeps its part; `in_turn` has the processes
-load one after another, so that a machine needs the RAM of one base at a time rather than of N.
+Each process reads the whole base into host memory before it keeps its part; `in_turn` has a machine's
+processes load one after another, so that it needs the RAM of one base at a time rather than of one per GPU.
 """
 
 from __future__ import annotations
@@ -72,14 +72,16 @@ def shard_frozen_base(denoiser: torch.nn.Module, num_processes: int, device: tor
 
 @contextmanager
 def in_turn(accelerator, enabled: bool = True):
-    """The block runs on one process after another (process 0 first), each entering once the one before has
-    left it; all at once when not `enabled`. The block must not hold collectives (creating a device mesh and
-    calling fully_shard communicate nothing)."""
+    """The block runs on one process of each machine after another (local process 0 first), each entering
+    once the one before has left it; all at once when not `enabled`. Machines take their turns together
+    (host memory is per machine), so each must run as many processes, as Accelerate launches them. The block
+    must not hold collectives (creating a device mesh and calling fully_shard communicate nothing)."""
     if not enabled:
         yield
         return
-    for _ in range(accelerator.process_index):  # the turns before this one
+    turns = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by torchrun, under accelerate launch
+    for _ in range(accelerator.local_process_index):  # the turns before this one's
         accelerator.wait_for_everyone()
     yield
-    for _ in range(accelerator.process_index, accelerator.num_processes):  # this one's, and the turns after it
+    for _ in range(accelerator.local_process_index, turns):  # this one's, and the turns after it
         accelerator.wait_for_everyone()

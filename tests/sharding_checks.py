@@ -64,7 +64,7 @@ def compare(model: str, data: str) -> dict:
 
 def turn() -> dict:
     """When this process entered and left an in_turn block that takes 0.3 s."""
-    processes = SimpleNamespace(process_index=dist.get_rank(), num_processes=dist.get_world_size(), wait_for_everyone=dist.barrier)
+    processes = SimpleNamespace(local_process_index=dist.get_rank(), num_processes=dist.get_world_size(), wait_for_everyone=dist.barrier)
     with in_turn(processes):
         entered = time.time()
         time.sleep(0.3)
