@@ -5,7 +5,8 @@ CPU: an SD 1.5-sized pipeline at 256 px and a slice of Flux-dev at full width (3
 1.9B parameters; one-layer text encoders) at 128 px, batch 1, rank 4, bf16 weights, caches on; the peak RSS
 while training (and the whole run's, loading included). Target: int8 <= 0.55x the bf16 run for the Flux
 slice; SD 1.5's UNet is mostly convolutions, which stay unquantised, so its row has none. The Flux slice
-also trains in two processes (gloo), whole and with shard_base_model; the peak is the larger process's.
+and a smaller one in fp32 (2 double and 4 single blocks, 1.2B) train in two processes (gloo), whole and with
+shard_base_model: the peak is the larger process's, the target sharded <= 0.75x whole.
 CUDA (with --gpu): also a Flux-dev-sized transformer (the real config, 12B parameters) with real-size
 T5-XXL and CLIP-L, and an SDXL-sized pipeline, at 1024 px, batch 1, rank 16, gradient checkpointing, caches
 on; peak torch.cuda.max_memory_allocated. Targets: Flux int8 <= 16 GiB, nf4 <= 10 GiB, bf16 <= 30 GiB;
@@ -43,7 +44,8 @@ from plugin.main import quiet_libraries  # noqa: E402
 from plugin.tiny import offline_clip_tokenizer, write_sample_dataset  # noqa: E402
 from plugin.trainer import RunPaths, train  # noqa: E402
 
-# Two processes sharding the slice's 3.8 GB transformer each drop half of it, 1.9 GB of the 5.7 GB a whole run holds
+# Two processes sharding the fp32 slice's 4.7 GB transformer each drop half of it, about a third of what each holds.
+# fp32: bf16 is 5x (linear) to 100x (convolution) slower than fp32 on CPUs without AVX-512, too slow for two processes here
 SHARDED_TARGET = 0.75
 # model -> (resolution, LoRA rank, settings of every case, cases as (label, settings, target)); a target is
 # ("x", ratio to the model's first case) or ("GiB", peak), or None
@@ -51,9 +53,9 @@ SHARDED_TARGET = 0.75
 # only, so it has no target; a Flux transformer is linear layers, and its slice carries the issue's 0.55x.
 CPU_CASES = {
     "sd15": (256, 4, {"mixed_precision": "bf16"}, [("bf16", {}, None), ("int8", {"base_quantization": "int8"}, None)]),
-    "flux-slice": (128, 4, {"mixed_precision": "bf16"}, [("bf16", {}, None), ("int8", {"base_quantization": "int8"}, ("x", 0.55)),
-                   ("bf16, 2 processes", {"processes": 2}, None),
-                   ("bf16, 2 processes, sharded", {"processes": 2, "shard_base_model": True}, ("x", SHARDED_TARGET))]),
+    "flux-slice": (128, 4, {"mixed_precision": "bf16"}, [("bf16", {}, None), ("int8", {"base_quantization": "int8"}, ("x", 0.55))]),
+    "flux-slice-fp32": (128, 4, {"mixed_precision": "no"}, [("2 processes", {"processes": 2}, None),
+                        ("2 processes, sharded", {"processes": 2, "shard_base_model": True}, ("x", SHARDED_TARGET))]),
 }  # fmt: skip
 GPU_CASES = {
     "flux-dev": (1024, 16, {"mixed_precision": "bf16", "gradient_checkpointing": True},
@@ -113,7 +115,8 @@ def sdxl_sized_pipeline():
 
 
 BUILDERS = {"sd15": sd15_sized_pipeline, "flux-dev": flux_dev_sized_pipeline, "sdxl": sdxl_sized_pipeline,
-            "flux-slice": lambda: flux_dev_sized_pipeline(double_blocks=3, single_blocks=6, text_layers=(1, 1))}  # fmt: skip
+            "flux-slice": lambda: flux_dev_sized_pipeline(double_blocks=3, single_blocks=6, text_layers=(1, 1)),
+            "flux-slice-fp32": lambda: flux_dev_sized_pipeline(double_blocks=2, single_blocks=4, text_layers=(1, 1))}  # fmt: skip
 
 
 class TrainingRss(threading.Thread):
@@ -178,7 +181,9 @@ def measure(name: str, spec: tuple, root: Path, repeats: int, steps: int) -> lis
     figures = {label: [] for label, _, _ in cases}
     for round_ in range(repeats):
         for label, settings, _ in cases:
-            settings = {**common, **settings}
+            # one disk cache for every case: bf16 convolutions are ~100x slower than fp32 on CPUs without AVX-512,
+            # so encoding the latents in each case would take minutes; training-phase memory starts after it
+            settings = {**common, "cache_dir": str(root / f"cache-{name}"), **settings}
             processes = settings.pop("processes", 1)
             job = json.dumps([str(model), str(data), str(root / f"out-{name}-{label}-{round_}"), resolution, rank, settings, steps])
             done = subprocess.run(launcher(processes) + [__file__, "--one", job], capture_output=True, text=True,
