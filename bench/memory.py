@@ -4,8 +4,8 @@ base, on full-size architectures with random weights (built in code: no hub).
 CPU: an SD 1.5-sized pipeline at 256 px and a slice of Flux-dev at full width (3 double and 6 single blocks,
 1.9B parameters; one-layer text encoders) at 128 px, batch 1, rank 4, bf16 weights, caches on; the peak RSS
 while training (and the whole run's, loading included). Target: int8 <= 0.55x the bf16 run for the Flux
-slice; SD 1.5's UNet is mostly convolutions, which stay unquantised, so its row has none. The Flux slice
-and a smaller one in fp32 (2 double and 4 single blocks, 1.2B) train in two processes (gloo), whole and with
+slice; SD 1.5's UNet is mostly convolutions, which stay unquantised, so its row has none. A smaller
+Flux slice in fp32 (2 double and 4 single blocks, 1.2B) trains in two processes (gloo), whole and with
 shard_base_model: the peak is the larger process's, the target sharded <= 0.75x whole.
 CUDA (with --gpu): also a Flux-dev-sized transformer (the real config, 12B parameters) with real-size
 T5-XXL and CLIP-L, and an SDXL-sized pipeline, at 1024 px, batch 1, rank 16, gradient checkpointing, caches
@@ -181,7 +181,7 @@ def measure(name: str, spec: tuple, root: Path, repeats: int, steps: int) -> lis
     figures = {label: [] for label, _, _ in cases}
     for round_ in range(repeats):
         for label, settings, _ in cases:
-            # one disk cache for every case: bf16 convolutions are ~100x slower than fp32 on CPUs without AVX-512,
+            # one disk cache for every case: bf16 convolutions are 100-500x slower than fp32 on CPUs without AVX-512,
             # so encoding the latents in each case would take minutes; training-phase memory starts after it
             settings = {**common, "cache_dir": str(root / f"cache-{name}"), **settings}
             processes = settings.pop("processes", 1)
