@@ -4,9 +4,11 @@ base, on full-size architectures with random weights (built in code: no hub).
 CPU: an SD 1.5-sized pipeline at 256 px and a slice of Flux-dev at full width (3 double and 6 single blocks,
 1.9B parameters; one-layer text encoders) at 128 px, batch 1, rank 4, bf16 weights, caches on; the peak RSS
 while training (and the whole run's, loading included). Target: int8 <= 0.55x the bf16 run for the Flux
-slice; SD 1.5's UNet is mostly convolutions, which stay unquantised, so its row has none. A smaller
-Flux slice in fp32 (2 double and 4 single blocks, 1.2B) trains in two processes (gloo), whole and with
-shard_base_model: the peak is the larger process's, the target sharded <= 0.75x whole.
+slice; SD 1.5's UNet is mostly convolutions, which stay unquantised, so its row has none. Flux-dev at
+its full depth (19 double and 38 single blocks) and a third of its width (8 heads, 1.3B), fp32, trains in two
+processes (gloo), whole and with shard_base_model: the peak is the larger process's, the target sharded <=
+0.75x whole, with gradient checkpointing as in examples/flux_dev_sharded.json. Full depth because a sharded process also holds the few blocks it has gathered (its next
+one is gathered while it computes), which must be a small part of the model, as they are in Flux-dev (57 blocks).
 CUDA (with --gpu): also a Flux-dev-sized transformer (the real config, 12B parameters) with real-size
 T5-XXL and CLIP-L, and an SDXL-sized pipeline, at 1024 px, batch 1, rank 16, gradient checkpointing, caches
 on; peak torch.cuda.max_memory_allocated. Targets: Flux int8 <= 16 GiB, nf4 <= 10 GiB, bf16 <= 30 GiB;
@@ -44,7 +46,7 @@ from plugin.main import quiet_libraries  # noqa: E402
 from plugin.tiny import offline_clip_tokenizer, write_sample_dataset  # noqa: E402
 from plugin.trainer import RunPaths, train  # noqa: E402
 
-# Two processes sharding the fp32 slice's 4.7 GB transformer each drop half of it, about a third of what each holds.
+# Two processes sharding the narrow Flux's 5.2 GB fp32 transformer each drop half of it, over a third of what each holds.
 # fp32: bf16 is 5x (linear) to 100x (convolution) slower than fp32 on CPUs without AVX-512, too slow for two processes here
 SHARDED_TARGET = 0.75
 # model -> (resolution, LoRA rank, settings of every case, cases as (label, settings, target)); a target is
@@ -54,7 +56,7 @@ SHARDED_TARGET = 0.75
 CPU_CASES = {
     "sd15": (256, 4, {"mixed_precision": "bf16"}, [("bf16", {}, None), ("int8", {"base_quantization": "int8"}, None)]),
     "flux-slice": (128, 4, {"mixed_precision": "bf16"}, [("bf16", {}, None), ("int8", {"base_quantization": "int8"}, ("x", 0.55))]),
-    "flux-slice-fp32": (128, 4, {"mixed_precision": "no"}, [("2 processes", {"processes": 2}, None),
+    "flux-narrow-fp32": (128, 4, {"mixed_precision": "no", "gradient_checkpointing": True}, [("2 processes", {"processes": 2}, None),
                         ("2 processes, sharded", {"processes": 2, "shard_base_model": True}, ("x", SHARDED_TARGET))]),
 }  # fmt: skip
 GPU_CASES = {
@@ -66,10 +68,10 @@ GPU_CASES = {
 }  # fmt: skip
 
 
-def flux_dev_sized_pipeline(double_blocks: int = 19, single_blocks: int = 38, text_layers: tuple[int, int] = (12, 24)):
+def flux_dev_sized_pipeline(double_blocks: int = 19, single_blocks: int = 38, text_layers: tuple[int, int] = (12, 24), heads: int = 24):
     """FluxTransformer2DModel's defaults are Flux.1-dev's config (plus the guidance embedding dev has);
     T5-XXL and CLIP-L at their real sizes; the tokenizers' vocabularies are small, so their embedding tables are.
-    Fewer blocks and text-encoder layers give a slice of it at full width, for the CPU."""
+    Fewer blocks, heads (of 128 channels) and text-encoder layers give a slice of it, for the CPU."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -77,7 +79,8 @@ def flux_dev_sized_pipeline(double_blocks: int = 19, single_blocks: int = 38, te
 
     clip_tokenizer, t5_tokenizer = offline_clip_tokenizer(), _t5_tokenizer()
     return FluxPipeline(
-        transformer=FluxTransformer2DModel(num_layers=double_blocks, num_single_layers=single_blocks, guidance_embeds=True),
+        transformer=FluxTransformer2DModel(num_layers=double_blocks, num_single_layers=single_blocks, num_attention_heads=heads,
+                                           guidance_embeds=True),
         text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tokenizer), hidden_size=768, intermediate_size=3072,
                                                   num_hidden_layers=text_layers[0], num_attention_heads=12, max_position_embeddings=77)),
         text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=4096, d_ff=10240, d_kv=64, num_layers=text_layers[1],
@@ -116,7 +119,7 @@ def sdxl_sized_pipeline():
 
 BUILDERS = {"sd15": sd15_sized_pipeline, "flux-dev": flux_dev_sized_pipeline, "sdxl": sdxl_sized_pipeline,
             "flux-slice": lambda: flux_dev_sized_pipeline(double_blocks=3, single_blocks=6, text_layers=(1, 1)),
-            "flux-slice-fp32": lambda: flux_dev_sized_pipeline(double_blocks=2, single_blocks=4, text_layers=(1, 1))}  # fmt: skip
+            "flux-narrow-fp32": lambda: flux_dev_sized_pipeline(text_layers=(1, 1), heads=8)}  # fmt: skip
 
 
 class TrainingRss(threading.Thread):

@@ -140,3 +140,42 @@ def test_the_sharded_flux_example_is_a_parameter_file_that_shards():
     example = Path(__file__).resolve().parent.parent / "examples" / "flux_dev_sharded.json"
     cfg = parse_parameters(json.loads(example.read_text(encoding="utf-8")))
     assert cfg.shard_base_model and cfg.mixed_precision == "bf16" and cfg.cache_text_embeddings and cfg.base_quantization == "none"
+
+
+FREED_HOST_MEMORY = """
+import sys, torch
+from contextlib import nullcontext
+from plugin.sharding import host_memory_returned
+def rss_mib():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+scenario, returned = sys.argv[1], sys.argv[2] == "returned"
+before = rss_mib()
+with host_memory_returned() if returned else nullcontext():
+    if scenario == "base":  # loaded (after a freed temporary), then sharded: the whole copy freed
+        torch.ones(2**18)  # created and freed at once
+        loaded = [torch.ones(2**18) for _ in range(125)]
+        pinned = torch.ones(2**18)  # allocated after them, so that they are not the heap's top
+        before = rss_mib()
+        del loaded
+if scenario == "gathers":  # a 16 MiB block gathered, used and freed, step after step
+    for _ in range(3):
+        block = torch.ones(4 * 2**20)
+        del block
+print(rss_mib() - before)
+"""
+
+
+def held_after(scenario: str, mode: str) -> float:
+    """MiB more (or, negative, less) resident after the scenario than before its frees, in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", FREED_HOST_MEMORY, scenario, mode], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1], check=True)  # fmt: skip
+    return float(done.stdout.split()[-1])
+
+
+def test_a_process_returns_its_freed_base_and_gathers_to_the_system():
+    """glibc keeps freed heap pages and, once a 1 MiB temporary or a 16 MiB block has been freed, serves the
+    next of that size from its heap; with host_memory_returned a freed base of 1 MiB tensors leaves the
+    process, and so does each gathered block once freed."""
+    assert held_after("base", "kept") > -20 and held_after("gathers", "kept") > 12, "glibc's default, which this guards against, is gone"
+    assert held_after("base", "returned") < -100, "most of the 125 MiB freed left the process"
+    assert held_after("gathers", "returned") < 4, "the gathered blocks left the process when freed"
