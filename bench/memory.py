@@ -5,10 +5,11 @@ CPU: an SD 1.5-sized pipeline at 256 px and a slice of Flux-dev at full width (3
 1.9B parameters; one-layer text encoders) at 128 px, batch 1, rank 4, bf16 weights, caches on; the peak RSS
 while training (and the whole run's, loading included). Target: int8 <= 0.55x the bf16 run for the Flux
 slice; SD 1.5's UNet is mostly convolutions, which stay unquantised, so its row has none. Flux-dev at
-its full depth (19 double and 38 single blocks) and a third of its width (8 heads, 1.3B), fp32, trains in two
-processes (gloo), whole and with shard_base_model: the peak is the larger process's, the target sharded <=
-0.75x whole, with gradient checkpointing as in examples/flux_dev_sharded.json. Full depth because a sharded process also holds the few blocks it has gathered (its next
-one is gathered while it computes), which must be a small part of the model, as they are in Flux-dev (57 blocks).
+its full depth (19 double and 38 single blocks) and a third of its width (8 heads, 1.3B), fp32, with
+gradient checkpointing as in examples/flux_dev_sharded.json, trains in two processes (gloo), whole and with
+shard_base_model: the peak is the larger process's, the target sharded <= 0.75x whole. Full depth because
+a sharded process also holds the few blocks it has gathered (its next one is gathered while it computes),
+which must be a small part of the model, as they are in Flux-dev (57 blocks).
 CUDA (with --gpu): also a Flux-dev-sized transformer (the real config, 12B parameters) with real-size
 T5-XXL and CLIP-L, and an SDXL-sized pipeline, at 1024 px, batch 1, rank 16, gradient checkpointing, caches
 on; peak torch.cuda.max_memory_allocated. Targets: Flux int8 <= 16 GiB, nf4 <= 10 GiB, bf16 <= 30 GiB;
@@ -46,7 +47,7 @@ from plugin.main import quiet_libraries  # noqa: E402
 from plugin.tiny import offline_clip_tokenizer, write_sample_dataset  # noqa: E402
 from plugin.trainer import RunPaths, train  # noqa: E402
 
-# Two processes sharding the narrow Flux's 5.2 GB fp32 transformer each drop half of it, over a third of what each holds.
+# Two processes sharding the narrow Flux's 5.3 GB fp32 transformer each drop half of it, about 30 % of what each holds.
 # fp32: bf16 is 5x (linear) to 100x (convolution) slower than fp32 on CPUs without AVX-512, too slow for two processes here
 SHARDED_TARGET = 0.75
 # model -> (resolution, LoRA rank, settings of every case, cases as (label, settings, target)); a target is
