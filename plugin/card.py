@@ -23,6 +23,7 @@ EVAL_IMAGE = re.compile(r"epoch_(\d+)_(\d+)\.png")
 LABEL_WIDTH = 90
 MIN_CELL = 128  # pixels: smaller evaluation images are scaled up by a whole factor in the grid
 FINAL_LOSS_STEPS = 20  # the card's final training loss: the mean of the last this many steps
+ADAPTER_TITLES = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}  # lora_type as the field writes it
 
 
 def evaluation_grid(eval_dir: Path, prompts: list[str]) -> Image.Image | None:
@@ -84,8 +85,10 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
         "batch size": f"{config['train_batch_size']} per process x {facts['processes']} processes x "
                       f"{config['gradient_accumulation_steps']} accumulation",
         "learning rate": f"{config['learning_rate']:g}, {config['lr_scheduler']} schedule, {config['lr_warmup_steps']} warmup steps",
-        "LoRA": f"rank {config['lora_r']}, alpha {config['lora_alpha']}, dropout {config['lora_dropout']:g}"
-                + (", text encoder trained" if config.get("train_text_encoder") else ""),
+        "adapter": f"{ADAPTER_TITLES[config['lora_type']]}, rank {config['lora_r']}, alpha {config['lora_alpha']:g}, "
+                   f"{'rank ' if config['lora_type'] in ('lokr', 'loha') else ''}dropout {config['lora_dropout']:g}, "
+                   f"targets {', '.join(t.strip() for t in config['lora_target_modules'].split(',') if t.strip())}"
+                   + (", text encoder trained" if config.get("train_text_encoder") else ""),
         "objective": f"{config.get('prediction_type', 'flow')} prediction, {config['timestep_sampling']} timesteps, "
                      f"{config['loss_weighting']} weighting, {config['loss_type']} loss",
         "precision": config["mixed_precision"],

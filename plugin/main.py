@@ -21,14 +21,20 @@ if __package__ in (None, ""):  # run as a script: make `plugin` importable as a 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read at import: optional-backend notices are noise
 
-from plugin.config import LAUNCHER_KEYS, Config, parse_parameters, read_parameter_file, unknown_keys  # noqa: E402
-from plugin.errors import ConfigError, TrainingDiverged, TrainingStopped  # noqa: E402
-from plugin.host_memory import keep_freed_memory  # noqa: E402
-from plugin.launcher import JOB_ID_VARIABLE, launcher_parameters, workspace_of  # noqa: E402
-from plugin.reporting import JobRecord, TransformerLabJob  # noqa: E402
-from plugin.stopping import STOPPED_EXIT_CODE  # noqa: E402
-
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a program ended by Ctrl-C
+INTERRUPTED = "interrupted: the checkpoints, adapters and eval images saved before this point are intact"
+
+try:  # Ctrl-C during these imports comes before main() can catch it: the same line and exit status
+    from plugin.config import LAUNCHER_KEYS, Config, parse_parameters, read_parameter_file, unknown_keys
+    from plugin.errors import ConfigError, TrainingDiverged, TrainingStopped
+    from plugin.host_memory import keep_freed_memory
+    from plugin.launcher import JOB_ID_VARIABLE, launcher_parameters, workspace_of
+    from plugin.reporting import JobRecord, TransformerLabJob
+    from plugin.stopping import STOPPED_EXIT_CODE, StartupInterrupts
+except KeyboardInterrupt:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # more presses while exiting would print tracebacks
+    print(INTERRUPTED, file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT_CODE)
 FINAL_LOSS_STEPS = 20  # the job's score: the mean loss of the last this many optimizer steps
 
 
@@ -110,11 +116,13 @@ def read_config(args: argparse.Namespace, raw: dict | None) -> tuple[Config, str
     return parse_parameters(raw, ignore=LAUNCHER_KEYS | extra), raw.get("adaptor_output_dir") or None
 
 
-def run(args: argparse.Namespace, raw: dict | None, job: JobRecord) -> int:
+def run(args: argparse.Namespace, raw: dict | None, job: JobRecord, startup: StartupInterrupts) -> int:
+    """`startup.check()` follows each import of the heavy stack: a Ctrl-C a library swallowed stops here."""
     if args.posthoc_ema and args.sweep:
         quiet_libraries()
         from plugin.sweep import sweep
 
+        startup.check()
         sweep(Path(args.posthoc_ema), args.sigma_rel, args.at_step)
         return 0
     if args.posthoc_ema:
@@ -123,22 +131,25 @@ def run(args: argparse.Namespace, raw: dict | None, job: JobRecord) -> int:
                               "or --sweep to choose by validation loss")
         from plugin.posthoc import reconstruct
 
+        startup.check()
         reconstruct(Path(args.posthoc_ema), args.sigma_rel, args.at_step)
         return 0
     if args.demo:
         with tempfile.TemporaryDirectory(prefix="lora-demo-") as workdir:
             cfg = parse_parameters(demo_parameters(args.demo_family, Path(workdir)))
-            train_run(cfg, None, job)
+            train_run(cfg, None, job, startup)
         return 0
     cfg, adaptor_output_dir = read_config(args, raw)
-    train_run(cfg, adaptor_output_dir, job)
+    train_run(cfg, adaptor_output_dir, job, startup)
     return 0
 
 
-def train_run(cfg: Config, adaptor_output_dir: str | None, job: JobRecord) -> None:
+def train_run(cfg: Config, adaptor_output_dir: str | None, job: JobRecord, startup: StartupInterrupts) -> None:
     """Import the training stack (seconds), run, and hand the job its adapter and final loss."""
     quiet_libraries()
     from plugin.trainer import RunPaths, train
+
+    startup.check()
 
     result = train(cfg, RunPaths.for_config(cfg, adaptor_output_dir), job=job)
     last = result.losses[-FINAL_LOSS_STEPS:]
@@ -167,34 +178,34 @@ def main(argv=None) -> int:
     which records any other exit code as a crash), Ctrl-C at any moment, imports included (130). Anything
     unexpected is recorded as the job's failure and then raised."""
     job = JobRecord()
-    try:
-        args = parse_args(argv)
-        keep_freed_memory()
-        raw, job = launched_job(args)
-        return run(args, raw, job)
-    except (ConfigError, TrainingDiverged) as error:
-        job.failed(str(error))
-        print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 1
-    except TrainingStopped as error:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a press left over must not raise here
-        job.stopped(str(error))
-        print(str(error), file=sys.stderr)
-        return 0 if job.in_app else STOPPED_EXIT_CODE
-    except KeyboardInterrupt:
-        return interrupted(job)
-    except Exception as error:
-        if caused_by_interrupt(error):
+    with StartupInterrupts() as startup:
+        try:
+            args = parse_args(argv)
+            keep_freed_memory()
+            raw, job = launched_job(args)
+            return run(args, raw, job, startup)
+        except (ConfigError, TrainingDiverged) as error:
+            job.failed(str(error))
+            print(f"error: {error}", file=sys.stderr)
+            return 2 if isinstance(error, ConfigError) else 1
+        except TrainingStopped as error:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a press left over must not raise here
+            job.stopped(str(error))
+            print(str(error), file=sys.stderr)
+            return 0 if job.in_app else STOPPED_EXIT_CODE
+        except KeyboardInterrupt:
             return interrupted(job)
-        job.failed(f"{type(error).__name__}: {error}")
-        raise
+        except Exception as error:
+            if caused_by_interrupt(error):
+                return interrupted(job)
+            job.failed(f"{type(error).__name__}: {error}")
+            raise
 
 
 def interrupted(job: JobRecord) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # more presses while exiting would print tracebacks
-    message = "interrupted: the checkpoints, adapters and eval images saved before this point are intact"
-    job.stopped(message)
-    print(message, file=sys.stderr)
+    job.stopped(INTERRUPTED)
+    print(INTERRUPTED, file=sys.stderr)
     return INTERRUPTED_EXIT_CODE
 
 

@@ -63,3 +63,34 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+class StartupInterrupts:
+    """Ctrl-C while the process starts (imports, parameter checks, building the demo's model): stop at once.
+
+    Python raises KeyboardInterrupt wherever the interpreter happens to be, and during imports a library can
+    swallow it: on Python 3.11 a class's `__set_name__` wraps it in a RuntimeError, which optional-import
+    guards catch, and the run went on to train and exit 0. This handler also remembers the press, and
+    `check()`, called once the imports are done, raises it again. Inside `with`; the previous handler after,
+    unless the run ignored SIGINT on its way out."""
+
+    def __init__(self):
+        self.pressed = False
+        self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "StartupInterrupts":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None and signal.getsignal(signal.SIGINT) == self._handle:  # else set since, on purpose
+            signal.signal(signal.SIGINT, self.previous)

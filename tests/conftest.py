@@ -4,6 +4,7 @@ helper that runs the real trainer from a parameter dict."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,17 +17,34 @@ from plugin.config import parse_parameters
 from plugin.families.base import DDPMFamily
 from plugin.tiny import SAMPLE_RESOLUTION, save_tiny_pipeline, write_sample_dataset
 from plugin.trainer import RunPaths, train
+from suite_guard import run_folder, run_lock
+
+pytest_plugins = ["suite_guard", "pytester"]
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` run by the first test worker that asks for `name`; later ones (and later tests) read the
+    same folder. Tests treat it as read-only: one that changes a model or dataset copies it first."""
+    folder = run_folder(tmp_path_factory) / name
+    complete = folder.with_name(f"{folder.name}.complete")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with run_lock(tmp_path_factory, name.replace("/", "-")):
+        if not complete.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            build(folder)
+            complete.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    return {family: save_tiny_pipeline(family, root / family) for family in ("sd", "sdxl", "sd3", "flux")}
+    return {family: built_once(tmp_path_factory, f"models/{family}", lambda folder: save_tiny_pipeline(family, folder))
+            for family in ("sd", "sdxl", "sd3", "flux")}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory) -> Path:
-    return write_sample_dataset(tmp_path_factory.mktemp("data") / "shapes")
+    return built_once(tmp_path_factory, "data/shapes", write_sample_dataset)
 
 
 def base_parameters(model: Path, data: Path, output: Path, **overrides) -> dict:
@@ -86,7 +104,7 @@ def load_fresh(model: Path):
 @pytest.fixture(scope="session")
 def heldout_data(tmp_path_factory) -> Path:
     """Images the runs never train on: the sample set's generator with another seed."""
-    return write_sample_dataset(tmp_path_factory.mktemp("heldout") / "shapes", seed=99)
+    return built_once(tmp_path_factory, "heldout/shapes", lambda folder: write_sample_dataset(folder, seed=99))
 
 
 class HeldoutLosses(NamedTuple):

@@ -39,14 +39,18 @@ def test_the_card_renders_with_its_pictures_and_its_yaml_parses(run_training):
         assert curves.size == (640, 800)
     assert "StableDiffusionXLPipeline.from_pretrained" in text and "load_lora_weights" in text
     assert "| optimizer steps | 9 |" in text and "| training images | 6 |" in text
+    assert "| adapter | LoRA, rank 4, alpha 8, dropout 0, targets to_q, to_k, to_v, to_out.0 |" in text, "the family's targets"
     assert "validation loss (last, best)" in text and "not measured" not in text
     steps = [row["step"] for row in read_metrics(paths.run_dir / METRICS_FILE) if "train/loss" in row]
     assert steps == list(range(1, 10)), "every step's metrics, once"
 
 
-def test_a_card_without_evaluations_says_so_plainly(run_training):
-    _, _, paths = run_training("flux", eval_prompt="", max_train_steps=2)
+def test_a_card_without_evaluations_says_so_plainly_and_states_the_adapter_trained(run_training):
+    """Every LoRA setting away from its default (the run's values, not the manifest's, reach the card)."""
+    _, _, paths = run_training("flux", eval_prompt="", max_train_steps=2, lora_type="dora", lora_r=6, lora_alpha=3.5,
+                               lora_dropout=0.05, lora_target_modules="to_k, ff.net.2")  # fmt: skip
     text = (paths.adapter_dir / CARD_NAME).read_text(encoding="utf-8")
+    assert "| adapter | DoRA, rank 6, alpha 3.5, dropout 0.05, targets to_k, ff.net.2 |" in text
     assert "widget" not in front_matter(text) and EVAL_GRID not in text and not (paths.adapter_dir / EVAL_GRID).exists()
     assert "FluxPipeline" in text and "| validation loss (last, best) | not measured |" in text
     assert (paths.adapter_dir / CURVES).is_file()

@@ -87,6 +87,7 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_unbroken_adapter(settings,
         assert (paths.run_dir / "validation_loss.json").read_text() == (unbroken_paths.run_dir / "validation_loss.json").read_text()
 
 
+@pytest.mark.whole_machine  # 'stopped within a step or so' is a time bound
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_adapter(tiny_models, sample_data, tmp_path):
     """The schedule here does not depend on the total (warm-up, then constant), so the stopped 400-step run
     can be resumed as a shorter one and compared with an unbroken run of that length."""

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -53,6 +54,7 @@ def test_process_slices_cover_each_global_batch_and_weigh_it_evenly():
             assert abs(averaged - sum(values.values()) / len(batch)) < 1e-12, "the processes' mean is the batch mean"
 
 
+@pytest.mark.whole_machine  # two processes, one a core
 def test_two_processes_train_what_one_process_with_twice_the_batch_trains(tiny_models, tmp_path):
     """5 images: global batches of 2, 2 and 1, so one process's slice of the last is empty. EMA, accumulation
     and checkpoints on, so every main-process-only path runs."""
@@ -84,6 +86,7 @@ def test_lockstep_slices_give_an_empty_slice_one_image_of_no_weight():
     assert lockstep.slices()[:1] == free.slices()[:1] and lockstep.slices()[1] == (last[:1], 0.0)
 
 
+@pytest.mark.whole_machine  # two processes, one a core
 def test_a_sharded_base_trains_what_an_unsharded_one_trains(tiny_models, tmp_path):
     """Flux with its frozen transformer sharded over two processes (FSDP2 on gloo) against one unsharded
     process with twice the batch: the same adapter, validation losses and eval images. Each process holds
@@ -116,6 +119,7 @@ def test_a_sharded_base_trains_what_an_unsharded_one_trains(tiny_models, tmp_pat
         assert difference.max() <= 1, f"{ours.name}: the sharded run rendered other images"
 
 
+@pytest.mark.whole_machine  # two processes, one a core; `in_turn`'s order is timed
 def test_every_family_predicts_with_a_sharded_denoiser_what_it_predicts_whole(tiny_models, sample_data):
     """Each family's denoiser sharded over two processes (its blocks' units and the root's) gives one
     held-out batch the loss and LoRA gradients it gives whole, and each process holds about half of it.

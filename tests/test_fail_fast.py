@@ -275,6 +275,31 @@ def test_ctrl_c_during_imports_ends_with_one_line(tiny_models, sample_data, tmp_
     assert done.stderr.strip().splitlines()[-1].startswith("interrupted:")
 
 
+def test_ctrl_c_a_library_swallows_during_imports_still_stops_before_training(tiny_models, sample_data, tmp_path, monkeypatch,
+                                                                             no_weights, capsys):  # fmt: skip
+    """On Python 3.11 a press inside a class's __set_name__ reaches an import guard as a RuntimeError, which
+    it catches: the run went on to train and exit 0. The press is remembered and stops the run after the imports."""
+    import plugin.main
+
+    def imports_swallowing_the_press():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes
+        except KeyboardInterrupt as press:
+            try:
+                raise RuntimeError("Error calling __set_name__") from press
+            except RuntimeError:
+                pass  # an optional-import guard
+
+    monkeypatch.setattr(plugin.main, "quiet_libraries", imports_swallowing_the_press)
+    parameters = write_parameter_file(tmp_path / "run.json", base_parameters(tiny_models["sd"], sample_data, tmp_path / "out"))
+    assert main(["--config", str(parameters)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted:")
+    assert not (tmp_path / "out").exists(), "nothing was written"
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "presses while exiting are ignored"
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def test_ctrl_c_pressed_repeatedly_while_training_ends_without_a_traceback(tiny_models, sample_data, tmp_path):
     parameters = base_parameters(tiny_models["sd"], sample_data, tmp_path / "out", max_train_steps=100000, eval_prompt="")
     done = interrupted(["--config", str(write_parameter_file(tmp_path / "run.json", parameters))],

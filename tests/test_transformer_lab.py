@@ -10,6 +10,7 @@ directory, reporting to a job record through the app's real SDK (`transformerlab
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -89,11 +90,16 @@ def layered_venv(venv: Path) -> Path:
 @pytest.fixture(scope="session")
 def app_venv(tmp_path_factory) -> Path:
     """The venv the app makes for a task (or plugin), set up by task.yaml's own `setup` command, which brings
-    the app's SDK. Kept beside .venv between runs: setup.sh's stamp makes the second setup instant."""
-    venv = layered_venv(REPO / ".venv" / "transformerlab-task")
-    folder = install_files(tmp_path_factory.mktemp("task-setup"))
-    done = subprocess.run(["bash", "-c", TASK["setup"]], cwd=folder, env=venv_environment(venv), capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+    the app's SDK. Kept beside .venv between runs: setup.sh's stamp makes the second setup instant. Test
+    workers (pytest-xdist) share it: one builds it while the others wait on the lock, then find it ready."""
+    venv = REPO / ".venv" / "transformerlab-task"
+    venv.parent.mkdir(exist_ok=True)
+    with open(venv.parent / "transformerlab-task.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        layered_venv(venv)
+        folder = install_files(tmp_path_factory.mktemp("task-setup"))
+        done = subprocess.run(["bash", "-c", TASK["setup"]], cwd=folder, env=venv_environment(venv), capture_output=True,
+                              text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return venv
 
