@@ -18,18 +18,10 @@ from pathlib import Path
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 from safetensors.torch import save_file
 
-from .errors import ConfigError
 
 TYPES = ("lora", "dora", "lokr", "loha")
 LYCORIS_PEFT_TYPES = ("LOKR", "LOHA")
 LYCORIS_METADATA = "lycoris_configs"
-
-
-def check_adapter_type(cfg) -> None:
-    """Text-encoder adapters are LoRA only: Diffusers loads a text encoder's DoRA magnitudes under the wrong
-    names (they stay at their initial values), and LoKr/LoHa not at all."""
-    if cfg.train_text_encoder and cfg.lora_type != "lora":
-        raise ConfigError(f"lora_type: {cfg.lora_type!r} trains the denoiser only; with train_text_encoder use 'lora'")
 
 
 def adapter_config(cfg, targets: list[str]):

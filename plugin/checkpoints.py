@@ -35,6 +35,7 @@ from .distributed import restore_rng_states
 from .errors import ConfigError
 from .export import make_readable, require_writable_folder
 from .posthoc import SNAPSHOT_FOLDER
+from .run_lock import LOCK_FILE
 
 STEP_FOLDER = re.compile(r"step_(\d+)")
 STATE_FILE = "state.json"
@@ -107,7 +108,7 @@ def claim_run_folder(run_dir: Path, cfg, log=print) -> None:
     naming output_dir, when the folder cannot be created."""
     run_dir = Path(run_dir)
     require_writable_folder(run_dir, "output_dir")
-    if any(run_dir.iterdir()) and not cfg.resume_from_checkpoint:
+    if any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not cfg.resume_from_checkpoint:
         if not cfg.overwrite_output:
             raise ConfigError(f"output_dir: {str(run_dir)!r} already holds a run; set resume_from_checkpoint to 'latest' to "
                               "continue it, overwrite_output to true to replace it, or choose another adaptor_name")  # fmt: skip

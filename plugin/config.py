@@ -11,11 +11,13 @@ import difflib
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .settings import combination_problems, dependency_problems
 
 MANIFEST_PATH = Path(__file__).resolve().parent.parent / "index.json"
 
@@ -52,6 +54,7 @@ class Parameter:
     enum: tuple | None = None
     minimum: float | None = None
     maximum: float | None = None
+    multiple_of: float | None = None  # a slider's step in the form, which refuses values between steps
     required: bool = False
 
     @classmethod
@@ -64,6 +67,7 @@ class Parameter:
             enum=tuple(enum) if enum else None,
             minimum=spec.get("minimum"),
             maximum=spec.get("maximum"),
+            multiple_of=spec.get("multipleOf"),
             required=bool(spec.get("required", False)),
         )
 
@@ -76,6 +80,8 @@ class Parameter:
             raise ConfigError(f"{self.name}: {raw!r} is below the minimum {self.minimum}")
         if self.maximum is not None and value > self.maximum:
             raise ConfigError(f"{self.name}: {raw!r} is above the maximum {self.maximum}")
+        if self.multiple_of is not None and abs(value / self.multiple_of - round(value / self.multiple_of)) > 1e-9 * max(1.0, abs(value / self.multiple_of)):
+            raise ConfigError(f"{self.name}: {raw!r} is not a multiple of {self.multiple_of:g} (the form's step)")
         if self.required and value == "":
             raise ConfigError(f"{self.name} is required and may not be empty")
         return value
@@ -150,40 +156,65 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed, validated like user input."""
-        return parse_parameters({**self._values, **changes})
+        return parse_parameters({**self._values, **changes}, warn=False)
 
     def __repr__(self) -> str:
         return f"Config({self._values!r})"
 
 
-def parse_parameters(raw: Mapping[str, Any], *, ignore: frozenset = frozenset(), manifest: Mapping | None = None) -> Config:
+def parse_parameters(raw: Mapping[str, Any], *, ignore: frozenset = frozenset(), manifest: Mapping | None = None,
+                     warn: bool = True) -> Config:
     """Coerce and validate user parameters against the manifest; missing ones take the manifest default.
 
     Keys starting with '_' are comments; keys in `ignore` (a launcher's own) are skipped; any other key the
-    manifest lacks is an error listing near matches, so a typo never silently falls back to a default.
+    manifest lacks is an error listing near matches, so a typo never silently falls back to a default. Every
+    problem is reported at once, in one ConfigError: each field's, then the combinations' (plugin/settings.py).
+    With `warn`, a field set while the switch it acts under is off is said in a warning.
     """
+    manifest = load_manifest() if manifest is None else manifest
     parameters = manifest_parameters(manifest)
+    problems: list[str] = []
     values: dict[str, Any] = {}
     aliased: dict[str, tuple[str, Any]] = {}
+    given = set()
     for key, value in raw.items():
         if key.startswith("_") or key in ignore:
             continue
         name = ALIASES.get(key, key)
         if name not in parameters:
-            raise ConfigError(f"unknown parameter {key!r}{_suggestion(key, parameters)}")
-        if key != name:
-            aliased[name] = (key, parameters[name].coerce(value))
-        else:
-            values[name] = parameters[name].coerce(value)
-    for name, (alias, value) in aliased.items():
-        values[name] = _merge_alias(name, values.get(name), alias, value, parameters[name].coerce(parameters[name].default))
-    for name, parameter in parameters.items():
-        if name in values:
+            problems.append(f"unknown parameter {key!r}{_suggestion(key, parameters)}")
             continue
-        if parameter.required:
-            raise ConfigError(f"{name} is required: set it in the parameter file or form")
-        values[name] = parameter.coerce(parameter.default)
-    _check_adaptor_name(values["adaptor_name"])
+        given.add(name)
+        try:
+            coerced = parameters[name].coerce(value)
+        except ConfigError as error:
+            problems.append(str(error))
+            continue
+        if key != name:
+            aliased[name] = (key, coerced)
+        else:
+            values[name] = coerced
+    defaults = {name: parameter.coerce(parameter.default) for name, parameter in parameters.items() if not parameter.required}
+    for name, (alias, value) in aliased.items():
+        try:
+            values[name] = _merge_alias(name, values.get(name), alias, value, defaults[name])
+        except ConfigError as error:
+            problems.append(str(error))
+    for name, parameter in parameters.items():
+        if name not in values and name not in given:
+            if parameter.required:
+                problems.append(f"{name} is required: set it in the parameter file or form")
+            else:
+                values[name] = defaults[name]
+    if "adaptor_name" in values:
+        problems += _adaptor_name_problems(values["adaptor_name"])
+    problems += combination_problems(values)
+    errors, notes = dependency_problems(values, given, manifest.get("parameter_dependencies", {}), defaults)
+    problems += errors
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems in the parameters:\n  " + "\n  ".join(problems))
+    for note in notes if warn else ():
+        warnings.warn(note, stacklevel=2)
     return Config(values)
 
 
@@ -204,13 +235,12 @@ def _merge_alias(name: str, canonical: Any, alias: str, value: Any, default: Any
     raise ConfigError(f"{name} = {canonical!r} and its alias {alias} = {value!r} disagree: set only one")
 
 
-def _check_adaptor_name(name: str) -> None:
+def _adaptor_name_problems(name: str) -> list[str]:
     """The adapter name becomes a folder under output_dir: it may not climb out of it or nest."""
     if not _ADAPTOR_NAME.fullmatch(name) or name in {".", ".."}:
-        raise ConfigError(
-            f"adaptor_name: {name!r} is not allowed; use letters, digits, '.', '_' and '-' only "
-            "(no path separators, no '..', no absolute paths)"
-        )
+        return [f"adaptor_name: {name!r} is not allowed; use letters, digits, '.', '_' and '-' only "
+                "(no path separators, no '..', no absolute paths)"]  # fmt: skip
+    return []
 
 
 def _suggestion(key: str, parameters: Mapping) -> str:

@@ -22,9 +22,10 @@ import datasets
 import numpy as np
 import torch
 from huggingface_hub import constants as hub_constants
-from PIL import Image, ImageColor, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 from .errors import ConfigError
+from .settings import background_rgb
 from .hub import require_hub
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
@@ -47,16 +48,17 @@ INTERPOLATIONS = {
 # Loading
 
 
-def load_image_dataset(dataset_name: str, image_column: str, caption_column: str) -> datasets.Dataset:
+def load_image_dataset(dataset_name: str, image_column: str, caption_column: str, follow_symlinks: bool = False) -> datasets.Dataset:
     """Load `dataset_name` (local folder or hub id) and return it checked and ready for `TrainingExamples`.
 
     Unreadable images are dropped with one warning that names each of them rather than failing the run:
     one broken file in a 1000-image scrape should not cost the user a training run, but they must see
-    which files were left out. Only a dataset with no readable image left is an error.
+    which files were left out. Only a dataset with no readable image left is an error. A local folder's
+    files stay inside it (`check_dataset_paths`).
     """
     if image_column == caption_column:
         raise ConfigError(f"image_column and caption_column: both are {image_column!r}; expected two different columns")
-    dataset = _resolve_dataset(dataset_name, image_column, caption_column)
+    dataset = _resolve_dataset(dataset_name, image_column, caption_column, follow_symlinks)
     if len(dataset) == 0:
         raise ConfigError(f"dataset_name: dataset {dataset_name!r} has no rows; expected at least one captioned image")
     _require_column(dataset, dataset_name, "image_column", image_column)
@@ -78,10 +80,11 @@ def _warn_uncaptioned(dataset: datasets.Dataset, dataset_name: str, caption_colu
         )
 
 
-def _resolve_dataset(dataset_name: str, image_column: str, caption_column: str) -> datasets.Dataset:
+def _resolve_dataset(dataset_name: str, image_column: str, caption_column: str, follow_symlinks: bool) -> datasets.Dataset:
     """Pick the loader that fits what `dataset_name` points at (see `load_image_dataset`)."""
     path = Path(os.path.expanduser(dataset_name))
     if path.is_dir():
+        check_dataset_paths(path, follow_symlinks)
         if any((path / name).is_file() for name in METADATA_FILES):
             return _load_imagefolder(path)
         if any((path / name).is_file() for name in SAVED_DATASET_FILES):
@@ -92,6 +95,46 @@ def _resolve_dataset(dataset_name: str, image_column: str, caption_column: str) 
     if _looks_like_path(dataset_name):
         raise ConfigError(f"dataset_name: folder {dataset_name!r} does not exist")
     return _load_hub(dataset_name)
+
+
+def check_dataset_paths(folder: Path, follow_symlinks: bool) -> None:
+    """The policy for what a dataset folder may point at. A metadata row's file_name must stay inside the
+    folder (no absolute path, no `..` out of it) and name a file that exists: otherwise an error naming the
+    file and line. An image that is a symbolic link leading out of the folder (or a file under a linked
+    folder) is refused unless follow_symlinks is on, as rsync copies what a link points to only when asked:
+    a dataset shared or downloaded with a link to `/etc` or a home folder must not train on, cache or render
+    what it points at without the user saying so. Links that stay inside the folder are always followed."""
+    _check_metadata_jsonl(folder / "metadata.jsonl")
+    root = folder.resolve()
+    for metadata, line, name in _metadata_file_names(folder):
+        where = f"dataset_name: {str(metadata)!r} line {line}: file_name {name!r}"
+        if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+            raise ConfigError(f"{where} leaves the dataset folder; expected a path inside {str(folder)!r}")
+        if not (folder / name).is_file():
+            raise ConfigError(f"{where} is not a file in the dataset folder")
+    if follow_symlinks:
+        return
+    for image in (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        target = image.resolve()
+        if target != root and root not in target.parents:
+            raise ConfigError(f"dataset_name: {str(image)!r} is a symbolic link (or under one) to {str(target)!r}, outside the "
+                              "dataset folder; set follow_symlinks to true to train on what links point at")  # fmt: skip
+
+
+def _metadata_file_names(folder: Path):
+    """(metadata file, line number, file_name) of each row of metadata.jsonl or metadata.csv."""
+    jsonl, table = folder / "metadata.jsonl", folder / "metadata.csv"
+    if jsonl.is_file():
+        with open(jsonl, encoding="utf-8-sig") as lines:
+            for number, line in enumerate(lines, start=1):
+                row = json.loads(line) if line.strip() else None
+                if isinstance(row, dict) and isinstance(row.get("file_name"), str):
+                    yield jsonl, number, row["file_name"]
+    elif table.is_file():
+        with open(table, encoding="utf-8-sig", newline="") as rows:
+            for number, row in enumerate(csv.DictReader(rows), start=2):
+                if row.get("file_name"):
+                    yield table, number, row["file_name"]
 
 
 def _looks_like_path(name: str) -> bool:
@@ -107,7 +150,6 @@ def _looks_like_path(name: str) -> bool:
 
 def _load_imagefolder(path: Path) -> datasets.Dataset:
     """Load a folder of images described by a metadata file, with datasets' imagefolder builder."""
-    _check_metadata_jsonl(path / "metadata.jsonl")
     if not _metadata_has_rows(path):
         raise ConfigError(f"dataset_name: metadata file in {str(path)!r} has no rows; expected one row per image")
     try:
@@ -368,14 +410,6 @@ class CaptionOptions:
 
     def __post_init__(self):
         _check_range("caption_dropout_rate", self.caption_dropout_rate, 0.0, 1.0)
-
-
-def background_rgb(colour: str) -> tuple[int, int, int]:
-    """alpha_background as RGB: a CSS colour name or #rrggbb (PIL's ImageColor); alpha in it is ignored."""
-    try:
-        return ImageColor.getrgb(colour)[:3]
-    except ValueError:
-        raise ConfigError(f"alpha_background: {colour!r} is not a colour; expected a name such as white, black or gray, or #rrggbb") from None
 
 
 def _check_range(field: str, value: float, low: float, high: float) -> None:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from .phema import power_function_beta
-from .posthoc import parse_sigma_rels
+from .settings import parse_sigma_rels
 
 
 @contextmanager

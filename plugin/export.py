@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from .errors import ConfigError
 from .adapters import is_lycoris, save_lycoris
-from .kohya import community_file_name, community_state, parse_export_formats
+from .kohya import community_file_name, community_state
+from .settings import parse_export_formats
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 READABLE_FILE, READABLE_FOLDER = 0o644, 0o755  # results are read by other users and services (a launcher, a web UI)

@@ -26,20 +26,10 @@ import math
 
 import torch
 
-from .errors import ConfigError
 
-FORMATS = ("diffusers", "kohya")
 # PEFT's tensor names within an adapter module: LoRA, DoRA's magnitude, LoKr's and LoHa's factors.
 TENSOR_NAMES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2",
                 "lokr_w2_a", "lokr_w2_b", "lokr_t2", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")  # fmt: skip
-
-
-def parse_export_formats(text: str) -> tuple[str, ...]:
-    """"diffusers,kohya" → ("diffusers", "kohya"); anything else is a ConfigError naming export_formats."""
-    formats = tuple(dict.fromkeys(part.strip() for part in text.replace(",", " ").split()))
-    if not formats or any(f not in FORMATS for f in formats):
-        raise ConfigError(f"export_formats: {text!r}; expected a comma-separated list of {', '.join(FORMATS)} such as 'diffusers,kohya'")
-    return formats
 
 
 def module_scale(config: dict, module: str, rank: int) -> float:

@@ -30,6 +30,7 @@ try:  # Ctrl-C during these imports comes before main() can catch it: the same l
     from plugin.host_memory import keep_freed_memory
     from plugin.launcher import JOB_ID_VARIABLE, launcher_parameters, workspace_of
     from plugin.reporting import JobRecord, TransformerLabJob
+    from plugin.run_lock import run_folder_lock
     from plugin.stopping import STOPPED_EXIT_CODE, StartupInterrupts
 except KeyboardInterrupt:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # more presses while exiting would print tracebacks
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace, raw: dict | None, job: JobRecord, startup: Sta
         from plugin.sweep import sweep
 
         startup.check()
-        sweep(Path(args.posthoc_ema), args.sigma_rel, args.at_step)
+        with run_folder_lock(Path(args.posthoc_ema), "--posthoc-ema --sweep", create=False):
+            sweep(Path(args.posthoc_ema), args.sigma_rel, args.at_step)
         return 0
     if args.posthoc_ema:
         if not args.sigma_rel:
@@ -132,7 +134,8 @@ def run(args: argparse.Namespace, raw: dict | None, job: JobRecord, startup: Sta
         from plugin.posthoc import reconstruct
 
         startup.check()
-        reconstruct(Path(args.posthoc_ema), args.sigma_rel, args.at_step)
+        with run_folder_lock(Path(args.posthoc_ema), "--posthoc-ema", create=False):
+            reconstruct(Path(args.posthoc_ema), args.sigma_rel, args.at_step)
         return 0
     if args.demo:
         with tempfile.TemporaryDirectory(prefix="lora-demo-") as workdir:
@@ -150,8 +153,9 @@ def train_run(cfg: Config, adaptor_output_dir: str | None, job: JobRecord, start
     from plugin.trainer import RunPaths, train
 
     startup.check()
-
-    result = train(cfg, RunPaths.for_config(cfg, adaptor_output_dir), job=job)
+    paths = RunPaths.for_config(cfg, adaptor_output_dir)
+    with run_folder_lock(paths.run_dir, "resuming" if cfg.resume_from_checkpoint else "training"):
+        result = train(cfg, paths, job=job)
     last = result.losses[-FINAL_LOSS_STEPS:]
     job.finished(result.adapter_path, cfg.adaptor_name, {"loss": sum(last) / len(last)} if last else {})
 

@@ -27,9 +27,6 @@ def check_optimizer(cfg) -> None:
             raise ConfigError("optimizer: 'adamw_8bit' needs a CUDA GPU (bitsandbytes' 8-bit kernels); use adamw, prodigy or adafactor here")
     if cfg.optimizer != "prodigy":
         return
-    if cfg.loss_weighting == "learned":
-        raise ConfigError("optimizer: prodigy takes one learning rate for every parameter, and loss_weighting 'learned' "
-                          "trains with its own (loss_weighting_learning_rate); pick another optimizer or loss_weighting")  # fmt: skip
     if cfg.learning_rate < 0.1:
         warnings.warn(f"learning_rate: {cfg.learning_rate:g} with prodigy, which estimates the step size itself and takes "
                       "learning_rate as a multiplier on it: 1.0 is its convention", stacklevel=2)  # fmt: skip

@@ -21,23 +21,11 @@ from safetensors.torch import save_file
 from .errors import ConfigError
 from .export import atomic_path, lora_state, save_layers_atomic, write_json_atomic
 from .phema import relative_fit_error, solve_posthoc_coefficients
+from .settings import SIGMA_REL_RANGE, parse_sigma_rels
 
 SNAPSHOT_FOLDER = "posthoc_ema"
 SNAPSHOT_NAME = re.compile(r"step_(\d+)\.safetensors")
 MAX_FIT_ERROR = 0.05  # a wanted profile must be matched by the snapshots to within 5 % (relative L2)
-SIGMA_REL_RANGE = (0.0, 0.2886)  # σ_rel of τ^γ with γ > 0 (at γ = 0, the uniform average, it is 1/√12)
-
-
-def parse_sigma_rels(text: str, field: str = "posthoc_ema_sigma_rels") -> tuple[float, ...]:
-    """"0.05,0.10" → (0.05, 0.1); anything else is a ConfigError naming `field` and the range."""
-    try:
-        values = tuple(float(part) for part in text.replace(",", " ").split())
-    except ValueError:
-        raise ConfigError(f"{field}: {text!r} is not a list of numbers such as '0.05,0.10'") from None
-    low, high = SIGMA_REL_RANGE
-    if not values or any(not low < v < high for v in values) or len(set(values)) != len(values):
-        raise ConfigError(f"{field}: {text!r}; expected distinct relative widths between {low} and {high}, such as '0.05,0.10'")
-    return values
 
 
 def write_snapshot(run_dir: Path, step: int, tracker, modules: dict[str, torch.nn.Module]) -> Path:

@@ -40,8 +40,6 @@ def import_quantization_libraries() -> None:
 
 def check_quantization(cfg) -> None:
     """The mode's library and hardware are there, checked before any weights load."""
-    if cfg.quantize_text_encoders and cfg.base_quantization == "none":
-        raise ConfigError("quantize_text_encoders: set base_quantization (int8, fp8 or nf4) to say how")
     if cfg.base_quantization == "nf4":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("base_quantization: 'nf4' needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU; "

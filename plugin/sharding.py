@@ -43,9 +43,6 @@ def check_sharding(cfg) -> None:
         if os.environ.get(variable, "").lower() in ("1", "true", "yes"):
             raise ConfigError(f"accelerate launch {flag}: this trainer does not hand the model to Accelerate; launch with "
                               "--multi_gpu (no FSDP or DeepSpeed options) and set shard_base_model: true to shard the frozen base")  # fmt: skip
-    if cfg.shard_base_model and cfg.base_quantization != "none":
-        raise ConfigError(f"shard_base_model: a quantised base (base_quantization {cfg.base_quantization!r}) cannot be sharded "
-                          "(its weights are not plain tensors FSDP can split); use one or the other")  # fmt: skip
 
 
 def shard_units(denoiser: torch.nn.Module) -> list[torch.nn.Module]:

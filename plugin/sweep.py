@@ -52,7 +52,7 @@ def sweep(run_dir: Path, sigma_rels: list[float] | None = None, at_step: int | N
 
     family = open_model(cfg.model_name, cfg.model_config, cfg.text_encoder_source, cfg.allow_pickle_checkpoints)
     cfg, _ = family.configure(cfg)
-    dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
+    dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column, cfg.follow_symlinks)
     _, held_out_rows = training_and_validation_data(cfg, dataset)
     accelerator = new_accelerator(cfg)
     family.load(WEIGHT_DTYPES[cfg.mixed_precision])

@@ -20,7 +20,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .adapters import check_adapter_type
 from .buckets import BucketBatchSampler, BucketLayout
 from .cache import build_conditioning, resolve_caching
 from .card import write_model_card
@@ -36,17 +35,17 @@ from .errors import ConfigError, TrainingDiverged, TrainingStopped
 from .evaluation import eval_prompts, render_images, save_evaluation
 from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
 from .families import open_model
-from .kohya import community_file_name, parse_export_formats
+from .kohya import community_file_name
 from .optimizers import build_optimizer, check_optimizer
-from .posthoc import discard_snapshots_after, parse_sigma_rels, write_snapshot
+from .posthoc import discard_snapshots_after, write_snapshot
 from .quantization import check_quantization, quantization_plan, quantization_summary
 from .reporting import METRICS_FILE, SETUP_PERCENT, JobRecord, Reporter
+from .settings import parse_export_formats
 from .sharding import check_sharding, in_turn, shard_frozen_base
 from .stopping import StopRequest
-from .validation import ValidationHistory, ValidationSet, check_validation_settings, training_and_validation_data
+from .validation import ValidationHistory, ValidationSet, training_and_validation_data
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-POLYNOMIAL_END_LR = 1e-7  # diffusers.optimization's polynomial schedule decays to this learning rate
 
 # cuDNN's fused attention backward returns NaN gradients for some sequence lengths on Hopper GPUs
 # (pytorch/pytorch#196678; seen here training Flux at 512 text + 64 image tokens). Training steps, forward and
@@ -78,24 +77,13 @@ class RunResult:
 
 
 def check_settings(cfg) -> None:
-    """Combinations that per-field bounds in the manifest cannot express, caught before any weights load."""
+    """What the parameter phase (plugin/settings.py) cannot check without PyTorch or the environment: the
+    hardware and libraries a setting needs, and the launch; caught before any weights load."""
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision: 'fp16' needs a CUDA GPU (loss scaling); use 'bf16' or 'no' on this machine")
-    if cfg.use_ema and cfg.ema_type == "posthoc":
-        parse_sigma_rels(cfg.posthoc_ema_sigma_rels)
-    check_validation_settings(cfg)
-    parse_export_formats(cfg.export_formats)
     check_quantization(cfg)
     check_optimizer(cfg)
-    check_adapter_type(cfg)
     check_sharding(cfg)
-    if cfg.offload_text_encoders and cfg.train_text_encoder:
-        raise ConfigError("offload_text_encoders: the text encoders train (train_text_encoder), so they stay on the accelerator")
-    if cfg.lr_scheduler == "polynomial" and cfg.learning_rate <= POLYNOMIAL_END_LR:
-        raise ConfigError(
-            f"learning_rate: {cfg.learning_rate:g} is not above {POLYNOMIAL_END_LR:g}, where the polynomial schedule "
-            "decays to; raise it or pick another lr_scheduler"
-        )
 
 
 def new_accelerator(cfg) -> Accelerator:
@@ -178,7 +166,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     family = open_model(cfg.model_name, cfg.model_config, cfg.text_encoder_source, cfg.allow_pickle_checkpoints)  # configs, no weights yet
     cfg, filled = family.configure(resolve_caching(cfg, log))
     resolved_config = {**cfg.as_dict(), "model_family": family.name}
-    dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
+    dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column, cfg.follow_symlinks)
     dataset, held_out_rows = training_and_validation_data(cfg, dataset)
     prompts = eval_prompts(cfg.eval_prompt)
     accelerator = new_accelerator(cfg)

@@ -30,13 +30,6 @@ VALIDATION_DRAWS = 4  # noise and timestep draws per image: the estimate's sprea
 HISTORY_FILE = "validation_loss.json"
 
 
-def check_validation_settings(cfg) -> None:
-    """The two ways to name a validation set exclude each other."""
-    if cfg.validation_split > 0 and cfg.validation_dataset:
-        raise ConfigError(f"validation_split: {cfg.validation_split:g} and validation_dataset {cfg.validation_dataset!r} are both set; "
-                          "hold out a split or name a dataset, not both")  # fmt: skip
-
-
 def split_dataset(dataset: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """(training rows, held-out rows): round(fraction·N) rows, at least one, drawn by the seed, the rest in
     their order. A split that would leave no training image (or hold none out) is an error."""
@@ -56,7 +49,7 @@ def training_and_validation_data(cfg, dataset: datasets.Dataset) -> tuple[datase
     if not cfg.validation_dataset:
         return split_dataset(dataset, cfg.validation_split, cfg.seed)
     try:
-        held_out = load_image_dataset(cfg.validation_dataset, cfg.image_column, cfg.caption_column)
+        held_out = load_image_dataset(cfg.validation_dataset, cfg.image_column, cfg.caption_column, cfg.follow_symlinks)
     except ConfigError as error:  # the loader's messages name dataset_name, the field it usually reads
         raise ConfigError(str(error).replace("dataset_name:", "validation_dataset:", 1)) from None
     return dataset, held_out

@@ -111,9 +111,8 @@ def test_the_community_file_changes_each_weight_as_peft_does(lora_type, extra, f
 
 
 def test_the_text_encoder_trains_lora_only(tiny_models, sample_data, tmp_path):
-    cfg = parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path, lora_type="lokr", train_text_encoder=True))
     with pytest.raises(ConfigError, match="lora_type: 'lokr' trains the denoiser only"):
-        train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
+        parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path, lora_type="lokr", train_text_encoder=True))
 
 
 def test_load_adapter_reads_every_type(tiny_models, sample_data, tmp_path):

@@ -22,6 +22,8 @@ from plugin import checkpoints as checkpoints_module
 from plugin.config import parse_parameters
 from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME
+from plugin.main import main
+from plugin.run_lock import LOCK_FILE, run_folder_lock
 from plugin.stopping import BURST_SECONDS, STOPPED_EXIT_CODE, StopRequest
 from plugin.trainer import RunPaths, train
 
@@ -233,6 +235,40 @@ def test_a_run_folder_belongs_to_one_run(tiny_models, sample_data, tmp_path, mon
     assert any(line.startswith("overwrite_output: deleted the previous run's checkpoints") for line in logged)
     assert not (paths.run_dir / "checkpoints").exists()
     assert json.loads((paths.run_dir / "config.json").read_text())["max_train_steps"] == 2
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+from plugin.run_lock import run_folder_lock
+with run_folder_lock(Path(sys.argv[1]), "training"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_folder_is_locked_while_a_command_writes_it_and_a_kill_leaves_no_stale_lock(tiny_models, sample_data, tmp_path, capsys):
+    params = parameters(tiny_models, sample_data, tmp_path / "out", max_train_steps=2, checkpointing_steps=0)
+    run_dir, config = tmp_path / "out" / "test-adapter", write_parameter_file(tmp_path / "run.json", params)
+    with run_folder_lock(run_dir, "training"):  # another run, started a moment earlier
+        assert main(["--config", str(config)]) == 2
+        assert main(["--config", str(write_parameter_file(tmp_path / "resume.json", {**params, "resume_from_checkpoint": "latest"}))]) == 2
+        assert main(["--posthoc-ema", str(run_dir), "--sigma-rel", "0.07"]) == 2
+    refusals = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(refusals) == 3 and all(f"output_dir: {str(run_dir)!r} is in use by PID {os.getpid()} (training, started " in line
+                                      for line in refusals), refusals  # fmt: skip
+    assert [p.name for p in run_dir.iterdir()] == [LOCK_FILE], "the refused runs wrote nothing"
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ConfigError, match=f"is in use by PID {holder.pid} \\(training, started "):
+        with run_folder_lock(run_dir, "resuming"):
+            pass
+    holder.kill()
+    holder.wait()
+    assert main(["--config", str(config)]) == 0, "the kernel released the killed holder's lock"
+    assert (run_dir / WEIGHTS_NAME).is_file() and (run_dir / LOCK_FILE).read_text().startswith(f"PID {os.getpid()} (training, ")
+    assert stat.S_IMODE((run_dir / LOCK_FILE).stat().st_mode) == 0o644
 
 
 def test_a_signal_burst_is_one_request_a_later_signal_interrupts_and_the_launcher_flag_is_polled():

@@ -15,6 +15,7 @@ from plugin.errors import ConfigError
 PLUGIN = Path(__file__).resolve().parent.parent / "plugin"
 MANIFEST = load_manifest()
 PARAMETERS = parameter_specs(MANIFEST)  # the form's and the launcher's
+REQUIRED = {"adaptor_name": "a", "model_name": "base-model", "dataset_name": "images"}  # what every run must name
 
 
 def test_manifest_is_a_transformer_lab_trainer_plugin():
@@ -40,7 +41,7 @@ def test_every_parameter_is_complete_and_its_default_is_valid(name):
     if "minimum" in spec and "maximum" in spec:
         assert spec["minimum"] <= spec["maximum"]
     if not spec.get("required"):
-        assert parse_parameters({"adaptor_name": "a"}).as_dict()[name] == spec["default"]
+        assert parse_parameters(REQUIRED).as_dict()[name] == spec["default"]
 
 
 def test_ui_hints_cover_exactly_the_parameters():
@@ -63,7 +64,7 @@ def test_the_code_reads_no_config_field_the_manifest_lacks():
     read = set(re.findall(r"\bcfg\.([a-z_][a-z0-9_]*)", code)) - methods
     assert read - set(PARAMETERS) == set()
     with pytest.raises(AttributeError, match="not a parameter"):
-        parse_parameters({"adaptor_name": "a"}).no_such_field
+        parse_parameters(REQUIRED).no_such_field
 
 
 def test_readme_parameter_table_is_generated_from_the_manifest():
@@ -74,7 +75,7 @@ def test_readme_parameter_table_is_generated_from_the_manifest():
 
 def test_strings_from_a_form_are_coerced_by_manifest_type():
     cfg = parse_parameters(
-        {"adaptor_name": "a", "learning_rate": "1e-4", "use_ema": "true", "lora_r": "4", "noise_offset": "0.05",
+        {**REQUIRED, "learning_rate": "1e-4", "use_ema": "true", "lora_r": "4", "noise_offset": "0.05",
          "center_crop": "False", "max_train_steps": 10.0}
     )
     assert cfg.learning_rate == 1e-4 and cfg.use_ema is True and cfg.lora_r == 4
@@ -85,21 +86,21 @@ def test_strings_from_a_form_are_coerced_by_manifest_type():
 @pytest.mark.parametrize(
     "raw, culprit",
     [
-        ({"adaptor_name": "a", "lora_rank": 4}, "lora_rank"),  # unknown key, with a suggestion
-        ({"adaptor_name": "a", "lora_r": "four"}, "lora_r"),  # wrong type
-        ({"adaptor_name": "a", "lora_r": 2.5}, "lora_r"),  # not an integer
-        ({"adaptor_name": "a", "use_ema": "maybe"}, "use_ema"),
-        ({"adaptor_name": "a", "caption_dropout_rate": 1.5}, "caption_dropout_rate"),  # out of range
-        ({"adaptor_name": "a", "learning_rate": -1}, "learning_rate"),
-        ({"adaptor_name": "a", "lr_scheduler": "exponential"}, "lr_scheduler"),  # bad enum
-        ({"adaptor_name": "a", "learning_rate": "nan"}, "learning_rate"),
-        ({"adaptor_name": "a", "seed": True}, "seed"),
+        ({**REQUIRED, "lora_rank": 4}, "lora_rank"),  # unknown key, with a suggestion
+        ({**REQUIRED, "lora_r": "four"}, "lora_r"),  # wrong type
+        ({**REQUIRED, "lora_r": 2.5}, "lora_r"),  # not an integer
+        ({**REQUIRED, "use_ema": "maybe"}, "use_ema"),
+        ({**REQUIRED, "caption_dropout_rate": 1.5}, "caption_dropout_rate"),  # out of range
+        ({**REQUIRED, "learning_rate": -1}, "learning_rate"),
+        ({**REQUIRED, "lr_scheduler": "exponential"}, "lr_scheduler"),  # bad enum
+        ({**REQUIRED, "learning_rate": "nan"}, "learning_rate"),
+        ({**REQUIRED, "seed": True}, "seed"),
         ({}, "adaptor_name"),  # missing required
-        ({"adaptor_name": ""}, "adaptor_name"),
-        ({"adaptor_name": "../escape"}, "adaptor_name"),
-        ({"adaptor_name": "/abs/path"}, "adaptor_name"),
-        ({"adaptor_name": "a/b"}, "adaptor_name"),
-        ({"adaptor_name": ".."}, "adaptor_name"),
+        ({**REQUIRED, "adaptor_name": ""}, "adaptor_name"),
+        ({**REQUIRED, "adaptor_name": "../escape"}, "adaptor_name"),
+        ({**REQUIRED, "adaptor_name": "/abs/path"}, "adaptor_name"),
+        ({**REQUIRED, "adaptor_name": "a/b"}, "adaptor_name"),
+        ({**REQUIRED, "adaptor_name": ".."}, "adaptor_name"),
     ],
 )
 def test_bad_values_name_the_field(raw, culprit):
@@ -109,16 +110,16 @@ def test_bad_values_name_the_field(raw, culprit):
 
 def test_unknown_key_error_suggests_the_close_name():
     with pytest.raises(ConfigError, match="did you mean lora_r"):
-        parse_parameters({"adaptor_name": "a", "lora_rr": 4})
+        parse_parameters({**REQUIRED, "lora_rr": 4})
 
 
 def test_enum_error_lists_allowed_values():
     with pytest.raises(ConfigError, match="'cosine_with_restarts'"):
-        parse_parameters({"adaptor_name": "a", "lr_scheduler": "nope"})
+        parse_parameters({**REQUIRED, "lr_scheduler": "nope"})
 
 
 def test_comment_keys_are_ignored_and_aliases_map():
-    cfg = parse_parameters({"adaptor_name": "a", "_comment": "anything", "min_snr_gamma": 5})
+    cfg = parse_parameters({**REQUIRED, "_comment": "anything", "min_snr_gamma": 5})
     assert cfg.snr_gamma == 5.0
     assert set(ALIASES.values()) <= set(PARAMETERS)
 
@@ -128,12 +129,12 @@ def test_alias_beats_a_canonical_key_left_at_its_default(order):
     """Pitfall 5: a launcher sends snr_gamma at its default 0 beside the older min_snr_gamma; min-SNR must
     still apply, in either key order. Two different settings are reported, not silently resolved."""
     values = {"snr_gamma": 0, "min_snr_gamma": 5}
-    raw = {"adaptor_name": "a", **{key: values[key] for key in order}}
+    raw = {**REQUIRED, **{key: values[key] for key in order}}
     assert parse_parameters(raw).snr_gamma == 5.0
-    assert parse_parameters({"adaptor_name": "a", "min_snr_gamma": 0, "snr_gamma": 3}).snr_gamma == 3.0
-    assert parse_parameters({"adaptor_name": "a", "min_snr_gamma": 3, "snr_gamma": 3}).snr_gamma == 3.0
+    assert parse_parameters({**REQUIRED, "min_snr_gamma": 0, "snr_gamma": 3}).snr_gamma == 3.0
+    assert parse_parameters({**REQUIRED, "min_snr_gamma": 3, "snr_gamma": 3}).snr_gamma == 3.0
     with pytest.raises(ConfigError, match="snr_gamma = 3.0 and its alias min_snr_gamma = 5.0 disagree"):
-        parse_parameters({"adaptor_name": "a", "min_snr_gamma": 5, "snr_gamma": 3})
+        parse_parameters({**REQUIRED, "min_snr_gamma": 5, "snr_gamma": 3})
 
 
 def test_unknown_keys_are_those_no_parameter_or_alias_explains():
@@ -142,14 +143,14 @@ def test_unknown_keys_are_those_no_parameter_or_alias_explains():
 
 
 def test_launcher_keys_are_accepted_only_when_ignored():
-    raw = {"adaptor_name": "a", "job_id": 7, "adaptor_output_dir": "/x", "model_architecture": "FluxPipeline"}
+    raw = {**REQUIRED, "job_id": 7, "adaptor_output_dir": "/x", "model_architecture": "FluxPipeline"}
     with pytest.raises(ConfigError, match="job_id|adaptor_output_dir|model_architecture"):
         parse_parameters(raw)
     assert parse_parameters(raw, ignore=LAUNCHER_KEYS).adaptor_name == "a"
 
 
 def test_config_is_read_only_and_replace_revalidates():
-    cfg = parse_parameters({"adaptor_name": "a"})
+    cfg = parse_parameters(REQUIRED)
     with pytest.raises(AttributeError):
         cfg.lora_r = 3
     assert cfg.replace(lora_r=16).lora_r == 16
@@ -179,4 +180,4 @@ def test_bad_parameter_files_are_named(tmp_path, content, message):
 def test_a_string_parameter_takes_text_only(value):
     """`"trigger_word": NaN` used to train every caption with "nan" in front."""
     with pytest.raises(ConfigError, match=r"trigger_word: .* is not text; expected a string"):
-        parse_parameters({"adaptor_name": "a", "trigger_word": value})
+        parse_parameters({**REQUIRED, "trigger_word": value})

@@ -108,6 +108,41 @@ def test_imagefolder_with_metadata_csv_and_custom_caption_column(tmp_path):
     assert set(dataset.column_names) == {"image", "prompt"}
 
 
+@pytest.mark.parametrize("file_name, message", [
+    ("../outside.png", "line 2: file_name '../outside.png' leaves the dataset folder"),
+    ("../../etc/passwd", "line 2: file_name '../../etc/passwd' leaves the dataset folder"),
+    ("/etc/passwd", "line 2: file_name '/etc/passwd' leaves the dataset folder"),
+    ("sub/../../outside.png", "line 2: file_name 'sub/../../outside.png' leaves the dataset folder"),
+    ("missing.png", "line 2: file_name 'missing.png' is not a file in the dataset folder"),
+])  # fmt: skip
+def test_a_metadata_row_naming_a_file_outside_the_folder_or_none_is_refused_with_its_line(file_name, message, tmp_path):
+    folder = jsonl_folder(tmp_path / "data", count=2)
+    noise_image().save(tmp_path / "outside.png")
+    write_jsonl(folder, [{"file_name": "0.png", "text": "a"}, {"file_name": file_name, "text": "b"}])
+    with pytest.raises(ConfigError, match=f"dataset_name: .*metadata.jsonl' {message}"):
+        load_image_dataset(str(folder), "image", "text")
+
+
+@pytest.mark.parametrize("layout", ["metadata", "kohya"])
+def test_symlinks_out_of_the_dataset_are_followed_only_when_asked(layout, tmp_path):
+    outside = tmp_path / "library"
+    write_images(outside, 2)
+    folder = jsonl_folder(tmp_path / "data", count=2) if layout == "metadata" else tmp_path / "data"
+    folder.mkdir(exist_ok=True)
+    write_images(folder / "own", 1)
+    (folder / "own" / "copy.png").symlink_to(folder / "own" / "0.png")  # a link inside: always fine
+    (folder / "linked.png").symlink_to(outside / "1.png")
+    (folder / "linked-folder").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ConfigError, match=r"dataset_name: .*(linked.png|linked-folder/\d.png)' is a symbolic link .* to .*library.*"
+                                          "outside the dataset folder; set follow_symlinks to true"):  # fmt: skip
+        load_image_dataset(str(folder), "image", "text")
+    (folder / "linked.png").unlink()
+    (folder / "linked-folder").unlink()
+    assert len(load_image_dataset(str(folder), "image", "text")) == 2
+    (folder / "linked.png").symlink_to(outside / "1.png")
+    assert len(load_image_dataset(str(folder), "image", "text", follow_symlinks=True)) == (2 if layout == "metadata" else 3)
+
+
 def test_kohya_folder_searches_subfolders_and_warns_about_missing_captions(tmp_path):
     folder = tmp_path / "kohya"
     write_images(folder, 2)

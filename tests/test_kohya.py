@@ -19,7 +19,6 @@ from plugin.export import WEIGHTS_NAME
 from plugin.main import main
 from plugin.posthoc import SNAPSHOT_FOLDER
 from plugin.tiny import FAMILIES
-from plugin.trainer import RunPaths, train
 
 R, ALPHA = 4, 16.0  # alpha ≠ r: a tool that ignored alpha would apply the adapter at a quarter of its strength
 CLIP_LAYERS = r"text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc1|mlp_fc2)"  # ComfyUI's LORA_CLIP_MAP
@@ -98,7 +97,6 @@ def test_export_formats_are_honoured_and_checked_before_loading(run_training, ti
     from plugin.families.base import ModelFamily
 
     monkeypatch.setattr(ModelFamily, "load", lambda *_: pytest.fail("weights loaded before the check"))
-    for bad in ("", "kohya,a1111", "safetensors"):
-        cfg = parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path / "out", export_formats=bad))
+    for bad in ("", "kohya,a1111", "safetensors"):  # refused with the parameters (tests/test_parameter_phase.py)
         with pytest.raises(ConfigError, match="export_formats: .* expected a comma-separated list of diffusers, kohya"):
-            train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
+            parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path / "out", export_formats=bad))

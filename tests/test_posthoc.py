@@ -14,7 +14,6 @@ from plugin.export import WEIGHTS_NAME
 from plugin.main import main
 from plugin.posthoc import SNAPSHOT_FOLDER, reconstruct, snapshot_paths
 from plugin.tiny import FAMILIES
-from plugin.trainer import RunPaths, train
 
 POSTHOC = dict(use_ema=True, ema_type="posthoc", posthoc_ema_snapshot_steps=2, max_train_steps=12, eval_prompt="")
 
@@ -51,10 +50,9 @@ def test_lengths_the_snapshots_cannot_stand_in_for_are_refused_naming_the_range(
 
 
 def test_posthoc_settings_are_checked_before_anything_loads(tiny_models, sample_data, tmp_path):
-    for bad in ("0.5", "0.05,abc", "", "0.1,0.1"):
-        cfg = parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path, **POSTHOC, posthoc_ema_sigma_rels=bad))
+    for bad in ("0.5", "0.05,abc", "", "0.1,0.1"):  # refused with the parameters (tests/test_parameter_phase.py)
         with pytest.raises(ConfigError, match="posthoc_ema_sigma_rels: .* expected|posthoc_ema_sigma_rels: .* is not a list"):
-            train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
+            parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path, **POSTHOC, posthoc_ema_sigma_rels=bad))
     assert main(["--posthoc-ema", str(tmp_path)]) == 2  # no --sigma-rel
 
 

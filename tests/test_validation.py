@@ -57,9 +57,9 @@ def test_bad_validation_settings_fail_before_the_model_loads(tiny_models, sample
         ({"validation_split": 0.5, "validation_dataset": str(sample_data)}, "validation_split: 0.5 and validation_dataset .* both set"),
         ({"validation_dataset": str(tmp_path / "missing")}, "validation_dataset: folder .*missing.* does not exist"),
     ]
-    for overrides, message in cases:
-        cfg = parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path / "out", **overrides))
+    for overrides, message in cases:  # the first with the parameters, the second when the dataset is opened
         with pytest.raises(ConfigError, match=message):
+            cfg = parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path / "out", **overrides))
             train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
     one_image = tmp_path / "one"
     one_image.mkdir()
@@ -237,7 +237,7 @@ def test_the_sweep_refuses_runs_without_a_validation_set_or_snapshots_and_unreac
     assert main(["--posthoc-ema", str(paths.run_dir), "--sweep"]) == 2
     with pytest.raises(ConfigError, match="--sweep: .*config.json.* is missing or unreadable; expected a run folder"):
         sweep(tmp_path / "not-a-run")
-    _, _, paths = run_training("sd", **{**SWEPT, "use_ema": False})
+    _, _, paths = run_training("sd", **{**SWEPT, "use_ema": False, "ema_type": "ema", "posthoc_ema_snapshot_steps": 100})
     with pytest.raises(ConfigError, match="has no post-hoc EMA snapshots"):
         sweep(paths.run_dir)
     _, _, paths = run_training("sd", **SWEPT)

@@ -1,0 +1,156 @@
+"""Checks of the parameters as a set: what the manifest's per-field rules (type, range, step) cannot say.
+
+Combinations of fields, the small languages some text fields hold (export formats, σ_rel lists, colours)
+and the fields that act only under a switch need no model, no data and no PyTorch: they run in the
+parameter-file phase, before the heavy imports, and `parse_parameters` reports every problem at once.
+Each rule is one function of the coerced values that returns its problem, or None.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from PIL import ImageColor
+
+from .errors import ConfigError
+
+EXPORT_FORMATS = ("diffusers", "kohya")
+SIGMA_REL_RANGE = (0.0, 0.2886)  # σ_rel of τ^γ with γ > 0 (at γ = 0, the uniform average, it is 1/√12)
+POLYNOMIAL_END_LR = 1e-7  # diffusers.optimization's polynomial schedule decays to this learning rate
+
+
+def parse_export_formats(text: str) -> tuple[str, ...]:
+    """"diffusers,kohya" → ("diffusers", "kohya"); anything else is a ConfigError naming export_formats."""
+    formats = tuple(dict.fromkeys(part.strip() for part in text.replace(",", " ").split()))
+    if not formats or any(f not in EXPORT_FORMATS for f in formats):
+        raise ConfigError(f"export_formats: {text!r}; expected a comma-separated list of {', '.join(EXPORT_FORMATS)} "
+                          "such as 'diffusers,kohya'")  # fmt: skip
+    return formats
+
+
+def parse_sigma_rels(text: str, field: str = "posthoc_ema_sigma_rels") -> tuple[float, ...]:
+    """"0.05,0.10" → (0.05, 0.1); anything else is a ConfigError naming `field` and the range."""
+    try:
+        values = tuple(float(part) for part in text.replace(",", " ").split())
+    except ValueError:
+        raise ConfigError(f"{field}: {text!r} is not a list of numbers such as '0.05,0.10'") from None
+    low, high = SIGMA_REL_RANGE
+    if not values or any(not low < v < high for v in values) or len(set(values)) != len(values):
+        raise ConfigError(f"{field}: {text!r}; expected distinct relative widths between {low} and {high}, such as '0.05,0.10'")
+    return values
+
+
+def background_rgb(colour: str) -> tuple[int, int, int]:
+    """alpha_background as RGB: a CSS colour name or #rrggbb (PIL's ImageColor); alpha in it is ignored."""
+    try:
+        return ImageColor.getrgb(colour)[:3]
+    except ValueError:
+        raise ConfigError(f"alpha_background: {colour!r} is not a colour; expected a name such as white, black or gray, or #rrggbb") from None
+
+
+def _parsed(parse: Callable[[], Any]) -> str | None:
+    try:
+        parse()
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+def export_formats_rule(v: Mapping) -> str | None:
+    return _parsed(lambda: parse_export_formats(v["export_formats"]))
+
+
+def sigma_rels_rule(v: Mapping) -> str | None:
+    return _parsed(lambda: parse_sigma_rels(v["posthoc_ema_sigma_rels"]))
+
+
+def alpha_background_rule(v: Mapping) -> str | None:
+    return _parsed(lambda: background_rgb(v["alpha_background"]))
+
+
+def validation_rule(v: Mapping) -> str | None:
+    if v["validation_split"] > 0 and v["validation_dataset"]:
+        return (f"validation_split: {v['validation_split']:g} and validation_dataset {v['validation_dataset']!r} are both set; "
+                "hold out a split or name a dataset, not both")  # fmt: skip
+    return None
+
+
+def text_encoder_adapter_rule(v: Mapping) -> str | None:
+    """Text-encoder adapters are LoRA only: Diffusers loads a text encoder's DoRA magnitudes under the wrong
+    names (they stay at their initial values), and LoKr/LoHa not at all."""
+    if v["train_text_encoder"] and v["lora_type"] != "lora":
+        return f"lora_type: {v['lora_type']!r} trains the denoiser only; with train_text_encoder use 'lora'"
+    return None
+
+
+def quantized_text_encoders_rule(v: Mapping) -> str | None:
+    if v["quantize_text_encoders"] and v["base_quantization"] == "none":
+        return "quantize_text_encoders: set base_quantization (int8, fp8 or nf4) to say how"
+    return None
+
+
+def sharded_quantized_rule(v: Mapping) -> str | None:
+    if v["shard_base_model"] and v["base_quantization"] != "none":
+        return (f"shard_base_model: a quantised base (base_quantization {v['base_quantization']!r}) cannot be sharded "
+                "(its weights are not plain tensors FSDP can split); use one or the other")  # fmt: skip
+    return None
+
+
+def offloaded_trained_text_encoders_rule(v: Mapping) -> str | None:
+    if v["offload_text_encoders"] and v["train_text_encoder"]:
+        return "offload_text_encoders: the text encoders train (train_text_encoder), so they stay on the accelerator"
+    return None
+
+
+def polynomial_rule(v: Mapping) -> str | None:
+    if v["lr_scheduler"] == "polynomial" and v["learning_rate"] <= POLYNOMIAL_END_LR:
+        return (f"learning_rate: {v['learning_rate']:g} is not above {POLYNOMIAL_END_LR:g}, where the polynomial schedule "
+                "decays to; raise it or pick another lr_scheduler")  # fmt: skip
+    return None
+
+
+def prodigy_learned_rule(v: Mapping) -> str | None:
+    if v["optimizer"] == "prodigy" and v["loss_weighting"] == "learned":
+        return ("optimizer: prodigy takes one learning rate for every parameter, and loss_weighting 'learned' "
+                "trains with its own (loss_weighting_learning_rate); pick another optimizer or loss_weighting")  # fmt: skip
+    return None
+
+
+RULES = (export_formats_rule, sigma_rels_rule, alpha_background_rule, validation_rule, text_encoder_adapter_rule,
+         quantized_text_encoders_rule, sharded_quantized_rule, offloaded_trained_text_encoders_rule, polynomial_rule,
+         prodigy_learned_rule)  # fmt: skip
+
+
+def combination_problems(values: Mapping[str, Any]) -> list[str]:
+    """The rules' problems; a rule about a field whose own value was refused (absent here) is skipped."""
+    problems = []
+    for rule in RULES:
+        try:
+            problem = rule(values)
+        except KeyError:
+            continue
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def switch_is_on(values: Mapping[str, Any], switch: Mapping[str, Any]) -> bool:
+    """A dependency's condition: each named field holds the value given (or one of the values listed)."""
+    return all(values[name] in (wanted if isinstance(wanted, list) else [wanted]) for name, wanted in switch.items())
+
+
+def dependency_problems(values: Mapping[str, Any], given: set[str], dependencies: Mapping, defaults: Mapping) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for fields the parameter file set away from their default while the switch they act
+    under (the manifest's `parameter_dependencies`) is off. An error where the intent is unambiguous (the
+    manifest says "refuse": setting ema_type to posthoc asks for EMA), a warning otherwise."""
+    errors, warnings = [], []
+    for name, rule in dependencies.items():
+        if name not in given or name not in values or any(k not in values for k in rule["when"]):
+            continue  # not set, or refused on its own
+        if values[name] == defaults[name] or switch_is_on(values, rule["when"]):
+            continue
+        condition = " and ".join(f"{k} is {' or '.join(map(repr, w)) if isinstance(w, list) else repr(w)}" for k, w in rule["when"].items())
+        now = ", ".join(f"{k} is {values[k]!r}" for k in rule["when"])
+        message = f"{name}: {values[name]!r} acts only when {condition} ({now})"
+        (errors if rule.get("refuse") else warnings).append(message + ("" if rule.get("refuse") else "; ignored"))
+    return errors, warnings
