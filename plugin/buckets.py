@@ -72,6 +72,11 @@ class BucketLayout:
         """Images smaller than their bucket in either side: they are upscaled to cover it."""
         return [i for i, (size, target) in enumerate(zip(self.sizes, self.targets)) if size[0] < target[0] or size[1] < target[1]]
 
+    def upscale(self, index: int) -> float:
+        """How much image `index` is enlarged to cover its bucket (1 or less: not at all)."""
+        (height, width), (target_height, target_width) = self.sizes[index], self.targets[index]
+        return max(target_height / height, target_width / width)
+
     def table(self) -> str:
         """The bucket table printed at the start of a run: size → image count, widest last."""
         counts = Counter(self.targets)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .disk import WRITE_ERRORS
 from .distributed import restore_rng_states
 from .errors import ConfigError
 from .export import make_readable, require_writable_folder
@@ -255,7 +256,7 @@ def try_save_checkpoint(
     and the previous checkpoint stays the latest."""
     try:
         folder = save_checkpoint(root, position, state, rng, configs, keep)
-    except OSError as error:
+    except WRITE_ERRORS as error:
         warnings.warn(f"checkpoint at step {position.step} not written under {root} ({error}); "
                       "the previous checkpoint is kept", stacklevel=2)  # fmt: skip
         return None

@@ -5,6 +5,7 @@ whatever the batch size, number of data-loader workers or the order in which the
 Augmentations use PIL and numpy only (no torchvision).
 """
 
+import codecs
 import csv
 import hashlib
 import io
@@ -32,6 +33,9 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 EXIF_ORIENTATION = 0x0112
+# Byte-order marks and the codecs that read past them; UTF-32 first, as its little-endian mark begins with UTF-16's.
+UNICODE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+                (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 INTERPOLATIONS = {
@@ -218,13 +222,21 @@ def _load_kohya_folder(path: Path, image_column: str, caption_column: str) -> da
 def _read_caption(path: Path) -> str | None:
     """The caption in a kohya .txt file, or None when the image has none.
 
-    UTF-8, with a byte-order mark dropped (Windows editors write one). A file that is not UTF-8 was most likely
-    written by a Windows tool: it is read as cp1252 (bytes cp1252 leaves undefined as latin-1), with a warning
-    naming it, so a mis-encoded caption is never trained on silently.
+    UTF-8, with a byte-order mark dropped (Windows editors write one); UTF-16 or UTF-32 when the file starts
+    with their byte-order mark (Notepad's "Unicode", PowerShell's `>`). Other text that is not UTF-8 was most
+    likely written by a Windows tool: it is read as cp1252 (bytes cp1252 leaves undefined as latin-1), with a
+    warning naming it, so a mis-encoded caption is never trained on silently.
     """
     if not path.is_file():
         return None
     data = path.read_bytes()
+    encoding = next((name for bom, name in UNICODE_BOMS if data.startswith(bom)), None)
+    if encoding is not None:
+        try:
+            return data.decode(encoding).strip()
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"dataset_name: caption {str(path)!r} starts with a {encoding.upper()} byte-order mark but is not "
+                              f"{encoding.upper()} text (byte {error.start}); save it as UTF-8") from None  # fmt: skip
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
@@ -326,12 +338,14 @@ class ImageHeaders:
 
     sizes: list[tuple[int, int]]  # (height, width) as displayed: EXIF orientations 5-8 turn the image by 90 degrees
     transparent: list[int]  # rows whose image has an alpha channel or a transparent palette entry
+    labels: list[str]  # how messages name each image: its file, or its row
 
 
 def read_image_headers(dataset: datasets.Dataset, image_column: str) -> ImageHeaders:
     """Every image's displayed size and whether it has transparency, without decoding a pixel."""
-    sizes, transparent = [], []
+    sizes, transparent, labels = [], [], []
     for index, value in enumerate(dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]):
+        labels.append(_image_label(value, index))
         with _open_raw(value) as image:
             width, height = image.size
             if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
@@ -339,7 +353,7 @@ def read_image_headers(dataset: datasets.Dataset, image_column: str) -> ImageHea
             if image.has_transparency_data:
                 transparent.append(index)
         sizes.append((height, width))
-    return ImageHeaders(sizes, transparent)
+    return ImageHeaders(sizes, transparent, labels)
 
 
 def image_digests(dataset: datasets.Dataset, image_column: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""Errors main.py reports as one line, without a traceback: bad input, a run that diverged, a run stopped on request."""
+"""Errors main.py reports as one line, without a traceback: bad input, a run that diverged, an output that could
+not be written, a run stopped on request."""
 
 
 class ConfigError(ValueError):
@@ -7,6 +8,11 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stops before it can overwrite the last good adapter."""
+
+
+class OutputError(RuntimeError):
+    """A result could not be written (a full disk); the message names the folder, the space needed and free, and
+    what was kept."""
 
 
 class TrainingStopped(RuntimeError):

@@ -36,9 +36,9 @@ def atomic_path(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
-    os.chmod(tmp, READABLE_FILE)  # mkstemp's 0600 would make results unreadable to other users of a shared machine
     try:
         yield Path(tmp)
+        os.chmod(tmp, READABLE_FILE)  # after the write: mkstemp's 0600, or a writer's own (safetensors replaces the file)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

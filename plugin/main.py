@@ -22,11 +22,12 @@ if __package__ in (None, ""):  # run as a script: make `plugin` importable as a 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read at import: optional-backend notices are noise
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a program ended by Ctrl-C
+OUTPUT_ERROR_EXIT_CODE = 74  # EX_IOERR from sysexits.h: a result could not be written
 INTERRUPTED = "interrupted: the checkpoints, adapters and eval images saved before this point are intact"
 
 try:  # Ctrl-C during these imports comes before main() can catch it: the same line and exit status
     from plugin.config import LAUNCHER_KEYS, Config, parse_parameters, read_parameter_file, unknown_keys
-    from plugin.errors import ConfigError, TrainingDiverged, TrainingStopped
+    from plugin.errors import ConfigError, OutputError, TrainingDiverged, TrainingStopped
     from plugin.host_memory import keep_freed_memory
     from plugin.launcher import JOB_ID_VARIABLE, launcher_parameters, workspace_of
     from plugin.reporting import JobRecord, TransformerLabJob
@@ -178,7 +179,7 @@ def quiet_libraries() -> None:
 
 def main(argv=None) -> int:
     """Run, and report every expected way of ending in one line without a traceback, to the terminal and to
-    the launcher's job: bad input (2), a diverged run (1), a requested stop (75; 0 under Transformer Lab,
+    the launcher's job: bad input (2), a diverged run (1), an output that could not be written (74), a requested stop (75; 0 under Transformer Lab,
     which records any other exit code as a crash), Ctrl-C at any moment, imports included (130). Anything
     unexpected is recorded as the job's failure and then raised."""
     job = JobRecord()
@@ -188,10 +189,10 @@ def main(argv=None) -> int:
             keep_freed_memory()
             raw, job = launched_job(args)
             return run(args, raw, job, startup)
-        except (ConfigError, TrainingDiverged) as error:
+        except (ConfigError, TrainingDiverged, OutputError) as error:
             job.failed(str(error))
             print(f"error: {error}", file=sys.stderr)
-            return 2 if isinstance(error, ConfigError) else 1
+            return 2 if isinstance(error, ConfigError) else 1 if isinstance(error, TrainingDiverged) else OUTPUT_ERROR_EXIT_CODE
         except TrainingStopped as error:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a press left over must not raise here
             job.stopped(str(error))

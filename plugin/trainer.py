@@ -28,6 +28,7 @@ from .checkpoints import (
     load_checkpoint, resolve_resume, try_save_checkpoint,
 )  # fmt: skip
 from .denoising import denoising_loss, sample_generators
+from .disk import WRITE_ERRORS, save_failure, warn_if_short_of_space
 from .distributed import any_process, average_gradients, rng_states
 from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, load_image_dataset, read_image_headers
 from .ema import PowerFunctionEMA, moving_average
@@ -128,9 +129,9 @@ def bucket_layout(cfg, family, dataset, log=print) -> BucketLayout:
     sizes = headers.sizes
     layout = BucketLayout.assign(sizes, cfg.resolution, family.resolution_multiple, cfg.aspect_ratio_buckets)
     log(layout.table())
-    small = layout.undersized()
+    small = sorted(layout.undersized(), key=layout.upscale, reverse=True)  # the most blurred first
     if small:
-        names = [f"row {i} ({sizes[i][1]}x{sizes[i][0]})" for i in small[:10]]
+        names = [f"{headers.labels[i]} ({sizes[i][1]}x{sizes[i][0]}, upscaled {layout.upscale(i):.3g}x)" for i in small[:10]]
         warnings.warn(
             f"{len(small)} of {len(sizes)} images are smaller than their bucket and are upscaled, which blurs them: "
             + ", ".join(names) + (" ..." if len(small) > 10 else ""),
@@ -204,6 +205,9 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     weighting_parameters = objective.learned_parameters(accelerator.device)  # learned loss weighting's u(σ), or none
     named_parameters = {**lora_parameters, **weighting_parameters}
     parameters = list(named_parameters.values())
+    trainable = sum(p.numel() for p in parameters)
+    if is_main:
+        warn_if_short_of_space(paths.run_dir, cfg, trainable)
     held_out = ValidationSet.build(cfg, family, held_out_rows) if held_out_rows is not None else None
     with accelerator.main_process_first():  # a disk cache is filled once, then read by the other processes
         conditioning = build_conditioning(cfg, family, examples, log)
@@ -253,7 +257,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
                   "hub_tag": family.hub_tag, **family.loading_code()}  # fmt: skip
     log(
         f"{len(examples)} images, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
-        f"epochs; {sum(p.numel() for p in parameters):,} trainable parameters on {accelerator.device}"
+        f"epochs; {trainable:,} trainable parameters on {accelerator.device}"
     )
 
     def checkpoint(epoch: int, batches_done: int) -> None:
@@ -273,11 +277,15 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
             log(f"step {step}: validation loss {loss:.5f} ({held_out.size} held-out images)")
 
     def save_adapters() -> None:
-        """The adapter from the weights that count (EMA when on), the raw weights beside it. Main process."""
-        if ema is not None:
-            save_adapter_atomic(family, modules, paths.adapter_dir / "raw", resolved_config)
-        with ema.swapped_in() if ema is not None else nullcontext():
-            save_adapter_atomic(family, modules, paths.adapter_dir, resolved_config)
+        """The adapter from the weights that count (EMA when on), the raw weights beside it. Main process.
+        A failed write (a full disk) ends the run in one line naming what is kept."""
+        try:
+            if ema is not None:
+                save_adapter_atomic(family, modules, paths.adapter_dir / "raw", resolved_config)
+            with ema.swapped_in() if ema is not None else nullcontext():
+                save_adapter_atomic(family, modules, paths.adapter_dir, resolved_config)
+        except WRITE_ERRORS as error:
+            raise save_failure(error, paths.adapter_dir, cfg, trainable, resolve_resume("latest", paths.run_dir)) from None
 
     def save_and_render(epoch: int, render: bool = True) -> None:
         """The adapter, then the validation loss and eval images of the same weights; saving first means a

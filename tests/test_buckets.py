@@ -173,10 +173,11 @@ def test_every_family_trains_on_mixed_shapes_one_bucket_per_batch(family, tiny_m
     assert by_shape[3] == tall and by_shape[4] == wide and by_shape[5] == by_shape[2]
 
 
-def test_small_images_are_upscaled_with_a_warning_naming_them(tiny_models, tmp_path):
-    data = write_images(tmp_path / "data", [(16, 16), (64, 64)])
+def test_small_images_are_upscaled_with_a_warning_naming_them_the_most_blurred_first(tiny_models, tmp_path):
+    data = write_images(tmp_path / "data", [(16, 16), (64, 64), (1, 1)])  # a 1x1 pixel trains too, 32 times enlarged
     cfg = parse_parameters(base_parameters(tiny_models["sd"], data, tmp_path / "out", max_train_steps=1, eval_prompt=""))
-    with pytest.warns(UserWarning, match=r"1 of 2 images are smaller than their bucket and are upscaled.*row 0 \(16x16\)"):
+    with pytest.warns(UserWarning, match=r"2 of 3 images are smaller than their bucket and are upscaled, which blurs them: "
+                                         r"\S*2.png \(1x1, upscaled 32x\), \S*0.png \(16x16, upscaled 2x\)$"):  # fmt: skip
         train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
 
 

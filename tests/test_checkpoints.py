@@ -127,7 +127,8 @@ def test_checkpoint_contents_permissions_and_retention(tiny_models, sample_data,
     state = json.loads((newest / "state.json").read_text())
     assert (state["step"], state["epoch"], state["batches_done"]) == (10, 2, 2)  # 4 steps an epoch
     assert json.loads((newest / "config.json").read_text())["resolution"] == 32
-    for path in [newest, *newest.iterdir(), paths.adapter_dir / WEIGHTS_NAME]:
+    assert any(p.name.endswith("_kohya.safetensors") for p in paths.adapter_dir.iterdir()), "the community file too"
+    for path in [newest, *newest.iterdir(), *paths.run_dir.rglob("*"), *paths.adapter_dir.rglob("*")]:  # every output
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o755 if path.is_dir() else 0o644), f"{path}: {oct(mode)}"
     trainable = load_file(str(newest / "trainable.safetensors"))
@@ -166,6 +167,40 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tiny_models, sample_da
     assert [p.name for p in root.iterdir()] == ["step_3"]
     monkeypatch.setattr(checkpoints_module, "save_file", original)
     assert train_in_process({**params, "resume_from_checkpoint": str(root / "step_3")})[0].steps == 7
+
+
+def test_a_full_disk_at_the_final_save_ends_in_one_line_naming_what_is_kept(tiny_models, sample_data, tmp_path, monkeypatch, capsys):
+    """The adapter of epoch 1 is written, the final one meets a full disk (safetensors' own error): exit 74,
+    one line with the folder, the space, and the adapter and checkpoint kept; a warning came before training."""
+    import shutil as shutil_module
+
+    from safetensors import SafetensorError
+
+    import plugin.trainer
+
+    saves, original = [], plugin.trainer.save_adapter_atomic
+
+    def full_at_the_end(family, modules, folder, run_config=None):
+        saves.append(folder)
+        if len(saves) > 1:
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+        return original(family, modules, folder, run_config)
+
+    monkeypatch.setattr(plugin.trainer, "save_adapter_atomic", full_at_the_end)
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr("plugin.disk.shutil.disk_usage", lambda path: usage._replace(free=4096))
+    params = parameters(tiny_models, sample_data, tmp_path / "out", max_train_steps=6, num_train_epochs=2, eval_steps=1)
+    with pytest.warns(UserWarning, match=r"output_dir: 0.0 MB free on the disk of .*test-adapter', and this run writes about "
+                                         r"[\d.]+ MB \(adapters and checkpoints\); a save will fail when it runs out"):  # fmt: skip
+        code = main(["--config", str(write_parameter_file(tmp_path / "run.json", params))])
+    run_dir = tmp_path / "out" / "test-adapter"
+    error = capsys.readouterr().err
+    assert code == 74 and "Traceback" not in error, error
+    assert error.strip().splitlines()[-1] == (
+        f"error: output_dir: the adapter could not be written to {str(run_dir)!r} (Error while serializing: IoError(Os {{ code: 28, "
+        'kind: StorageFull, message: "No space left on device" })); it needs about 0.1 MB, 0.0 MB are free; kept: the previous '
+        f"adapter in {str(run_dir)!r}, the last checkpoint {str(run_dir / 'checkpoints' / 'step_6')!r} (resume_from_checkpoint: latest)")
+    assert len(saves) == 2 and load_file(str(run_dir / WEIGHTS_NAME)), "epoch 1's adapter is intact"
 
 
 def test_bad_checkpoints_are_clear_errors_before_any_model_loads(tiny_models, sample_data, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Tests for plugin.data: dataset loading and checks, seeded PIL augmentations, captions, batching."""
 
+import codecs
 import json
 import math
 import warnings
@@ -557,3 +558,15 @@ def test_kohya_captions_drop_a_byte_order_mark_and_survive_windows_encodings(tmp
     with pytest.warns(UserWarning, match=r"1\.txt' is not UTF-8; read as Windows-1252: 'caf\u00e9 \u2013 na\u00efve'"):
         dataset = load_image_dataset(str(folder), "image", "text")
     assert sorted(dataset["text"]) == sorted(["a red circle", "caf\u00e9 \u2013 na\u00efve", "plain"])
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-32-be"])
+def test_kohya_captions_with_a_utf16_or_utf32_byte_order_mark_are_decoded(encoding, tmp_path):
+    folder = tmp_path / "data"
+    write_images(folder, 1)
+    text = "caf\u00e9 \u2013 \u732b \U0001f431"
+    data = text.encode(encoding)
+    (folder / "0.txt").write_bytes(data if encoding in ("utf-16", "utf-32") else {"utf-16-be": codecs.BOM_UTF16_BE, "utf-32-be": codecs.BOM_UTF32_BE}[encoding] + data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Windows-1252 guess
+        assert load_image_dataset(str(folder), "image", "text")["text"] == [text]
