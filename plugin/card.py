@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -20,33 +21,43 @@ from .validation import HISTORY_FILE, read_history
 CARD_NAME = "README.md"
 EVAL_GRID, CURVES = "eval_grid.png", "training_curves.png"
 EVAL_IMAGE = re.compile(r"epoch_(\d+)_(\d+)\.png")
-LABEL_WIDTH = 90
+LABEL_WIDTH = 90  # pixels: the grid's row labels (epoch, step)
+GAP = 8  # pixels between the grid's cells, so that neighbouring prompts never read as one image
+LINE_HEIGHT, CHARACTER_WIDTH = 14, 6  # PIL's default font, for wrapping the prompts over their columns
+PROMPT_LINES = 4  # a longer prompt is cut in its column's title (the card lists each in full)
 MIN_CELL = 128  # pixels: smaller evaluation images are scaled up by a whole factor in the grid
 FINAL_LOSS_STEPS = 20  # the card's final training loss: the mean of the last this many steps
 ADAPTER_TITLES = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}  # lora_type as the field writes it
 
 
-def evaluation_grid(eval_dir: Path, prompts: list[str]) -> Image.Image | None:
-    """Every evaluation's images in one picture: a row per evaluation (labelled with its epoch), a column per
-    prompt; None before the first evaluation."""
+def evaluation_rows(eval_dir: Path, prompts: list[str]) -> list[tuple[int, list[Path]]]:
+    """(epoch, its image per prompt) of every complete evaluation in `eval_dir`, oldest first."""
     found: dict[int, dict[int, Path]] = {}
     for path in Path(eval_dir).glob("epoch_*_*.png"):
         if match := EVAL_IMAGE.fullmatch(path.name):
             found.setdefault(int(match.group(1)), {})[int(match.group(2))] = path
-    rows = [(epoch, images) for epoch, images in sorted(found.items()) if len(images) == len(prompts)]
-    if not rows or not prompts:
-        return None
+    return [(epoch, [images[k] for k in range(len(prompts))]) for epoch, images in sorted(found.items())
+            if prompts and len(images) == len(prompts)]  # fmt: skip
+
+
+def evaluation_grid(rows: list[tuple[int, list[Path]]], prompts: list[str], step_of) -> Image.Image:
+    """Every evaluation's images in one picture: a column per prompt under a band with its prompt (wrapped),
+    a row per evaluation labelled with its epoch and optimizer step (`step_of(epoch)`), a gap between cells."""
     with Image.open(rows[0][1][0]) as first:
         scale = max(1, -(-MIN_CELL // min(first.size)))  # tiny evaluation images are enlarged to be seen
         width, height = first.width * scale, first.height * scale
-    grid = Image.new("RGB", (LABEL_WIDTH + width * len(prompts), height * len(rows)), "white")
+    titles = [textwrap.wrap(prompt, max(8, width // CHARACTER_WIDTH))[:PROMPT_LINES] or [""] for prompt in prompts]
+    band = LINE_HEIGHT * max(len(t) for t in titles) + GAP
+    grid = Image.new("RGB", (LABEL_WIDTH + (width + GAP) * len(prompts) - GAP, band + (height + GAP) * len(rows) - GAP), "white")
     draw = ImageDraw.Draw(grid)
+    for column, title in enumerate(titles):
+        draw.multiline_text((LABEL_WIDTH + column * (width + GAP), 2), "\n".join(title), fill="black", spacing=LINE_HEIGHT - 11)
     for row, (epoch, images) in enumerate(rows):
-        draw.text((6, row * height + height // 2 - 6), f"epoch {epoch}", fill="black")
-        for column in range(len(prompts)):
-            with Image.open(images[column]) as image:
-                cell = image.convert("RGB").resize((width, height), Image.Resampling.NEAREST)
-                grid.paste(cell, (LABEL_WIDTH + column * width, row * height))
+        top = band + row * (height + GAP)
+        draw.multiline_text((6, top + height // 2 - LINE_HEIGHT), f"epoch {epoch}\nstep {step_of(epoch)}", fill="black")
+        for column, path in enumerate(images):
+            with Image.open(path) as image:
+                grid.paste(image.convert("RGB").resize((width, height), Image.Resampling.NEAREST), (LABEL_WIDTH + column * (width + GAP), top))
     return grid
 
 
@@ -77,12 +88,13 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
         "license": "other",
         "tags": ["text-to-image", "diffusers", "lora", "diffusers-training", facts["hub_tag"]],
         **({"instance_prompt": config["trigger_word"]} if config.get("trigger_word") else {}),
-        **({"widget": [{"text": prompt, "output": {"url": EVAL_GRID}} for prompt in prompts]} if images.get(EVAL_GRID) else {}),
+        **({"widget": [{"text": prompt, "output": {"url": prompt_image(k)}} for k, prompt in enumerate(prompts)]}
+           if images.get(EVAL_GRID) else {}),  # each prompt with its own last image
     }
     name, weights = config["adaptor_name"], exports.get("diffusers", "pytorch_lora_weights.safetensors")
     settings = {
         "optimizer steps": facts["steps"], "training images": facts["images"], "resolution": config["resolution"],
-        "batch size": f"{config['train_batch_size']} per process x {facts['processes']} processes x "
+        "batch size": f"{config['train_batch_size']} per process x {plural(facts['processes'], 'process', 'processes')} x "
                       f"{config['gradient_accumulation_steps']} accumulation",
         "learning rate": f"{config['learning_rate']:g}, {config['lr_scheduler']} schedule, {config['lr_warmup_steps']} warmup steps",
         "adapter": f"{ADAPTER_TITLES[config['lora_type']]}, rank {config['lora_r']}, alpha {config['lora_alpha']:g}, "
@@ -100,20 +112,21 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
         "validation loss (last, best)": (f"{facts['validation'][-1]['loss']:.5f}, {min(e['loss'] for e in facts['validation']):.5f}"
                                          if facts.get("validation") else "not measured"),
     }  # fmt: skip
+    base = f"`{config['model_name']}`" + ("" if hub_id else " (a local folder: copy it along with the adapter to use both elsewhere)")
     lines = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip(), "---", "", f"# {name}", "",
-             f"A LoRA adapter for `{config['model_name']}` ({facts['family_title']}), trained with the Diffusion LoRA "
-             "Trainer plugin.", ""]  # fmt: skip
+             f"A LoRA adapter for {base}, a {facts['family_title']} model, trained with the Diffusion LoRA Trainer plugin.", ""]  # fmt: skip
     if config.get("trigger_word"):
         lines += ["## Trigger word", "", f"Put `{config['trigger_word']}` in your prompt.", ""]
     lines += ["## Training", "", "| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in settings.items()] + [""]
     if images.get(EVAL_GRID):
-        lines += ["## Evaluation images", "", "One row per evaluation, one column per prompt:", ""]
+        lines += ["## Evaluation images", "", "One row per evaluation (epoch and optimizer step), one column per prompt:", ""]
         lines += [f"{k + 1}. {prompt}" for k, prompt in enumerate(prompts)] + ["", f"![evaluation images]({EVAL_GRID})", ""]
     if images.get(CURVES):
         lines += ["## Training curves", "", f"![loss and learning rate]({CURVES})", ""]
     lycoris = config.get("lora_type") in ("lokr", "loha")
-    loading = ([*inspect.getsource(load_lycoris).splitlines(), "", *facts["loading"], f"load_lycoris(pipe, 'path/to/{name}')"] if lycoris
-               else [*facts["loading"], f"pipe.load_lora_weights('path/to/{name}', weight_name={weights!r})"])  # fmt: skip
+    folder = str(facts["adapter_dir"])
+    loading = ([*inspect.getsource(load_lycoris).splitlines(), "", *facts["loading"], f"load_lycoris(pipe, {folder!r})"] if lycoris
+               else [*facts["loading"], f"pipe.load_lora_weights({folder!r}, weight_name={weights!r})"])  # fmt: skip
     lines += ["## Use it", "", "Diffusers" + (" (its `load_lora_weights` reads LoRA and DoRA only; this "
               f"{config['lora_type']} adapter loads with PEFT)" if lycoris else "") + ":", "", "```python", "import torch",
               f"from diffusers import {', '.join(facts['loading_classes'])}", "", *loading,
@@ -125,6 +138,19 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
     return "\n".join(lines)
 
 
+def prompt_image(k: int) -> str:
+    return f"eval_prompt_{k}.png"
+
+
+def rgb_image(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
 def write_model_card(adapter_dir: Path, run_dir: Path, config: dict, prompts: list[str], facts: dict, exports: dict[str, str]) -> Path:
     """README.md, eval_grid.png and training_curves.png in `adapter_dir`, each written atomically."""
     adapter_dir, run_dir = Path(adapter_dir), Path(run_dir)
@@ -132,8 +158,12 @@ def write_model_card(adapter_dir: Path, run_dir: Path, config: dict, prompts: li
     metrics = read_metrics(run_dir / METRICS_FILE)
     recent = [row["train/loss"] for row in metrics if "train/loss" in row][-FINAL_LOSS_STEPS:]
     facts = {**facts, "validation": validation, "final_loss": sum(recent) / len(recent) if recent else None}
-    pictures = {EVAL_GRID: evaluation_grid(run_dir / "eval_images", prompts),
-                CURVES: training_curves(metrics, validation)}  # fmt: skip
+    facts = {**facts, "adapter_dir": adapter_dir.resolve()}
+    rows = evaluation_rows(run_dir / "eval_images", prompts)
+    step_of = lambda epoch: min(epoch * facts["steps_per_epoch"], facts["steps"])  # noqa: E731  (evaluations end epochs, or the run)
+    pictures = {EVAL_GRID: evaluation_grid(rows, prompts, step_of) if rows else None, CURVES: training_curves(metrics, validation)}
+    if rows:  # the widgets' pictures: each prompt's image of the last evaluation
+        pictures.update({prompt_image(k): rgb_image(path) for k, path in enumerate(rows[-1][1])})
     for name, picture in pictures.items():
         if picture is not None:
             save_image_atomic(picture, adapter_dir / name)

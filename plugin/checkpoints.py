@@ -102,17 +102,27 @@ def resolve_resume(value: str, run_dir: Path) -> Path | None:
     return path
 
 
-def claim_run_folder(run_dir: Path, cfg, log=print) -> None:
+def check_run_folder(run_dir: Path, cfg) -> None:
     """A run folder belongs to one run, so its config, adapter and checkpoints describe each other. A folder
-    that already holds something is continued (resume_from_checkpoint), replaced (overwrite_output: the old
-    checkpoints go, so that 'latest' can never pick up another run's state) or refused. Also fails early,
-    naming output_dir, when the folder cannot be created."""
+    that already holds something is continued (resume_from_checkpoint), replaced (overwrite_output, see
+    `claim_run_folder`) or refused, before anything else is done or printed. Also fails, naming output_dir,
+    when the folder cannot be created or written."""
     run_dir = Path(run_dir)
     require_writable_folder(run_dir, "output_dir")
-    if any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not cfg.resume_from_checkpoint:
-        if not cfg.overwrite_output:
-            raise ConfigError(f"output_dir: {str(run_dir)!r} already holds a run; set resume_from_checkpoint to 'latest' to "
-                              "continue it, overwrite_output to true to replace it, or choose another adaptor_name")  # fmt: skip
+    if holds_a_run(run_dir) and not cfg.resume_from_checkpoint and not cfg.overwrite_output:
+        raise ConfigError(f"output_dir: {str(run_dir)!r} already holds a run; set resume_from_checkpoint to 'latest' to "
+                          "continue it, overwrite_output to true to replace it, or choose another adaptor_name")  # fmt: skip
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    return any(p.name != LOCK_FILE for p in Path(run_dir).iterdir())
+
+
+def claim_run_folder(run_dir: Path, cfg, log=print) -> None:
+    """Replacing a run (overwrite_output), done last of the checks: the old checkpoints and snapshots go, so
+    that 'latest' can never pick up another run's state."""
+    run_dir = Path(run_dir)
+    if holds_a_run(run_dir) and not cfg.resume_from_checkpoint:
         for state in (checkpoint_root(run_dir), run_dir / SNAPSHOT_FOLDER):
             if state.is_dir():
                 shutil.rmtree(state)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .errors import EvaluationFailed
 from .export import save_image_atomic
 
 
@@ -26,6 +27,16 @@ def render_images(family, prompts: list[str], seed: int) -> list[Image.Image]:
         pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed + k), **kwargs).images[0]
         for k, prompt in enumerate(prompts)
     ]
+
+
+def rendered_evaluation(family, prompts: list[str], seed: int, step: int, adapter_dir: Path) -> list[Image.Image]:
+    """render_images, with a failure (out of memory, a pipeline's refusal) made one line that says the adapter
+    of this step was saved first; Ctrl-C passes through."""
+    try:
+        return render_images(family, prompts, seed)
+    except Exception as error:
+        raise EvaluationFailed(f"the evaluation images of step {step} could not be rendered ({type(error).__name__}: {error}); "
+                               f"the adapter of this step was saved in {str(adapter_dir)!r}") from error  # fmt: skip
 
 
 def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:

@@ -1,6 +1,7 @@
 """Entry point. Headless: `python plugin/main.py --config run.json`; Transformer Lab: `--input_file FILE` (the
 plugin-era launcher) or `--job` (a task of today's app: parameters from the job named by _TFL_JOB_ID);
-`--demo [--demo-family sd|sdxl|sd3|flux]` trains on a tiny built-in model and sample data;
+`--demo [--demo-family sd|sdxl|sd3|flux]` (or `--demo-family F` alone) trains on a tiny built-in model and
+sample data; `--save-tiny-model DIR [--family F]` saves such a model, to rehearse a real run on your own images;
 `--posthoc-ema RUN_DIR --sigma-rel 0.07 [0.12 ...] [--at-step N]` writes post-hoc EMA adapters of a finished run;
 with `--sweep` it scores σ_rel by the run's validation loss, plots the curve and saves the best.
 
@@ -14,7 +15,6 @@ import argparse
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `plugin` importable as a package
@@ -22,12 +22,11 @@ if __package__ in (None, ""):  # run as a script: make `plugin` importable as a 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read at import: optional-backend notices are noise
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a program ended by Ctrl-C
-OUTPUT_ERROR_EXIT_CODE = 74  # EX_IOERR from sysexits.h: a result could not be written
 INTERRUPTED = "interrupted: the checkpoints, adapters and eval images saved before this point are intact"
 
 try:  # Ctrl-C during these imports comes before main() can catch it: the same line and exit status
-    from plugin.config import LAUNCHER_KEYS, Config, parse_parameters, read_parameter_file, unknown_keys
-    from plugin.errors import ConfigError, OutputError, TrainingDiverged, TrainingStopped
+    from plugin.config import LAUNCHER_KEYS, Config, manifest_parameters, parse_parameters, read_parameter_file, unknown_keys
+    from plugin.errors import ONE_LINE_ERRORS, ConfigError, TrainingStopped
     from plugin.host_memory import keep_freed_memory
     from plugin.launcher import JOB_ID_VARIABLE, launcher_parameters, workspace_of
     from plugin.reporting import JobRecord, TransformerLabJob
@@ -37,19 +36,42 @@ except KeyboardInterrupt:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # more presses while exiting would print tracebacks
     print(INTERRUPTED, file=sys.stderr)
     sys.exit(INTERRUPTED_EXIT_CODE)
+DEMO_OUTPUT = "output"  # the demo's folder, under the current one: its tiny model, sample images and run
 FINAL_LOSS_STEPS = 20  # the job's score: the mean loss of the last this many optimizer steps
 
 
-def demo_parameters(family: str, workdir: Path) -> dict:
-    """A complete run on a tiny random-weight pipeline and the built-in sample images: seconds on a CPU."""
-    from plugin.tiny import FAMILIES, SAMPLE_RESOLUTION, save_tiny_pipeline, write_sample_dataset
+def tiny_family(family: str, option: str) -> str:
+    from plugin.tiny import FAMILIES
 
     if family not in FAMILIES:
-        raise ConfigError(f"--demo-family: {family!r} is not one of {', '.join(FAMILIES)}")
+        raise ConfigError(f"{option}: {family!r} is not one of {', '.join(FAMILIES)}")
+    return family
+
+
+def save_tiny_model(folder: Path, family: str) -> None:
+    """A tiny random-weight pipeline in the Diffusers folder layout, for rehearsing a run: it loads, trains and
+    renders like a real model of its family, in seconds on a CPU (its images are noise)."""
+    tiny_family(family, "--family")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"--save-tiny-model: {str(folder)!r} already exists and is not an empty folder; name a new one")
+    quiet_libraries()
+    from plugin.tiny import save_tiny_pipeline
+
+    save_tiny_pipeline(family, folder)
+    print(f"saved a tiny {family} pipeline (random weights) in {folder}; "
+          f"train on it with \"model_name\": \"{folder}\" in a parameter file and --config")  # fmt: skip
+
+
+def demo_parameters(family: str, output: Path) -> dict:
+    """A complete run on a tiny random-weight pipeline and the built-in sample images, all kept in `output`
+    (the model too, so that the model card's loading code works)."""
+    from plugin.tiny import SAMPLE_RESOLUTION, save_tiny_pipeline, write_sample_dataset
+
+    tiny_family(family, "--demo-family")
     return {
-        "model_name": str(save_tiny_pipeline(family, workdir / f"tiny-{family}")),
-        "dataset_name": str(write_sample_dataset(workdir / "sample-data")),
-        "output_dir": "output",
+        "model_name": str(save_tiny_pipeline(family, output / f"tiny-{family}")),
+        "dataset_name": str(write_sample_dataset(output / "sample-data")),
+        "output_dir": str(output),
         "adaptor_name": f"demo-{family}",
         "overwrite_output": True,  # the demo's folder is scratch: each demo replaces the last
         "trigger_word": "shapes",
@@ -70,19 +92,30 @@ def demo_parameters(family: str, workdir: Path) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a LoRA adapter for a Diffusers pipeline.")
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", help="JSON parameter file: a flat object, or parameters under 'config'")
     source.add_argument("--input_file", help="the JSON file Transformer Lab writes when it launches the plugin")
     source.add_argument("--job", action="store_true", help=f"a Transformer Lab task: parameters from the job in ${JOB_ID_VARIABLE}")
     source.add_argument("--demo", action="store_true", help="train on a tiny built-in model and sample data")
     source.add_argument("--posthoc-ema", metavar="RUN_DIR", help="reconstruct post-hoc EMA adapters from a run's snapshots")
+    source.add_argument("--save-tiny-model", metavar="DIR", help="save a tiny random-weight pipeline (--family, default sd) to "
+                        "rehearse a real run on your own images in seconds: model_name DIR in the parameter file")
     parser.add_argument("--sigma-rel", type=float, nargs="+", metavar="S", help="with --posthoc-ema: the EMA lengths (σ_rel) wanted")
     parser.add_argument("--sweep", action="store_true", help="with --posthoc-ema: choose σ_rel by validation loss "
                         "(over --sigma-rel, or a range the snapshots cover), plot the curve, save the best")
     parser.add_argument("--at-step", type=int, metavar="N", help="with --posthoc-ema: as of step N (default: the last snapshot)")
-    parser.add_argument("--demo-family", default="sd", help="model family of the demo: sd, sdxl, sd3 or flux")
+    parser.add_argument("--demo-family", help="model family of the demo: sd (the default), sdxl, sd3 or flux; alone, it means --demo")
+    parser.add_argument("--family", help="with --save-tiny-model: sd (the default), sdxl, sd3 or flux")
     parser.add_argument("--experiment_name", help="the Transformer Lab experiment of the job (its launcher sets it)")
     args, extra = parser.parse_known_args(argv)
+    if args.demo_family and not args.demo:
+        if args.config or args.input_file or args.job or args.posthoc_ema:
+            parser.error("--demo-family: only with --demo (or alone)")
+        args.demo = True
+    if args.family and not args.save_tiny_model:
+        parser.error("--family: only with --save-tiny-model")
+    if not (args.config or args.input_file or args.job or args.demo or args.posthoc_ema or args.save_tiny_model):
+        parser.error("one of --config, --input_file, --job, --demo, --posthoc-ema or --save-tiny-model is required")
     if extra:  # Transformer Lab's harness adds --plugin_dir; nothing here needs it
         print(f"ignoring arguments: {' '.join(extra)}", file=sys.stderr)
     return args
@@ -97,7 +130,10 @@ def launched_job(args: argparse.Namespace) -> tuple[dict | None, JobRecord]:
         job = TransformerLabJob.attach(os.environ[JOB_ID_VARIABLE])
         if not job.in_app:
             raise ConfigError("--job: the transformerlab SDK is needed to read the job's parameters (bash setup.sh --with-transformerlab)")
-        return launcher_parameters(job.parameters(), workspace_of(None)), job
+        raw = launcher_parameters(job.parameters(), workspace_of(None))
+        if raw.get("output_dir", "") in ("", manifest_parameters()["output_dir"].default):  # not chosen: the job's folder
+            raw["output_dir"] = str(job.directory())
+        return raw, job
     if args.input_file:
         raw = read_parameter_file(args.input_file)
         workspace = workspace_of(Path(args.input_file))
@@ -138,10 +174,12 @@ def run(args: argparse.Namespace, raw: dict | None, job: JobRecord, startup: Sta
         with run_folder_lock(Path(args.posthoc_ema), "--posthoc-ema", create=False):
             reconstruct(Path(args.posthoc_ema), args.sigma_rel, args.at_step)
         return 0
+    if args.save_tiny_model:
+        save_tiny_model(Path(args.save_tiny_model), args.family or "sd")
+        return 0
     if args.demo:
-        with tempfile.TemporaryDirectory(prefix="lora-demo-") as workdir:
-            cfg = parse_parameters(demo_parameters(args.demo_family, Path(workdir)))
-            train_run(cfg, None, job, startup)
+        quiet_libraries()  # before the demo builds its model with Diffusers
+        train_run(parse_parameters(demo_parameters(args.demo_family or "sd", Path(DEMO_OUTPUT).resolve())), None, job, startup)
         return 0
     cfg, adaptor_output_dir = read_config(args, raw)
     train_run(cfg, adaptor_output_dir, job, startup)
@@ -179,7 +217,8 @@ def quiet_libraries() -> None:
 
 def main(argv=None) -> int:
     """Run, and report every expected way of ending in one line without a traceback, to the terminal and to
-    the launcher's job: bad input (2), a diverged run (1), an output that could not be written (74), a requested stop (75; 0 under Transformer Lab,
+    the launcher's job: bad input (2), a diverged run or failed evaluation (1), an output that could not be
+    written (74), a requested stop (75; 0 under Transformer Lab,
     which records any other exit code as a crash), Ctrl-C at any moment, imports included (130). Anything
     unexpected is recorded as the job's failure and then raised."""
     job = JobRecord()
@@ -189,10 +228,10 @@ def main(argv=None) -> int:
             keep_freed_memory()
             raw, job = launched_job(args)
             return run(args, raw, job, startup)
-        except (ConfigError, TrainingDiverged, OutputError) as error:
+        except ONE_LINE_ERRORS as error:
             job.failed(str(error))
             print(f"error: {error}", file=sys.stderr)
-            return 2 if isinstance(error, ConfigError) else 1 if isinstance(error, TrainingDiverged) else OUTPUT_ERROR_EXIT_CODE
+            return error.exit_code
         except TrainingStopped as error:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a press left over must not raise here
             job.stopped(str(error))

@@ -214,6 +214,10 @@ class TransformerLabJob(JobRecord):
         task.yaml definition ({"type": ..., "default": ...}): its default is the value."""
         return {k: v["default"] if isinstance(v, dict) and "default" in v else v for k, v in self.lab.get_config().items()}
 
+    def directory(self) -> Path:
+        """The job's own folder in the app's workspace: each job a run folder of its own."""
+        return Path(asyncio.run(self.lab.job.get_dir()))
+
     def setup(self, percent):
         self.lab.update_progress(percent)
 

@@ -22,7 +22,7 @@ def run_folder_lock(run_dir: Path, command: str, create: bool = True):
     reads a finished run leaves a missing folder for its own error). Of a multi-process run, the main process
     (RANK 0, as Accelerate and torchrun number them) holds it for all."""
     run_dir = Path(run_dir)
-    if os.environ.get("RANK", "0") != "0" or not (create or run_dir.is_dir()):
+    if not launch_main_process() or not (create or run_dir.is_dir()):
         yield
         return
     try:
@@ -44,3 +44,9 @@ def run_folder_lock(run_dir: Path, command: str, create: bool = True):
         lock.flush()
         os.chmod(lock.name, 0o644)
         yield
+
+
+def launch_main_process() -> bool:
+    """Whether this is the main process of its launch (RANK 0 as Accelerate and torchrun number them, or a
+    single process), known before Accelerate starts: the one that checks and writes the run folder."""
+    return os.environ.get("RANK", "0") == "0"

@@ -25,7 +25,7 @@ from .cache import build_conditioning, resolve_caching
 from .card import write_model_card
 from .checkpoints import (
     INPUT_CONFIG, RESOLVED_CONFIG, Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder,
-    load_checkpoint, resolve_resume, try_save_checkpoint,
+    check_run_folder, load_checkpoint, resolve_resume, try_save_checkpoint,
 )  # fmt: skip
 from .denoising import denoising_loss, sample_generators
 from .disk import WRITE_ERRORS, save_failure, warn_if_short_of_space
@@ -33,7 +33,7 @@ from .distributed import any_process, average_gradients, rng_states
 from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, load_image_dataset, read_image_headers
 from .ema import PowerFunctionEMA, moving_average
 from .errors import ConfigError, TrainingDiverged, TrainingStopped
-from .evaluation import eval_prompts, render_images, save_evaluation
+from .evaluation import eval_prompts, rendered_evaluation, save_evaluation
 from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
 from .families import open_model
 from .kohya import community_file_name
@@ -41,6 +41,7 @@ from .optimizers import build_optimizer, check_optimizer
 from .posthoc import discard_snapshots_after, write_snapshot
 from .quantization import check_quantization, quantization_plan, quantization_summary
 from .reporting import METRICS_FILE, SETUP_PERCENT, JobRecord, Reporter
+from .run_lock import launch_main_process
 from .settings import parse_export_formats
 from .sharding import check_sharding, in_turn, shard_frozen_base
 from .stopping import StopRequest
@@ -160,6 +161,8 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     launcher's record of the run (Transformer Lab's), kept by the main process."""
     # Everything that can be wrong with the input is checked before any weights are read.
     check_settings(cfg)
+    if launch_main_process():
+        check_run_folder(paths.run_dir, cfg)
     resume_from = resolve_resume(cfg.resume_from_checkpoint, paths.run_dir)
     if resume_from is not None:
         check_resumable(resume_from, cfg, log)
@@ -253,8 +256,8 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     exports = {"diffusers": WEIGHTS_NAME}  # the files the model card names
     if "kohya" in parse_export_formats(cfg.export_formats):
         exports["kohya"] = community_file_name(family, cfg.adaptor_name)
-    card_facts = {"images": len(examples), "processes": processes, "family_title": family.title,
-                  "hub_tag": family.hub_tag, **family.loading_code()}  # fmt: skip
+    card_facts = {"images": len(examples), "processes": processes, "family_title": family.title, "hub_tag": family.hub_tag,
+                  "steps_per_epoch": steps_per_epoch, **family.loading_code(str(weight_dtype))}  # fmt: skip
     log(
         f"{len(examples)} images, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
         f"epochs; {trainable:,} trainable parameters on {accelerator.device}"
@@ -297,7 +300,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
             save_adapters()
         with ema.swapped_in() if ema is not None else nullcontext(), family.unparked():  # encoders come over once for both
             validate()
-            images = render_images(family, prompts, cfg.eval_seed) if prompts and render else []
+            images = rendered_evaluation(family, prompts, cfg.eval_seed, step, paths.adapter_dir) if prompts and render else []
         if is_main:
             if images:
                 result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch))

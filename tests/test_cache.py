@@ -295,7 +295,7 @@ def test_eval_width_and_height(tiny_models, sample_data, tmp_path):
     grid = result.eval_images[-1]
     assert Image.open(grid.with_name(f"{grid.stem}_0.png")).size == (48, 24)
     bad = parse_parameters(base_parameters(tiny_models["sd3"], sample_data, tmp_path / "bad", eval_width=30))
-    with pytest.raises(ConfigError, match="eval_width: 30 must be a multiple of 4"):
+    with pytest.raises(ConfigError, match="eval_width: 30 is not a multiple of 4, the sizes StableDiffusion3Pipeline renders"):
         train(bad, RunPaths.for_config(bad), log=lambda *_: None)
 
 

@@ -7,7 +7,9 @@ import re
 import yaml
 from PIL import Image
 
-from plugin.card import CARD_NAME, CURVES, EVAL_GRID, MIN_CELL
+import numpy as np
+
+from plugin.card import CARD_NAME, CURVES, EVAL_GRID, GAP, LABEL_WIDTH, MIN_CELL, prompt_image
 from plugin.reporting import METRICS_FILE, read_metrics
 
 PROMPTS = "a red circle on a blue background\na green square on a yellow background\na blue triangle"
@@ -27,14 +29,32 @@ def test_the_card_renders_with_its_pictures_and_its_yaml_parses(run_training):
     assert header["library_name"] == "diffusers" and header["instance_prompt"] == "shapes"
     assert {"lora", "diffusers", "text-to-image", "stable-diffusion-xl"} <= set(header["tags"])
     assert "base_model" not in header, "a local folder is no hub id"
-    assert [w["text"] for w in header["widget"]] == PROMPTS.splitlines()
+    assert [(w["text"], w["output"]["url"]) for w in header["widget"]] == [(p, prompt_image(k)) for k, p in enumerate(PROMPTS.splitlines())]
+    last = result.eval_images[-1]
+    for k in range(3):  # each widget shows its own prompt's image of the last evaluation
+        with Image.open(paths.adapter_dir / prompt_image(k)) as widget, Image.open(last.with_name(f"{last.stem}_{k}.png")) as own:
+            assert np.array_equal(np.asarray(widget), np.asarray(own.convert("RGB")))
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert set(links) == {EVAL_GRID, CURVES}
     evaluations = len(result.eval_images)
     assert evaluations == 3  # 6 training images, batch 2: an evaluation every 3 steps
     with Image.open(paths.adapter_dir / EVAL_GRID) as grid:
-        cell = max(MIN_CELL, cfg.resolution)
-        assert grid.height == evaluations * cell and (grid.width - 90) == 3 * cell, grid.size
+        pixels = np.asarray(grid.convert("L")).astype(int)
+    cell = max(MIN_CELL, cfg.resolution)
+    band = pixels.shape[0] - evaluations * cell - (evaluations - 1) * GAP
+    assert pixels.shape[1] == LABEL_WIDTH + 3 * cell + 2 * GAP and 14 <= band <= 4 * 14 + GAP, pixels.shape
+    for column in range(3):  # a title band with text above each column, white gaps between the columns
+        left = LABEL_WIDTH + column * (cell + GAP)
+        assert pixels[:band - GAP, left:left + cell].min() < 100, "the prompt's title"
+        if column:
+            assert (pixels[band:, left - GAP:left] == 255).all(), "a white gap before the column"
+    for row in range(evaluations):  # each row labelled (epoch and step) in the label column
+        top = band + row * (cell + GAP)
+        assert pixels[top:top + cell, :LABEL_WIDTH].min() < 100
+    assert "| batch size | 2 per process x 1 process x 1 accumulation |" in text
+    assert f"A LoRA adapter for `{cfg.model_name}` (a local folder" in text
+    assert f"load_lora_weights({str(paths.adapter_dir.resolve())!r}" in text and "torch_dtype=torch.float32" in text
+    assert "path/to" not in text and "bfloat16" not in text
     with Image.open(paths.adapter_dir / CURVES) as curves:
         assert curves.size == (640, 800)
     assert "StableDiffusionXLPipeline.from_pretrained" in text and "load_lora_weights" in text

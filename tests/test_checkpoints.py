@@ -272,6 +272,18 @@ def test_a_run_folder_belongs_to_one_run(tiny_models, sample_data, tmp_path, mon
     assert json.loads((paths.run_dir / "config.json").read_text())["max_train_steps"] == 2
 
 
+def test_a_run_refused_for_its_folder_prints_the_refusal_alone(tiny_models, sample_data, tmp_path, capsys):
+    params = parameters(tiny_models, sample_data, tmp_path / "out", max_train_steps=2, overwrite_output=False, checkpointing_steps=0)
+    config = write_parameter_file(tmp_path / "run.json", params)
+    assert main(["--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(config)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [f"error: output_dir: {str(tmp_path / 'out' / 'test-adapter')!r} already holds a run; "
+                                              "set resume_from_checkpoint to 'latest' to continue it, overwrite_output to true to "
+                                              "replace it, or choose another adaptor_name"]  # fmt: skip
+
+
 HOLD_THE_LOCK = """
 import sys, time
 from pathlib import Path

@@ -64,6 +64,10 @@ def model_copy(source: Path, folder: Path, edit_json: dict[str, dict] | None = N
         ("sd", {"resolution": 33}, "resolution: 33 must be a multiple of 2"),  # tiny VAEs downsample by 2
         ("flux", {"resolution": 34}, "resolution: 34 must be a multiple of 4"),  # ... and 2x2 patches
         ("sd", {"eval_width": 33}, "eval_width"),
+        ("sd", {"resolution": 100}, r"resolution \(eval_width 0: the evaluation images take it\): 100 is not a multiple of 8, the sizes "
+                                    "StableDiffusionPipeline renders"),  # the tiny VAE takes 100; the pipeline does not
+        ("sdxl", {"eval_height": 36}, "eval_height: 36 is not a multiple of 8, the sizes StableDiffusionXLPipeline renders"),
+        ("flux", {"eval_width": 34}, "eval_width: 34 is not a multiple of 4, the sizes FluxPipeline renders"),
         ("sd", {"loss_weighting": "cosmap"}, "loss_weighting: 'cosmap' is for flow-matching"),
         ("sd3", {"loss_weighting": "min_snr"}, "loss_weighting: 'min_snr' is for DDPM"),
         ("sd", {"loss_weighting": "min_snr", "snr_gamma": 0}, "snr_gamma"),
@@ -206,6 +210,9 @@ print("exit", code, "torch imported:", "torch" in sys.modules)
         ('{"learning_rate": 1e-4}'.encode("utf-16"), "is UTF-16 text; save it as UTF-8"),
         (b'{"learning_rate": "fast"}', "learning_rate: 'fast' is not a valid number"),
         (b'{"learnig_rate": 1e-4}', "did you mean learning_rate"),
+        (b'{"adaptor_name": "a", "model_name": "m", "dataset_name": "d", "lora_r": 0, "learning_rate": "fast", "lr_scheduler": "sometimes"}',
+         "error: 3 problems in the parameters:\n  lora_r: 0 is below the minimum 1\n  learning_rate: 'fast' is not a valid number\n"
+         "  lr_scheduler: 'sometimes' is not one of"),  # every mistake of the file in one go
         (None, "is a folder; expected a JSON file"),
     ],
 )
@@ -265,6 +272,36 @@ def interrupted(arguments: list[str], presses: list[float], wait_for: str | None
         process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=300)
     return subprocess.CompletedProcess(process.args, process.returncode, out, seen + err)
+
+
+def test_a_failure_while_rendering_is_one_line_saying_the_adapter_was_saved(tiny_models, sample_data, tmp_path, monkeypatch, capsys):
+    import plugin.evaluation
+
+    def out_of_memory(*_):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(plugin.evaluation, "render_images", out_of_memory)
+    parameters = base_parameters(tiny_models["sd"], sample_data, tmp_path / "out", max_train_steps=4, num_train_epochs=2)
+    assert main(["--config", str(write_parameter_file(tmp_path / "run.json", parameters))]) == 1
+    run_dir = tmp_path / "out" / "test-adapter"
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "error: the evaluation images of step 4 could not be rendered (RuntimeError: CUDA out of memory. Tried to allocate "
+        f"20.00 MiB); the adapter of this step was saved in {str(run_dir)!r}")
+    assert (run_dir / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_save_tiny_model_writes_a_model_a_config_run_trains_on(sample_data, tmp_path, capsys):
+    model = tmp_path / "tiny-sdxl"
+    assert main(["--save-tiny-model", str(model), "--family", "sdxl"]) == 0
+    assert f"saved a tiny sdxl pipeline (random weights) in {model}" in capsys.readouterr().out
+    parameters = {"model_name": str(model), "dataset_name": str(sample_data), "output_dir": str(tmp_path / "out"),
+                  "adaptor_name": "rehearsal", "max_train_steps": 2, "resolution": 32}  # fmt: skip
+    assert main(["--config", str(write_parameter_file(tmp_path / "run.json", parameters))]) == 0
+    assert json.loads((tmp_path / "out" / "rehearsal" / "config.json").read_text())["model_family"] == "sdxl"
+    assert main(["--save-tiny-model", str(model)]) == 2, "never over an existing folder"
+    assert main(["--save-tiny-model", str(tmp_path / "x"), "--family", "sd4"]) == 2
+    assert "--family: 'sd4' is not one of sd, sdxl, sd3, flux" in capsys.readouterr().err
 
 
 def test_ctrl_c_during_imports_ends_with_one_line(tiny_models, sample_data, tmp_path):

@@ -91,8 +91,9 @@ def test_a_single_file_trains_and_its_adapter_loads_into_the_pipeline_built_from
         family_model.load(torch.float32)
         pipe = family_model.pipe
     else:
-        namespace = {"torch": torch, **{name: getattr(diffusers, name) for name in family_model.loading_code()["loading_classes"]}}
-        exec("\n".join(family_model.loading_code()["loading"]).replace("torch.bfloat16", "torch.float32"), namespace)
+        code = family_model.loading_code("torch.float32")
+        namespace = {"torch": torch, **{name: getattr(diffusers, name) for name in code["loading_classes"]}}
+        exec("\n".join(code["loading"]), namespace)
         pipe = namespace["pipe"]
     kwargs = dict(num_inference_steps=2, height=32, width=32)
     before = render(pipe, "a red circle", 0, **kwargs)

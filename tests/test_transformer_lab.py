@@ -228,20 +228,22 @@ def test_task_yaml_is_generated_from_the_manifest_in_the_apps_task_format():
     assert TASK["parameters"]["model_name"]["required"] and TASK["parameters"]["dataset_name"]["required"]
 
 
-def start_task(tmp_path: Path, venv: Path, parameters: dict) -> tuple[subprocess.Popen, Path]:
-    """Today's app: job 42 holding the parameters, the task folder, task.yaml's `run` in the task's venv."""
+def start_task(tmp_path: Path, venv: Path, parameters: dict, job_id: int = 42) -> tuple[subprocess.Popen, Path]:
+    """Today's app: a job holding the parameters, the task folder, task.yaml's `run` in the task's venv."""
     home = tmp_path / "home"
-    job_dir = new_job(home / "workspace", 42, parameters)
-    folder = install_files(tmp_path / "task")
-    env = venv_environment(venv, TFL_HOME_DIR=home, TFL_WORKSPACE_DIR=home / "workspace", _TFL_JOB_ID=42, _TFL_EXPERIMENT_ID="alpha")
+    job_dir = new_job(home / "workspace", job_id, parameters)
+    folder = install_files(tmp_path / f"task-{job_id}")
+    env = venv_environment(venv, TFL_HOME_DIR=home, TFL_WORKSPACE_DIR=home / "workspace", _TFL_JOB_ID=job_id, _TFL_EXPERIMENT_ID="alpha")
     process = subprocess.Popen(["bash", "-c", TASK["run"]], cwd=folder, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
     return process, job_dir
 
 
 def test_a_task_of_todays_app_reports_progress_images_model_and_score_to_its_job(app_venv, tiny_models, sample_data, tmp_path):
-    parameters = base_parameters(tiny_models["sd"], sample_data, tmp_path / "out", max_train_steps=8, eval_steps=1)
+    """And a second job with the same parameters completes too: each job trains in its own folder."""
+    parameters = base_parameters(tiny_models["sd"], sample_data, tmp_path / "out", max_train_steps=8, eval_steps=1, overwrite_output=False)
     parameters["lora_dropout"] = TASK["parameters"]["lora_dropout"]  # left untouched: the app sends its definition
+    parameters["output_dir"] = TASK["parameters"]["output_dir"]  # so is the output folder: the job's own
     process, job_dir = start_task(tmp_path, app_venv, parameters)
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-3000:]
@@ -256,6 +258,12 @@ def test_a_task_of_todays_app_reports_progress_images_model_and_score_to_its_job
     assert sorted(os.listdir(job_data["eval_images_dir"]))[:2] == ["epoch_0001.png", "epoch_0001_0.png"]
     assert (job_dir / "artifacts" / "epoch_0001.png").is_file()
     assert_adapter_changes_the_model(tiny_models["sd"], job_dir / "models" / "42_test-adapter")
+    assert (job_dir / "test-adapter" / WEIGHTS_NAME).is_file(), "the run folder is the job's"
+
+    again, again_dir = start_task(tmp_path, app_venv, parameters, job_id=43)
+    output, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, output[-3000:]
+    assert job_record(again_dir)["status"] == "COMPLETE" and (again_dir / "test-adapter" / WEIGHTS_NAME).is_file()
 
 
 def test_a_bad_parameter_fails_the_task_and_its_job_naming_the_field(app_venv, tiny_models, sample_data, tmp_path):
@@ -317,3 +325,5 @@ def test_both_entry_points_run_the_demo_from_elsewhere(entry, tmp_path):
     done = subprocess.run([sys.executable, str(REPO / entry), "--demo"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "output" / "demo-sd" / WEIGHTS_NAME).is_file()
+    noise = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith(("training:", "caching "))]
+    assert not noise, "the demo's terminal holds the trainer's own lines only"

@@ -98,6 +98,11 @@ class ModelFamily(ABC):
         """Image sides must be multiples of this (VAE downsampling times the denoiser's patch size)."""
         return self.vae_scale_factor
 
+    @property
+    def eval_size_multiple(self) -> int:
+        """Evaluation images' sides must be multiples of this: the pipeline's own rule (its `check_inputs`)."""
+        return self.resolution_multiple
+
     @abstractmethod
     def native_resolution(self) -> int:
         """The resolution the model was trained at, used when the user leaves resolution at 0."""
@@ -200,9 +205,12 @@ class ModelFamily(ABC):
             raise ConfigError(
                 f"resolution: {resolution} must be a multiple of {self.resolution_multiple} for {self.title} models"
             )
-        for field in ("eval_width", "eval_height"):
-            if getattr(cfg, field) % self.resolution_multiple:
-                raise ConfigError(f"{field}: {getattr(cfg, field)} must be a multiple of {self.resolution_multiple} for {self.title} models (or 0)")
+        for field in ("eval_width", "eval_height") if cfg.eval_prompt.strip() else ():  # rendered: the pipeline's size rule
+            side = getattr(cfg, field) or resolution
+            if side % self.eval_size_multiple:
+                name = field if getattr(cfg, field) else f"resolution ({field} 0: the evaluation images take it)"
+                raise ConfigError(f"{name}: {side} is not a multiple of {self.eval_size_multiple}, the sizes "
+                                  f"{self.pipeline_class.__name__} renders; set {field} to one (or resolution)")  # fmt: skip
         self._check_trainable_model()
         if cfg.lora_target_modules.strip():  # named by the user: each must exist
             _check_targets_exist(self.description, lora_targets(cfg, self.default_lora_targets), f"this {self.title} {self.denoiser_name}")
@@ -346,20 +354,21 @@ class ModelFamily(ABC):
         `from_single_file` uses for the denoiser class. Works on meta tensors too (the check before loading)."""
         return convert(checkpoint=checkpoint, config=config)
 
-    def loading_code(self) -> dict[str, list[str]]:
+    def loading_code(self, dtype: str) -> dict[str, list[str]]:
         """How the base model loads in plain Diffusers, for the model card: the classes to import and the lines
-        that set `pipe` (a single file takes its configs, and the components it lacks, from where the run did)."""
+        that set `pipe` in `dtype` (such as "torch.bfloat16"); a single file takes its configs, and the
+        components it lacks, from where the run did."""
         pipeline, source = self.pipeline_class.__name__, self.description.single_file
         if source is None:
-            return {"loading_classes": [pipeline], "loading": [f"pipe = {pipeline}.from_pretrained({self.description.source!r}, torch_dtype=torch.bfloat16)"]}
+            return {"loading_classes": [pipeline], "loading": [f"pipe = {pipeline}.from_pretrained({self.description.source!r}, torch_dtype={dtype})"]}
         if source.components_from is None:
             return {"loading_classes": [pipeline],
-                    "loading": [f"pipe = {pipeline}.from_single_file({str(source.path)!r}, config={source.config!r}, torch_dtype=torch.bfloat16)"]}
+                    "loading": [f"pipe = {pipeline}.from_single_file({str(source.path)!r}, config={source.config!r}, torch_dtype={dtype})"]}
         denoiser = self.description.components[self.denoiser_name]
         return {"loading_classes": [denoiser, pipeline], "loading": [
             f"{self.denoiser_name} = {denoiser}.from_single_file({str(source.path)!r}, config={source.config!r}, "
-            f"subfolder={self.denoiser_name!r}, torch_dtype=torch.bfloat16)",
-            f"pipe = {pipeline}.from_pretrained({source.components_from!r}, {self.denoiser_name}={self.denoiser_name}, torch_dtype=torch.bfloat16)"]}
+            f"subfolder={self.denoiser_name!r}, torch_dtype={dtype})",
+            f"pipe = {pipeline}.from_pretrained({source.components_from!r}, {self.denoiser_name}={self.denoiser_name}, torch_dtype={dtype})"]}
 
     @classmethod
     def kohya_model_version(cls, config: dict) -> dict[str, str]:
@@ -410,6 +419,10 @@ class DDPMFamily(ModelFamily):
 
     def native_resolution(self) -> int:
         return self.description.denoiser_config["sample_size"] * self.vae_scale_factor
+
+    @property
+    def eval_size_multiple(self) -> int:
+        return math.lcm(8, self.resolution_multiple)  # the SD and SDXL pipelines refuse other sizes, whatever their VAE
 
     def _check_trainable_model(self) -> None:
         """EDM-formulated models (Playground v2.5: an EDM scheduler and a VAE with latents_mean/latents_std)
