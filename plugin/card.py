@@ -103,7 +103,7 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
                    + (", text encoder trained" if config.get("train_text_encoder") else ""),
         "objective": f"{config.get('prediction_type', 'flow')} prediction, {config['timestep_sampling']} timesteps, "
                      f"{config['loss_weighting']} weighting, {config['loss_type']} loss",
-        "precision": config["mixed_precision"],
+        "precision": {"no": "fp32", "fp16": "fp16 mixed precision", "bf16": "bf16 mixed precision"}[config["mixed_precision"]],
         "EMA": (f"{config['ema_type']}" + (f" (σ_rel {config['posthoc_ema_sigma_rels']})" if config["ema_type"] == "posthoc"
                 else f" (decay {config['ema_decay']:g})")) if config.get("use_ema") else "off",
         "seed": config["seed"],

@@ -54,7 +54,6 @@ def save_tiny_model(folder: Path, family: str) -> None:
     tiny_family(family, "--family")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ConfigError(f"--save-tiny-model: {str(folder)!r} already exists and is not an empty folder; name a new one")
-    quiet_libraries()
     from plugin.tiny import save_tiny_pipeline
 
     save_tiny_pipeline(family, folder)
@@ -155,48 +154,48 @@ def read_config(args: argparse.Namespace, raw: dict | None) -> tuple[Config, str
 
 
 def run(args: argparse.Namespace, raw: dict | None, job: JobRecord, startup: StartupInterrupts) -> int:
-    """`startup.check()` follows each import of the heavy stack: a Ctrl-C a library swallowed stops here."""
-    if args.posthoc_ema and args.sweep:
-        quiet_libraries()
+    """What the arguments ask for. Whatever needs only the arguments or the parameter file is checked before
+    `import_training_stack` spends its seconds."""
+    if args.posthoc_ema and not (args.sigma_rel or args.sweep):
+        raise ConfigError("--posthoc-ema: give the EMA lengths wanted with --sigma-rel, e.g. --sigma-rel 0.07 0.12, "
+                          "or --sweep to choose by validation loss")
+    if args.posthoc_ema:
+        import_training_stack(startup)
+        from plugin.posthoc import reconstruct
         from plugin.sweep import sweep
 
-        startup.check()
-        with run_folder_lock(Path(args.posthoc_ema), "--posthoc-ema --sweep", create=False):
-            sweep(Path(args.posthoc_ema), args.sigma_rel, args.at_step)
-        return 0
-    if args.posthoc_ema:
-        if not args.sigma_rel:
-            raise ConfigError("--posthoc-ema: give the EMA lengths wanted with --sigma-rel, e.g. --sigma-rel 0.07 0.12, "
-                              "or --sweep to choose by validation loss")
-        from plugin.posthoc import reconstruct
-
-        startup.check()
-        with run_folder_lock(Path(args.posthoc_ema), "--posthoc-ema", create=False):
-            reconstruct(Path(args.posthoc_ema), args.sigma_rel, args.at_step)
+        with run_folder_lock(Path(args.posthoc_ema), "--posthoc-ema --sweep" if args.sweep else "--posthoc-ema", create=False):
+            (sweep if args.sweep else reconstruct)(Path(args.posthoc_ema), args.sigma_rel, args.at_step)
         return 0
     if args.save_tiny_model:
+        import_training_stack(startup)
         save_tiny_model(Path(args.save_tiny_model), args.family or "sd")
         return 0
     if args.demo:
-        quiet_libraries()  # before the demo builds its model with Diffusers
-        train_run(parse_parameters(demo_parameters(args.demo_family or "sd", Path(DEMO_OUTPUT).resolve())), None, job, startup)
-        return 0
-    cfg, adaptor_output_dir = read_config(args, raw)
-    train_run(cfg, adaptor_output_dir, job, startup)
-    return 0
-
-
-def train_run(cfg: Config, adaptor_output_dir: str | None, job: JobRecord, startup: StartupInterrupts) -> None:
-    """Import the training stack (seconds), run, and hand the job its adapter and final loss."""
-    quiet_libraries()
+        import_training_stack(startup)  # before the demo builds its model with Diffusers
+        cfg, adaptor_output_dir = parse_parameters(demo_parameters(args.demo_family or "sd", Path(DEMO_OUTPUT).resolve())), None
+    else:
+        cfg, adaptor_output_dir = read_config(args, raw)
+        import_training_stack(startup)
     from plugin.trainer import RunPaths, train
 
-    startup.check()
     paths = RunPaths.for_config(cfg, adaptor_output_dir)
     with run_folder_lock(paths.run_dir, "resuming" if cfg.resume_from_checkpoint else "training"):
         result = train(cfg, paths, job=job)
     last = result.losses[-FINAL_LOSS_STEPS:]
     job.finished(result.adapter_path, cfg.adaptor_name, {"loss": sum(last) / len(last)} if last else {})
+    return 0
+
+
+def import_training_stack(startup: StartupInterrupts) -> None:
+    """PyTorch, Diffusers and the trainer (seconds), quietly, with Ctrl-C deferred to their end: raised inside
+    PyTorch's import (its C++ calling back into Python) a KeyboardInterrupt aborts the process instead of
+    unwinding, and a library's import guard may swallow it."""
+    with startup.deferred():
+        quiet_libraries()
+        import plugin.posthoc  # noqa: F401
+        import plugin.sweep  # noqa: F401
+        import plugin.trainer  # noqa: F401
 
 
 def quiet_libraries() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL from sysexits.h: the run can be resumed ("try again later")
@@ -66,25 +67,39 @@ class StopRequest:
 
 
 class StartupInterrupts:
-    """Ctrl-C while the process starts (imports, parameter checks, building the demo's model): stop at once.
+    """Ctrl-C while the process starts (imports, parameter checks, building the demo's model): stop, nothing
+    written yet.
 
-    Python raises KeyboardInterrupt wherever the interpreter happens to be, and during imports a library can
-    swallow it: on Python 3.11 a class's `__set_name__` wraps it in a RuntimeError, which optional-import
-    guards catch, and the run went on to train and exit 0. This handler also remembers the press, and
-    `check()`, called once the imports are done, raises it again. Inside `with`; the previous handler after,
-    unless the run ignored SIGINT on its way out."""
+    Python raises KeyboardInterrupt wherever the interpreter happens to be, which during the heavy imports
+    goes wrong two ways: a library can swallow it (on Python 3.11 a class's `__set_name__` wraps it in a
+    RuntimeError, which optional-import guards catch: the run went on to train and exit 0), and raised while
+    PyTorch's C++ is calling back into Python it aborts the process (std::terminate). So this handler
+    remembers every press, and inside `deferred()` (the imports) only remembers it, raising it at the end.
+    Inside `with`; the previous handler after, unless the run ignored SIGINT on its way out."""
 
     def __init__(self):
         self.pressed = False
+        self.raising = True
         self.previous = None
 
     def _handle(self, signum, frame) -> None:
         self.pressed = True
-        raise KeyboardInterrupt
+        if self.raising:
+            raise KeyboardInterrupt
 
     def check(self) -> None:
         if self.pressed:
             raise KeyboardInterrupt
+
+    @contextmanager
+    def deferred(self):
+        """Presses during the block are remembered and raised at its end, not inside it."""
+        self.raising = False
+        try:
+            yield
+        finally:
+            self.raising = True
+        self.check()
 
     def __enter__(self) -> "StartupInterrupts":
         if threading.current_thread() is threading.main_thread():

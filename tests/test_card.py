@@ -51,7 +51,7 @@ def test_the_card_renders_with_its_pictures_and_its_yaml_parses(run_training):
     for row in range(evaluations):  # each row labelled (epoch and step) in the label column
         top = band + row * (cell + GAP)
         assert pixels[top:top + cell, :LABEL_WIDTH].min() < 100
-    assert "| batch size | 2 per process x 1 process x 1 accumulation |" in text
+    assert "| batch size | 2 per process x 1 process x 1 accumulation |" in text and "| precision | fp32 |" in text
     assert f"A LoRA adapter for `{cfg.model_name}` (a local folder" in text
     assert f"load_lora_weights({str(paths.adapter_dir.resolve())!r}" in text and "torch_dtype=torch.float32" in text
     assert "path/to" not in text and "bfloat16" not in text

@@ -67,6 +67,17 @@ def test_the_code_reads_no_config_field_the_manifest_lacks():
         parse_parameters(REQUIRED).no_such_field
 
 
+HISTORY_WORDS = re.compile(r"\b(round \d|rounds?\b|issues?\b|sessions?\b|mutations?\b|until now|used to)", re.I)
+
+
+def test_the_readmes_first_screen_holds_both_commands_and_no_word_of_the_projects_history():
+    readme = README_PATH.read_text(encoding="utf-8")
+    first_screen = "\n".join(readme.splitlines()[:60])
+    assert "bash setup.sh && .venv/bin/python plugin/main.py --demo" in first_screen
+    assert "bash setup.sh && .venv/bin/python -m pytest -q -n auto" in first_screen
+    assert not HISTORY_WORDS.findall(readme), "a user cannot act on how the project was built"
+
+
 def test_readme_parameter_table_is_generated_from_the_manifest():
     readme = README_PATH.read_text()
     table = readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
