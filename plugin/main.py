@@ -36,6 +36,7 @@ except KeyboardInterrupt:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # more presses while exiting would print tracebacks
     print(INTERRUPTED, file=sys.stderr)
     sys.exit(INTERRUPTED_EXIT_CODE)
+
 DEMO_OUTPUT = "output"  # the demo's folder, under the current one: its tiny model, sample images and run
 FINAL_LOSS_STEPS = 20  # the job's score: the mean loss of the last this many optimizer steps
 
@@ -108,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--experiment_name", help="the Transformer Lab experiment of the job (its launcher sets it)")
     args, extra = parser.parse_known_args(argv)
     if args.demo_family and not args.demo:
-        if args.config or args.input_file or args.job or args.posthoc_ema:
+        if args.config or args.input_file or args.job or args.posthoc_ema or args.save_tiny_model:
             parser.error("--demo-family: only with --demo (or alone)")
         args.demo = True
     if args.family and not args.save_tiny_model:
