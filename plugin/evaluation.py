@@ -10,26 +10,23 @@ from PIL import Image
 
 from .errors import EvaluationFailed
 from .export import save_image_atomic
+from .settings import EvalPrompt
 
 
-def eval_prompts(text: str) -> list[str]:
-    """One prompt per non-empty line."""
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-@torch.no_grad()
-def render_images(family, prompts: list[str], seed: int) -> list[Image.Image]:
-    """One image per prompt, prompt k seeded with seed + k on a CPU generator (the same on any device)."""
+def render_images(family, prompts: list[EvalPrompt], seed: int) -> list[Image.Image]:
+    """One image per prompt with its own settings over the eval_* ones; prompt k seeded with its --d, else with
+    seed + k, on a CPU generator (the same on any device)."""
     pipe = family.eval_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    kwargs = family.eval_call_kwargs()
-    return [
-        pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed + k), **kwargs).images[0]
-        for k, prompt in enumerate(prompts)
-    ]
+    images = []
+    for k, prompt in enumerate(prompts):
+        settings = {**family.eval_call_kwargs(), **prompt.settings}
+        generator = torch.Generator("cpu").manual_seed(settings.pop("seed", seed + k))
+        images.append(pipe(prompt=prompt.text, generator=generator, **settings).images[0])
+    return images
 
 
-def rendered_evaluation(family, prompts: list[str], seed: int, step: int, adapter_dir: Path) -> list[Image.Image]:
+def rendered_evaluation(family, prompts: list[EvalPrompt], seed: int, step: int, adapter_dir: Path) -> list[Image.Image]:
     """render_images, with a failure (out of memory, a pipeline's refusal) made one line that says the adapter
     of this step was saved first; Ctrl-C passes through."""
     try:

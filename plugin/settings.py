@@ -8,6 +8,8 @@ Each rule is one function of the coerced values that returns its problem, or Non
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from PIL import ImageColor
@@ -48,6 +50,43 @@ def background_rgb(colour: str) -> tuple[int, int, int]:
         raise ConfigError(f"alpha_background: {colour!r} is not a colour; expected a name such as white, black or gray, or #rrggbb") from None
 
 
+# kohya's sample-prompt flags: the pipeline argument each sets, and its type
+SAMPLE_FLAGS = {"w": ("width", int), "h": ("height", int), "s": ("num_inference_steps", int), "l": ("guidance_scale", float),
+                "d": ("seed", int), "n": ("negative_prompt", str)}  # fmt: skip
+KIND_NAMES = {int: "a whole number", float: "a number", str: "text"}
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """One evaluation prompt and its own settings (kohya's `--w 768 --h 512 --s 28 --l 4.5 --d 42 --n ...`), in
+    the pipeline's argument names; what it leaves out comes from the eval_* parameters."""
+
+    text: str
+    settings: dict = field(default_factory=dict)
+
+
+def parse_eval_prompts(text: str) -> list[EvalPrompt]:
+    """One prompt per non-empty line of eval_prompt, each with the sample flags after it."""
+    prompts = []
+    for number, line in enumerate((line for line in text.splitlines() if line.strip()), start=1):
+        prompt, *flags = re.split(r"\s--(?=\S)", " " + line.strip())
+        settings = {}
+        for flag in flags:
+            name, _, value = flag.partition(" ")
+            if name not in SAMPLE_FLAGS:
+                raise ConfigError(f"eval_prompt: prompt {number} has the flag --{name}; the flags are "
+                                  + ", ".join(f"--{f} ({argument})" for f, (argument, _) in SAMPLE_FLAGS.items()))  # fmt: skip
+            argument, kind = SAMPLE_FLAGS[name]
+            try:
+                settings[argument] = kind(value.strip())
+            except ValueError:
+                raise ConfigError(f"eval_prompt: prompt {number}: --{name} {value.strip()!r} is not {KIND_NAMES[kind]} ({argument})") from None
+            if kind is not str and settings[argument] <= 0 and argument != "seed":
+                raise ConfigError(f"eval_prompt: prompt {number}: --{name} {value.strip()} must be positive ({argument})")
+        prompts.append(EvalPrompt(prompt.strip(), settings))
+    return prompts
+
+
 def _parsed(parse: Callable[[], Any]) -> str | None:
     try:
         parse()
@@ -62,6 +101,10 @@ def export_formats_rule(v: Mapping) -> str | None:
 
 def sigma_rels_rule(v: Mapping) -> str | None:
     return _parsed(lambda: parse_sigma_rels(v["posthoc_ema_sigma_rels"]))
+
+
+def eval_prompt_rule(v: Mapping) -> str | None:
+    return _parsed(lambda: parse_eval_prompts(v["eval_prompt"]))
 
 
 def alpha_background_rule(v: Mapping) -> str | None:
@@ -116,7 +159,7 @@ def prodigy_learned_rule(v: Mapping) -> str | None:
     return None
 
 
-RULES = (export_formats_rule, sigma_rels_rule, alpha_background_rule, validation_rule, text_encoder_adapter_rule,
+RULES = (export_formats_rule, sigma_rels_rule, eval_prompt_rule, alpha_background_rule, validation_rule, text_encoder_adapter_rule,
          quantized_text_encoders_rule, sharded_quantized_rule, offloaded_trained_text_encoders_rule, polynomial_rule,
          prodigy_learned_rule)  # fmt: skip
 

@@ -33,7 +33,7 @@ from .distributed import any_process, average_gradients, rng_states
 from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, load_image_dataset, read_image_headers
 from .ema import PowerFunctionEMA, moving_average
 from .errors import ConfigError, TrainingDiverged, TrainingStopped
-from .evaluation import eval_prompts, rendered_evaluation, save_evaluation
+from .evaluation import rendered_evaluation, save_evaluation
 from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
 from .families import open_model
 from .kohya import community_file_name
@@ -42,7 +42,7 @@ from .posthoc import discard_snapshots_after, write_snapshot
 from .quantization import check_quantization, quantization_plan, quantization_summary
 from .reporting import METRICS_FILE, SETUP_PERCENT, JobRecord, Reporter
 from .run_lock import launch_main_process
-from .settings import parse_export_formats
+from .settings import parse_eval_prompts, parse_export_formats
 from .sharding import check_sharding, in_turn, shard_frozen_base
 from .stopping import StopRequest
 from .validation import ValidationHistory, ValidationSet, training_and_validation_data
@@ -172,7 +172,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     resolved_config = {**cfg.as_dict(), "model_family": family.name}
     dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column, cfg.follow_symlinks)
     dataset, held_out_rows = training_and_validation_data(cfg, dataset)
-    prompts = eval_prompts(cfg.eval_prompt)
+    prompts = parse_eval_prompts(cfg.eval_prompt)
     accelerator = new_accelerator(cfg)
     processes, is_main = accelerator.num_processes, accelerator.is_main_process
     log = log if is_main else (lambda *_: None)  # one process speaks and writes files; all of them train
@@ -305,7 +305,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
             if images:
                 result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch))
                 reporter.images(step, "eval", images, result.eval_images[-1])
-            write_model_card(paths.adapter_dir, paths.run_dir, resolved_config, prompts, {**card_facts, "steps": step}, exports)
+            write_model_card(paths.adapter_dir, paths.run_dir, resolved_config, [p.text for p in prompts], {**card_facts, "steps": step}, exports)
         for module in modules.values():
             module.train()
         accelerator.wait_for_everyone()

@@ -246,6 +246,26 @@ def test_demo_family_alone_runs_that_demo_whose_model_card_code_works(tmp_path, 
     assert any("lora" in name for name, _ in namespace["pipe"].transformer.named_modules())
 
 
+def test_each_eval_prompt_renders_with_its_own_sample_settings(run_training, tiny_models, sample_data, tmp_path):
+    """kohya's flags after a prompt: --w/--h size, --s steps, --l guidance, --d seed, --n negative prompt."""
+    from PIL import Image
+
+    prompts = ("a red circle --w 48 --h 24 --s 3 --l 1.5 --d 7 --n blurry\n"
+               "a red circle --d 7 --n blurry --s 3 --l 1.5 --h 24 --w 48\n"  # the same settings in another order
+               "a red circle")  # fmt: skip
+    _, result, _ = run_training("sd", eval_prompt=prompts, max_train_steps=2)
+    grid = result.eval_images[-1]
+    images = [Image.open(grid.with_name(f"{grid.stem}_{k}.png")) for k in range(3)]
+    assert [image.size for image in images] == [(48, 24), (48, 24), (32, 32)]
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1])), "one seed, one image"
+    card = (grid.parent.parent / "README.md").read_text()
+    assert "- text: a red circle\n" in card and "--w" not in card, "the card shows the prompts without their flags"
+    with pytest.raises(ConfigError, match=r"eval_prompt: prompt 2's --w: 36 is not a multiple of 8, the sizes StableDiffusionPipeline renders"):
+        run_training("sd", eval_prompt="a\nb --w 36")
+    with pytest.raises(ConfigError, match=r"eval_prompt: prompt 1's --n: Flux renders without a negative prompt"):
+        run_training("flux", eval_prompt="a --n blurry")
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("loss_weighting", ["uniform", "min_snr"])
 def test_every_objective_learns(run_training, tiny_models, heldout_data, prediction_type, loss_weighting):

@@ -24,6 +24,7 @@ from ..adapters import adapter_config, peft_type
 from ..errors import ConfigError
 from ..objectives import DiffusionObjective, FlowMatchingObjective, dynamic_shift_mu
 from ..quantization import keep_quantized_for_backward, own_weights, quiet_quantizers
+from ..settings import parse_eval_prompts
 from .description import ModelDescription
 from .single_file import load_single_file
 
@@ -42,6 +43,7 @@ class ModelFamily(ABC):
     pipeline_class_names: ClassVar[tuple[str, ...]]  # model_index.json _class_name values that map here
     denoiser_name: ClassVar[str]  # "unet" or "transformer"
     default_lora_targets: ClassVar[tuple[str, ...]]
+    eval_negative_prompts: ClassVar[bool] = True  # the pipeline takes a negative prompt (kohya's --n)
     lora_text_encoders: ClassVar[tuple[str, ...]] = ()  # pipeline components that may take a text-encoder LoRA
     hub_tag: ClassVar[str]  # the family's Hugging Face tag, for the model card
     # The community layout of the adapter (plugin/kohya.py): kohya's key prefix per component, or None for
@@ -205,12 +207,8 @@ class ModelFamily(ABC):
             raise ConfigError(
                 f"resolution: {resolution} must be a multiple of {self.resolution_multiple} for {self.title} models"
             )
-        for field in ("eval_width", "eval_height") if cfg.eval_prompt.strip() else ():  # rendered: the pipeline's size rule
-            side = getattr(cfg, field) or resolution
-            if side % self.eval_size_multiple:
-                name = field if getattr(cfg, field) else f"resolution ({field} 0: the evaluation images take it)"
-                raise ConfigError(f"{name}: {side} is not a multiple of {self.eval_size_multiple}, the sizes "
-                                  f"{self.pipeline_class.__name__} renders; set {field} to one (or resolution)")  # fmt: skip
+        for number, prompt in enumerate(parse_eval_prompts(cfg.eval_prompt), start=1):
+            self._check_eval_prompt(number, prompt, cfg, resolution)
         self._check_trainable_model()
         if cfg.lora_target_modules.strip():  # named by the user: each must exist
             _check_targets_exist(self.description, lora_targets(cfg, self.default_lora_targets), f"this {self.title} {self.denoiser_name}")
@@ -221,6 +219,20 @@ class ModelFamily(ABC):
         filled.update(self._resolve_objective(cfg))
         self.cfg = cfg.replace(**filled)
         return self.cfg, filled
+
+    def _check_eval_prompt(self, number: int, prompt, cfg, resolution: int) -> None:
+        """A prompt renders at its own size (its --w/--h, else eval_width/eval_height, else resolution), which
+        must follow the pipeline's own size rule; a negative prompt needs a pipeline that takes one."""
+        for side, field in (("width", "eval_width"), ("height", "eval_height")):
+            size = prompt.settings.get(side) or getattr(cfg, field) or resolution
+            if size % self.eval_size_multiple:
+                name = (f"eval_prompt: prompt {number}'s --{side[0]}" if side in prompt.settings else field if getattr(cfg, field)
+                        else f"resolution ({field} 0: the evaluation images take it)")  # fmt: skip
+                raise ConfigError(f"{name}: {size} is not a multiple of {self.eval_size_multiple}, the sizes "
+                                  f"{self.pipeline_class.__name__} renders")
+        if "negative_prompt" in prompt.settings and not self.eval_negative_prompts:
+            raise ConfigError(f"eval_prompt: prompt {number}'s --n: {self.title} renders without a negative prompt "
+                              "(its guidance is distilled into the model); leave --n out")
 
     def _present_default_targets(self) -> list[str]:
         """The family's default targets that this model has; one it lacks (a variant without that layer) is
