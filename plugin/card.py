@@ -42,22 +42,29 @@ def evaluation_rows(eval_dir: Path, prompts: list[str]) -> list[tuple[int, list[
 
 def evaluation_grid(rows: list[tuple[int, list[Path]]], prompts: list[str], step_of) -> Image.Image:
     """Every evaluation's images in one picture: a column per prompt under a band with its prompt (wrapped),
-    a row per evaluation labelled with its epoch and optimizer step (`step_of(epoch)`), a gap between cells."""
-    with Image.open(rows[0][1][0]) as first:
-        scale = max(1, -(-MIN_CELL // min(first.size)))  # tiny evaluation images are enlarged to be seen
-        width, height = first.width * scale, first.height * scale
-    titles = [textwrap.wrap(prompt, max(8, width // CHARACTER_WIDTH))[:PROMPT_LINES] or [""] for prompt in prompts]
+    a row per evaluation labelled with its epoch and optimizer step (`step_of(epoch)`), a gap between cells.
+    Each column keeps its prompt's own image size (a prompt's --w/--h), all enlarged by one whole factor when
+    tiny, so that none is stretched."""
+    sizes = []
+    for path in rows[0][1]:
+        with Image.open(path) as image:
+            sizes.append(image.size)
+    scale = max(1, -(-MIN_CELL // min(min(size) for size in sizes)))  # tiny evaluation images are enlarged to be seen
+    cells = [(width * scale, height * scale) for width, height in sizes]
+    lefts = [LABEL_WIDTH + sum(width + GAP for width, _ in cells[:column]) for column in range(len(cells))]
+    row_height = max(height for _, height in cells)
+    titles = [textwrap.wrap(prompt, max(8, width // CHARACTER_WIDTH))[:PROMPT_LINES] or [""] for prompt, (width, _) in zip(prompts, cells)]
     band = LINE_HEIGHT * max(len(t) for t in titles) + GAP
-    grid = Image.new("RGB", (LABEL_WIDTH + (width + GAP) * len(prompts) - GAP, band + (height + GAP) * len(rows) - GAP), "white")
+    grid = Image.new("RGB", (lefts[-1] + cells[-1][0], band + (row_height + GAP) * len(rows) - GAP), "white")
     draw = ImageDraw.Draw(grid)
-    for column, title in enumerate(titles):
-        draw.multiline_text((LABEL_WIDTH + column * (width + GAP), 2), "\n".join(title), fill="black", spacing=LINE_HEIGHT - 11)
+    for left, title in zip(lefts, titles):
+        draw.multiline_text((left, 2), "\n".join(title), fill="black", spacing=LINE_HEIGHT - 11)
     for row, (epoch, images) in enumerate(rows):
-        top = band + row * (height + GAP)
-        draw.multiline_text((6, top + height // 2 - LINE_HEIGHT), f"epoch {epoch}\nstep {step_of(epoch)}", fill="black")
-        for column, path in enumerate(images):
+        top = band + row * (row_height + GAP)
+        draw.multiline_text((6, top + row_height // 2 - LINE_HEIGHT), f"epoch {epoch}\nstep {step_of(epoch)}", fill="black")
+        for left, cell, path in zip(lefts, cells, images):
             with Image.open(path) as image:
-                grid.paste(image.convert("RGB").resize((width, height), Image.Resampling.NEAREST), (LABEL_WIDTH + column * (width + GAP), top))
+                grid.paste(image.convert("RGB").resize(cell, Image.Resampling.NEAREST), (left, top))
     return grid
 
 

@@ -258,6 +258,9 @@ def test_each_eval_prompt_renders_with_its_own_sample_settings(run_training, tin
     images = [Image.open(grid.with_name(f"{grid.stem}_{k}.png")) for k in range(3)]
     assert [image.size for image in images] == [(48, 24), (48, 24), (32, 32)]
     assert np.array_equal(np.asarray(images[0]), np.asarray(images[1])), "one seed, one image"
+    with Image.open(grid.parent.parent / "eval_grid.png") as card_grid:  # each column at its own size, unstretched
+        scale = 6  # the whole factor that brings the smallest side (24) to 128 pixels
+        assert card_grid.width == 90 + scale * 48 + 8 + scale * 48 + 8 + scale * 32 and card_grid.height > scale * 32, card_grid.size
     card = (grid.parent.parent / "README.md").read_text()
     assert "- text: a red circle\n" in card and "--w" not in card, "the card shows the prompts without their flags"
     with pytest.raises(ConfigError, match=r"eval_prompt: prompt 2's --w: 36 is not a multiple of 8, the sizes StableDiffusionPipeline renders"):
