@@ -31,6 +31,7 @@ from .quantization import plain_tensors
 # Config entries that say where a model came from or which library saved it, not what it computes.
 PROVENANCE_KEYS = frozenset({"_name_or_path", "_commit_hash", "_diffusers_version", "transformers_version", "_use_default_values"})
 CACHE_FORMAT = 1  # bump when the meaning of a cached tensor changes, so older files are never read
+TEXT_CACHE_LIMIT = 4096  # captions the text cache encodes before training at the most (shuffled tags multiply them)
 
 
 def resolve_caching(cfg, log=print):
@@ -267,9 +268,13 @@ def build_conditioning(cfg, family, examples: TrainingExamples, log=print) -> Co
         vae = f"{module_identity(family.pipe.vae)}:{family.name}" if on_disk else "this run"
         latents = LatentCache(DiskStore(root / "latents") if on_disk else MemoryStore(), vae, image_ids)
         latents.fill(examples, family, cfg.train_batch_size)
-    if cfg.cache_text_embeddings:
+    captions = examples.caption_variants(TEXT_CACHE_LIMIT) if cfg.cache_text_embeddings else None
+    if cfg.cache_text_embeddings and captions is None:
+        log(f"text cache off: shuffle_caption makes more than {TEXT_CACHE_LIMIT} different captions, so each batch's "
+            "captions are encoded as it trains")  # fmt: skip
+    if captions is not None:
         text = TextCache(DiskStore(root / "text") if on_disk else MemoryStore(), text_identity(family) if on_disk else "this run")
-        text.fill(examples.caption_texts(), family, cfg.train_batch_size)
+        text.fill(captions, family, cfg.train_batch_size)
     conditioning = Conditioning(family, latents, text)
     for name, (computed, reused) in conditioning.counts().items():
         log(f"{name} cache: {computed} encoded, {reused} reused" + (f" ({root / name})" if on_disk else " (in memory)"))

@@ -25,6 +25,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from PIL import Image, ImageEnhance, ImageOps
 
+from .captions import CaptionOptions, caption_choices, caption_for, caption_variants, joined, tags_of
 from .errors import ConfigError
 from .settings import background_rgb
 from .hub import require_hub
@@ -75,7 +76,7 @@ def _warn_uncaptioned(dataset: datasets.Dataset, dataset_name: str, caption_colu
     """Rows whose caption is missing, null or blank train with an empty caption (the trigger word alone): said
     once with a count, so a mis-named .txt file or an empty metadata cell is not trained on silently."""
     captions = dataset[caption_column]
-    uncaptioned = sum(_clean_caption(caption) == "" for caption in captions)
+    uncaptioned = sum(caption_choices(caption) == [""] for caption in captions)
     if uncaptioned:
         warnings.warn(
             f"dataset_name: {uncaptioned} of {len(captions)} images in {dataset_name!r} have no caption (a null or blank "
@@ -415,25 +416,15 @@ class AugmentOptions:
         return background_rgb(self.alpha_background)
 
 
-@dataclass(frozen=True)
-class CaptionOptions:
-    """How `caption_for` rewrites captions: an optional trigger word and caption dropout for CFG."""
-
-    trigger_word: str
-    caption_dropout_rate: float
-
-    def __post_init__(self):
-        _check_range("caption_dropout_rate", self.caption_dropout_rate, 0.0, 1.0)
-
-
 def _check_range(field: str, value: float, low: float, high: float) -> None:
     """Fail naming `field` unless low <= value <= high."""
     if not isinstance(value, (int, float)) or not low <= value <= high:
         raise ConfigError(f"{field}: got {value!r}; expected a number from {low} to {high}")
 
 
-def example_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """The RNG for one example in one epoch: a pure function of (seed, epoch, index).
+def example_rng(seed: int, epoch: int, index: int | str) -> random.Random:
+    """The RNG for one example in one epoch: a pure function of (seed, epoch, index); an index such as
+    "3:caption" gives example 3 a second stream, whose draws leave the first one's untouched.
 
     Seeding with a string hashes it with SHA-512, which is stable across processes and Python runs
     (unlike `hash()`), so worker processes and restarts draw the same augmentations.
@@ -637,36 +628,6 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Captions
-
-
-def caption_for(caption, options: CaptionOptions, rng: random.Random) -> str:
-    """The caption to train with: cleaned, trigger word in front, dropped to "" with caption_dropout_rate.
-
-    Always draws exactly one number from `rng`, so the draws after it do not depend on the rate.
-    """
-    text = caption_text(caption, options)
-    drop = rng.random() < options.caption_dropout_rate
-    return "" if drop else text
-
-
-def caption_text(caption, options: CaptionOptions) -> str:
-    """The caption cleaned and with the trigger word in front, before any dropout."""
-    text = _clean_caption(caption)
-    trigger = options.trigger_word.strip()
-    if trigger:
-        text = f"{trigger}, {text}" if text else trigger
-    return text
-
-
-def _clean_caption(caption) -> str:
-    """A stripped string; None and NaN (empty cells in CSV metadata) become ""."""
-    if caption is None or (isinstance(caption, float) and math.isnan(caption)):
-        return ""
-    return str(caption).strip()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Torch dataset and collation
 
 
@@ -720,9 +681,19 @@ class TrainingExamples(torch.utils.data.Dataset):
         return upright_image(self.dataset[index][self.image_column])
 
     def caption_texts(self) -> set[str]:
-        """Every caption an example can train with: each row's caption, and "" when captions may drop out."""
-        texts = {caption_text(row[self.caption_column], self.captions) for row in self.caption_rows}
-        return texts | {""} if self.captions.caption_dropout_rate > 0 else texts
+        """Each row's captions as trained, in their written order (for length checks: shuffling keeps the tags)."""
+        options = self.captions
+        return {joined(tags_of(text, options), options) for row in self.caption_rows for text in caption_choices(row[self.caption_column])}
+
+    def caption_variants(self, limit: int) -> set[str] | None:
+        """Every caption an example can train with ("" when captions may drop out), or None past `limit`."""
+        variants: set[str] = set()
+        for row in self.caption_rows:
+            found = caption_variants(row[self.caption_column], self.captions, limit - len(variants))
+            if found is None:
+                return None
+            variants |= found
+        return variants
 
     def fixed_plans(self, index: int) -> list[ImagePlan]:
         """The plans this image can have in any epoch when only the flip varies (see `cache.resolve_caching`):
@@ -734,7 +705,8 @@ class TrainingExamples(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         rng = example_rng(self.seed, self.epoch, index)
-        caption = caption_for(self.caption_rows[index][self.caption_column], self.captions, rng)
+        caption = caption_for(self.caption_rows[index][self.caption_column], self.captions, rng,
+                              example_rng(self.seed, self.epoch, f"{index}:caption"))  # fmt: skip
         image = self.image(index) if self.load_pixels else None
         original_size = (image.height, image.width) if image is not None else self.layout.sizes[index]
         plan = plan_transform(original_size, self.target(index), self.augment, rng)

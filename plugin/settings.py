@@ -107,6 +107,12 @@ def eval_prompt_rule(v: Mapping) -> str | None:
     return _parsed(lambda: parse_eval_prompts(v["eval_prompt"]))
 
 
+def caption_separator_rule(v: Mapping) -> str | None:
+    if not v["caption_separator"]:
+        return "caption_separator: empty; expected the text between a caption's tags, such as ','"
+    return None
+
+
 def alpha_background_rule(v: Mapping) -> str | None:
     return _parsed(lambda: background_rgb(v["alpha_background"]))
 
@@ -159,7 +165,7 @@ def prodigy_learned_rule(v: Mapping) -> str | None:
     return None
 
 
-RULES = (export_formats_rule, sigma_rels_rule, eval_prompt_rule, alpha_background_rule, validation_rule, text_encoder_adapter_rule,
+RULES = (export_formats_rule, sigma_rels_rule, eval_prompt_rule, caption_separator_rule, alpha_background_rule, validation_rule, text_encoder_adapter_rule,
          quantized_text_encoders_rule, sharded_quantized_rule, offloaded_trained_text_encoders_rule, polynomial_rule,
          prodigy_learned_rule)  # fmt: skip
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .buckets import BucketBatchSampler, BucketLayout
 from .cache import build_conditioning, resolve_caching
+from .captions import CaptionOptions
 from .card import write_model_card
 from .checkpoints import (
     INPUT_CONFIG, RESOLVED_CONFIG, Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder,
@@ -30,7 +31,7 @@ from .checkpoints import (
 from .denoising import denoising_loss, sample_generators
 from .disk import WRITE_ERRORS, save_failure, warn_if_short_of_space
 from .distributed import any_process, average_gradients, rng_states
-from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, load_image_dataset, read_image_headers
+from .data import AugmentOptions, TrainingExamples, collate_examples, load_image_dataset, read_image_headers
 from .ema import PowerFunctionEMA, moving_average
 from .errors import ConfigError, TrainingDiverged, TrainingStopped
 from .evaluation import rendered_evaluation, save_evaluation
@@ -116,7 +117,8 @@ def augment_options(cfg) -> AugmentOptions:
 
 def build_examples(cfg, dataset, layout: BucketLayout | None = None) -> TrainingExamples:
     """Examples at their buckets; with the latent cache on they carry plans, not pixels."""
-    captions = CaptionOptions(trigger_word=cfg.trigger_word, caption_dropout_rate=cfg.caption_dropout_rate)
+    captions = CaptionOptions(cfg.trigger_word, cfg.caption_dropout_rate, cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_separator,
+                              cfg.caption_prefix, cfg.caption_suffix)  # fmt: skip
     return TrainingExamples(
         dataset, cfg.image_column, cfg.caption_column, augment_options(cfg), captions, cfg.seed,
         layout=layout, load_pixels=not cfg.cache_latents,

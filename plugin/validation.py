@@ -21,7 +21,8 @@ import datasets
 import torch
 
 from .buckets import BucketLayout
-from .data import AugmentOptions, CaptionOptions, TrainingExamples, collate_examples, load_image_dataset, read_image_headers
+from .captions import CaptionOptions
+from .data import AugmentOptions, TrainingExamples, collate_examples, load_image_dataset, read_image_headers
 from .denoising import denoising_loss, sample_generators
 from .errors import ConfigError
 from .export import write_json_atomic
@@ -75,7 +76,8 @@ class ValidationSet:
             color_jitter=False, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, random_rotation=False,
             rotation_degrees=0.0, rotation_prob=0.0, alpha_background=cfg.alpha_background,
         )  # fmt: skip
-        captions = CaptionOptions(trigger_word=cfg.trigger_word, caption_dropout_rate=0.0)
+        captions = CaptionOptions(cfg.trigger_word, 0.0, caption_separator=cfg.caption_separator, caption_prefix=cfg.caption_prefix,
+                                  caption_suffix=cfg.caption_suffix)  # fixed: no dropout, no shuffle  # fmt: skip
         examples = TrainingExamples(dataset, cfg.image_column, cfg.caption_column, augment, captions, cfg.seed, layout=layout)
         by_bucket: dict[int, list[int]] = {}
         for index, bucket in enumerate(layout.bucket_ids()):

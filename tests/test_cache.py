@@ -288,6 +288,19 @@ def test_encoders_are_parked_when_caches_replace_them(tiny_models, sample_data, 
 # Eval size and the host allocator
 
 
+def test_shuffled_captions_are_all_cached_or_the_text_cache_says_it_is_off(tiny_models, sample_data, tmp_path):
+    logged = []
+    few = parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path / "few", max_train_steps=2, eval_prompt="",
+                                           shuffle_caption=True, caption_prefix="red, round,"))  # fmt: skip
+    train(few, RunPaths.for_config(few), log=logged.append)
+    captions = {json.loads(line)["text"] for line in (sample_data / "metadata.jsonl").read_text().splitlines()}
+    assert f"text cache: {6 * len(captions)} encoded, 0 reused (in memory)" in logged, "every order of each caption's 3 tags"
+    many = few.replace(output_dir=str(tmp_path / "many"), caption_prefix="a, b, c, d, e, f, g,")  # 8 tags: 40320 orders
+    logged.clear()
+    train(many, RunPaths.for_config(many), log=logged.append)
+    assert "text cache off: shuffle_caption makes more than 4096 different captions, so each batch's captions are encoded as it trains" in logged
+
+
 def test_eval_width_and_height(tiny_models, sample_data, tmp_path):
     cfg = parse_parameters(base_parameters(tiny_models["sd3"], sample_data, tmp_path / "out", max_train_steps=1,
                                            eval_width=48, eval_height=24))  # fmt: skip

@@ -11,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from plugin.captions import CaptionOptions, caption_for, caption_variants
 from plugin.data import (
     AugmentOptions,
-    CaptionOptions,
     TrainingExamples,
-    caption_for,
     collate_examples,
     example_rng,
     load_image_dataset,
@@ -443,24 +442,57 @@ def test_rotation_fills_corners_by_reflection_not_black():
 # Captions
 
 
+def caption(text, options, seed=0, epoch=0, index=0):
+    """The caption TrainingExamples gives example `index` of `epoch`."""
+    return caption_for(text, options, example_rng(seed, epoch, index), example_rng(seed, epoch, f"{index}:caption"))
+
+
 def test_trigger_word_is_prepended():
     options = CaptionOptions(trigger_word="sks dog", caption_dropout_rate=0.0)
-    assert caption_for("  on a beach ", options, example_rng(0, 0, 0)) == "sks dog, on a beach"
-    assert caption_for("", options, example_rng(0, 0, 0)) == "sks dog"
+    assert caption("  on a beach ", options) == "sks dog, on a beach"
+    assert caption("", options) == "sks dog"
     plain = CaptionOptions(trigger_word="", caption_dropout_rate=0.0)
-    assert caption_for(" on a beach", plain, example_rng(0, 0, 0)) == "on a beach"
+    assert caption(" on a beach", plain) == "on a beach"
 
 
-@pytest.mark.parametrize("caption", [None, float("nan")])
-def test_missing_captions_become_empty(caption):
-    assert caption_for(caption, CaptionOptions(trigger_word="", caption_dropout_rate=0.0), example_rng(0, 0, 0)) == ""
+@pytest.mark.parametrize("text", [None, float("nan")])
+def test_missing_captions_become_empty(text):
+    assert caption(text, CaptionOptions(trigger_word="", caption_dropout_rate=0.0)) == ""
 
 
 @pytest.mark.parametrize("rate, low, high", [(0.0, 0, 0), (1.0, 2000, 2000), (0.3, 520, 680)])
 def test_caption_dropout_rate(rate, low, high):
     options = CaptionOptions(trigger_word="sks", caption_dropout_rate=rate)
-    dropped = sum(caption_for("a photo", options, example_rng(7, 0, i)) == "" for i in range(2000))
+    dropped = sum(caption("a photo", options, seed=7, index=i) == "" for i in range(2000))
     assert low <= dropped <= high
+
+
+def test_shuffled_tags_keep_the_trigger_and_the_first_tokens_in_place_and_follow_the_seed():
+    options = CaptionOptions("sks", 0.0, shuffle_caption=True, keep_tokens=2, caption_prefix="photo,")
+    text = "a dog, on grass, sunny, wide shot"
+    draws = [caption(text, options, seed=1, epoch=e) for e in range(200)]
+    assert all(d.startswith("sks, photo, a dog, ") for d in draws), "the trigger word, then keep_tokens tags (the prefix is one)"
+    assert len(set(draws)) == 6 and {sorted(d.split(", ")[3:]) == ["on grass", "sunny", "wide shot"] for d in draws} == {True}
+    assert set(draws) == caption_variants(text, options, 100)
+    assert draws == [caption(text, options, seed=1, epoch=e) for e in range(200)], "the same seed, the same captions"
+    assert draws != [caption(text, options, seed=2, epoch=e) for e in range(200)]
+    assert caption_variants("a, b, c, d, e, f, g, h", options, 4096) is None, "6! orders of the rest: past the limit"
+    unshuffled = CaptionOptions("sks", 0.0, caption_separator="|", caption_suffix="| film")
+    assert caption("a dog|on grass", unshuffled) == "sks| a dog| on grass| film"
+
+
+def test_several_captions_of_an_image_are_drawn_per_epoch():
+    options = CaptionOptions("", 0.25)
+    for captions in (["a dog", "a brown dog", "  "], "a dog\na brown dog\n"):  # a metadata list, the lines of a .txt file
+        draws = {caption(captions, options, epoch=e) for e in range(100)}
+        assert draws == {"a dog", "a brown dog", ""} == caption_variants(captions, options, 10)
+
+
+def test_image_draws_do_not_depend_on_the_caption_settings():
+    rows = training_rows()
+    plain = training_examples(rows)
+    shuffled = TrainingExamples(rows, "image", "text", plain.augment, CaptionOptions("sks", 0.3, shuffle_caption=True), seed=3)
+    assert all(torch.equal(plain[i]["pixel_values"], shuffled[i]["pixel_values"]) for i in range(len(rows)))
 
 
 # --------------------------------------------------------------------------------------------------------

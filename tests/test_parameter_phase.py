@@ -25,16 +25,18 @@ REQUIRED = {"adaptor_name": "a", "model_name": "base-model", "dataset_name": "im
 
 # Text fields holding a small language the parameter phase parses, with a value it must refuse.
 TEXT_BAD = {"adaptor_name": "../escape", "model_name": "", "dataset_name": "", "export_formats": "diffusers,onnx",
-            "alpha_background": "not-a-colour", "posthoc_ema_sigma_rels": "0.05,0.5", "eval_prompt": "a cat --x 3"}  # fmt: skip
+            "alpha_background": "not-a-colour", "posthoc_ema_sigma_rels": "0.05,0.5", "eval_prompt": "a cat --x 3",
+            "caption_separator": ""}  # fmt: skip
 # Text fields any string suits here: names, prompts, paths (checked when opened) and layer names (checked
 # against the model's layers, before its weights load).
-FREE_TEXT = {"trigger_word", "image_column", "caption_column", "cache_dir", "output_dir", "model_config",
+FREE_TEXT = {"trigger_word", "caption_prefix", "caption_suffix", "image_column", "caption_column", "cache_dir", "output_dir", "model_config",
              "text_encoder_source", "resume_from_checkpoint", "validation_dataset", "lora_target_modules"}  # fmt: skip
 # One case per rule of plugin/settings.py: (the values, the field the problem names).
 COMBINATIONS = [
     ({"export_formats": "kohya,,zip"}, "export_formats"),
     ({"posthoc_ema_sigma_rels": "wide"}, "posthoc_ema_sigma_rels"),
     ({"eval_prompt": "a dog\na cat --w wide"}, "eval_prompt"),
+    ({"caption_separator": ""}, "caption_separator"),
     ({"alpha_background": "#12"}, "alpha_background"),
     ({"validation_split": 0.25, "validation_dataset": "held-out"}, "validation_split"),
     ({"train_text_encoder": True, "lora_type": "lokr"}, "lora_type"),
