@@ -30,7 +30,7 @@ from plugin.trainer import RunPaths, train
 ROOT = Path(__file__).resolve().parent.parent
 HARD = dict(use_ema=True, ema_decay=0.9, gradient_accumulation_steps=2, train_batch_size=1, lr_scheduler="cosine",
             lr_warmup_steps=3, lora_dropout=0.1)  # EMA, accumulation, a non-constant schedule, dropout's RNG  # fmt: skip
-PLAIN = dict(train_batch_size=2)
+PLAIN = dict(train_batch_size=2, shuffle_caption=True, caption_prefix="shapes, tiny,")  # and captions drawn per epoch
 POSTHOC = dict(use_ema=True, ema_type="posthoc", posthoc_ema_snapshot_steps=4, train_batch_size=2)  # the profiles' state
 LEARNED = dict(loss_weighting="learned", validation_split=0.25, num_train_epochs=100, eval_steps=4, train_batch_size=2)  # u(σ); the history
 
@@ -64,7 +64,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("settings", [HARD, PLAIN, POSTHOC, LEARNED], ids=["ema-accumulation-cosine", "plain", "posthoc-ema", "learned-weighting-validation"])
+@pytest.mark.parametrize("settings", [HARD, PLAIN, POSTHOC, LEARNED], ids=["ema-accumulation-cosine", "plain-shuffled-captions", "posthoc-ema", "learned-weighting-validation"])
 def test_a_run_killed_at_a_random_step_resumes_to_the_unbroken_adapter(settings, tiny_models, sample_data, tmp_path):
     params = parameters(tiny_models, sample_data, tmp_path / "killed", max_train_steps=60, **settings)
     _, unbroken, unbroken_paths = train_in_process({**params, "output_dir": str(tmp_path / "unbroken")})
