@@ -392,6 +392,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
         finally:  # logs flushed and the W&B run closed on errors and Ctrl-C too
             progress.close()
             reporter.close()
+    accelerator.end_training()  # the process group goes before the interpreter: gloo's threads can abort a finished run's exit
     result.steps = step
     result.cache_counts = conditioning.counts()
     log(f"trained {step} steps in {sum(result.step_seconds):.1f}s (evaluation excluded); adapter: {result.adapter_path}")
