@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from itertools import permutations
 
-from .errors import ConfigError
+from .settings import check_range
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,7 @@ class CaptionOptions:
     caption_suffix: str = ""
 
     def __post_init__(self):
-        if not 0.0 <= self.caption_dropout_rate <= 1.0:
-            raise ConfigError(f"caption_dropout_rate: got {self.caption_dropout_rate!r}; expected a number from 0.0 to 1.0")
+        check_range("caption_dropout_rate", self.caption_dropout_rate, 0.0, 1.0)
 
 
 def caption_choices(caption) -> list[str]:
@@ -46,13 +45,11 @@ def caption_for(caption, options: CaptionOptions, rng: random.Random, variant_rn
     do not depend on the caption settings; the choice of caption and the shuffle draw from `variant_rng`."""
     choices = caption_choices(caption)
     text = choices[variant_rng.randrange(len(choices))]
-    tags = tags_of(text, options)
+    kept, rest = kept_and_rest(text, options)
     if options.shuffle_caption:
-        kept, rest = tags[: options.keep_tokens], tags[options.keep_tokens :]
         variant_rng.shuffle(rest)
-        tags = kept + rest
     drop = rng.random() < options.caption_dropout_rate
-    return "" if drop else joined(tags, options)
+    return "" if drop else joined(kept + rest, options)
 
 
 def tags_of(text: str, options: CaptionOptions) -> list[str]:
@@ -60,6 +57,12 @@ def tags_of(text: str, options: CaptionOptions) -> list[str]:
     separator into its tags."""
     framed = " ".join(part for part in (options.caption_prefix, text, options.caption_suffix) if part) if text else text
     return [tag.strip() for tag in framed.split(options.caption_separator) if tag.strip()]
+
+
+def kept_and_rest(text: str, options: CaptionOptions) -> tuple[list[str], list[str]]:
+    """The caption's tags split where shuffling starts: the first keep_tokens stay in place."""
+    tags = tags_of(text, options)
+    return tags[: options.keep_tokens], tags[options.keep_tokens :]
 
 
 def joined(tags: list[str], options: CaptionOptions) -> str:
@@ -74,8 +77,7 @@ def caption_variants(caption, options: CaptionOptions, limit: int) -> set[str] |
     (shuffling n tags makes n! orders)."""
     variants = {""} if options.caption_dropout_rate > 0 else set()
     for text in caption_choices(caption):
-        tags = tags_of(text, options)
-        kept, rest = tags[: options.keep_tokens], tags[options.keep_tokens :]
+        kept, rest = kept_and_rest(text, options)
         orders = math.factorial(len(rest)) if options.shuffle_caption else 1
         if len(variants) + orders > limit:
             return None

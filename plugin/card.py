@@ -164,8 +164,8 @@ def write_model_card(adapter_dir: Path, run_dir: Path, config: dict, prompts: li
     validation = read_history(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else []
     metrics = read_metrics(run_dir / METRICS_FILE)
     recent = [row["train/loss"] for row in metrics if "train/loss" in row][-FINAL_LOSS_STEPS:]
-    facts = {**facts, "validation": validation, "final_loss": sum(recent) / len(recent) if recent else None}
-    facts = {**facts, "adapter_dir": adapter_dir.resolve()}
+    facts = {**facts, "validation": validation, "final_loss": sum(recent) / len(recent) if recent else None,
+             "adapter_dir": adapter_dir.resolve()}  # fmt: skip
     rows = evaluation_rows(run_dir / "eval_images", prompts)
     step_of = lambda epoch: min(epoch * facts["steps_per_epoch"], facts["steps"])  # noqa: E731  (evaluations end epochs, or the run)
     pictures = {EVAL_GRID: evaluation_grid(rows, prompts, step_of) if rows else None, CURVES: training_curves(metrics, validation)}

@@ -27,7 +27,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from .captions import CaptionOptions, caption_choices, caption_for, caption_variants, joined, tags_of
 from .errors import ConfigError
-from .settings import background_rgb
+from .settings import background_rgb, check_range
 from .hub import require_hub
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
@@ -109,7 +109,6 @@ def check_dataset_paths(folder: Path, follow_symlinks: bool) -> None:
     folder) is refused unless follow_symlinks is on, as rsync copies what a link points to only when asked:
     a dataset shared or downloaded with a link to `/etc` or a home folder must not train on, cache or render
     what it points at without the user saying so. Links that stay inside the folder are always followed."""
-    _check_metadata_jsonl(folder / "metadata.jsonl")
     root = folder.resolve()
     for metadata, line, name in _metadata_file_names(folder):
         where = f"dataset_name: {str(metadata)!r} line {line}: file_name {name!r}"
@@ -127,13 +126,22 @@ def check_dataset_paths(folder: Path, follow_symlinks: bool) -> None:
 
 
 def _metadata_file_names(folder: Path):
-    """(metadata file, line number, file_name) of each row of metadata.jsonl or metadata.csv."""
+    """(metadata file, line number, file_name) of each row of metadata.jsonl or metadata.csv. Every non-blank
+    line of metadata.jsonl must be a JSON object with a file_name: a bad line is named by its real line number
+    (the imagefolder builder reports neither the file nor the line)."""
     jsonl, table = folder / "metadata.jsonl", folder / "metadata.csv"
     if jsonl.is_file():
         with open(jsonl, encoding="utf-8-sig") as lines:
             for number, line in enumerate(lines, start=1):
-                row = json.loads(line) if line.strip() else None
-                if isinstance(row, dict) and isinstance(row.get("file_name"), str):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ConfigError(f"dataset_name: {str(jsonl)!r} line {number}: not valid JSON ({error.msg}, column {error.colno})") from None
+                if not isinstance(row, dict) or "file_name" not in row:
+                    raise ConfigError(f"dataset_name: {str(jsonl)!r} line {number}: expected a JSON object with a \"file_name\" key")
+                if isinstance(row["file_name"], str):
                     yield jsonl, number, row["file_name"]
     elif table.is_file():
         with open(table, encoding="utf-8-sig", newline="") as rows:
@@ -161,23 +169,6 @@ def _load_imagefolder(path: Path) -> datasets.Dataset:
         return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
     except Exception as error:
         raise ConfigError(f"dataset_name: could not load image folder {str(path)!r}: {_reason(error)}") from error
-
-
-def _check_metadata_jsonl(path: Path) -> None:
-    """Every non-blank line of metadata.jsonl is a JSON object with a file_name: a bad line is named by its real
-    line number (the imagefolder builder reports neither the file nor the line)."""
-    if not path.is_file():
-        return
-    with open(path, encoding="utf-8-sig") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"dataset_name: {str(path)!r} line {number}: not valid JSON ({error.msg}, column {error.colno})") from None
-            if not isinstance(row, dict) or "file_name" not in row:
-                raise ConfigError(f"dataset_name: {str(path)!r} line {number}: expected a JSON object with a \"file_name\" key")
 
 
 def _metadata_has_rows(path: Path) -> bool:
@@ -403,23 +394,17 @@ class AugmentOptions:
             raise ConfigError(
                 f"image_interpolation_mode: got {self.interpolation!r}; expected one of {list(INTERPOLATIONS)}"
             )
-        _check_range("color_jitter_brightness", self.brightness, 0.0, math.inf)
-        _check_range("color_jitter_contrast", self.contrast, 0.0, math.inf)
-        _check_range("color_jitter_saturation", self.saturation, 0.0, math.inf)
-        _check_range("color_jitter_hue", self.hue, 0.0, 0.5)
-        _check_range("rotation_degrees", self.rotation_degrees, 0.0, 180.0)
-        _check_range("rotation_prob", self.rotation_prob, 0.0, 1.0)
+        check_range("color_jitter_brightness", self.brightness, 0.0, math.inf)
+        check_range("color_jitter_contrast", self.contrast, 0.0, math.inf)
+        check_range("color_jitter_saturation", self.saturation, 0.0, math.inf)
+        check_range("color_jitter_hue", self.hue, 0.0, 0.5)
+        check_range("rotation_degrees", self.rotation_degrees, 0.0, 180.0)
+        check_range("rotation_prob", self.rotation_prob, 0.0, 1.0)
         background_rgb(self.alpha_background)
 
     @property
     def background(self) -> tuple[int, int, int]:
         return background_rgb(self.alpha_background)
-
-
-def _check_range(field: str, value: float, low: float, high: float) -> None:
-    """Fail naming `field` unless low <= value <= high."""
-    if not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ConfigError(f"{field}: got {value!r}; expected a number from {low} to {high}")
 
 
 def example_rng(seed: int, epoch: int, index: int | str) -> random.Random:

@@ -11,6 +11,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from .errors import OutputError
+from .settings import parse_export_formats
 
 WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports a full disk as its own error, not OSError
 FLOAT32_BYTES = 4
@@ -19,7 +20,7 @@ OPTIMIZER_STATES = {"adamw": 2, "adamw_8bit": 0.5, "prodigy": 4, "adafactor": 1}
 
 def adapter_files(cfg) -> int:
     """Adapter files a save writes: the Diffusers file, the community one, and the raw weights' beside EMA's."""
-    return (1 + ("kohya" in cfg.export_formats)) * (1 + cfg.use_ema)
+    return (1 + ("kohya" in parse_export_formats(cfg.export_formats))) * (1 + cfg.use_ema)
 
 
 def run_bytes(cfg, trainable: int) -> int:

@@ -13,14 +13,16 @@ from .export import save_image_atomic
 from .settings import EvalPrompt
 
 
+@torch.no_grad()
 def render_images(family, prompts: list[EvalPrompt], seed: int) -> list[Image.Image]:
     """One image per prompt with its own settings over the eval_* ones; prompt k seeded with its --d, else with
     seed + k, on a CPU generator (the same on any device)."""
     pipe = family.eval_pipeline()
     pipe.set_progress_bar_config(disable=True)
+    defaults = family.eval_call_kwargs()
     images = []
     for k, prompt in enumerate(prompts):
-        settings = {**family.eval_call_kwargs(), **prompt.settings}
+        settings = {**defaults, **prompt.settings}
         generator = torch.Generator("cpu").manual_seed(settings.pop("seed", seed + k))
         images.append(pipe(prompt=prompt.text, generator=generator, **settings).images[0])
     return images

@@ -87,6 +87,12 @@ def parse_eval_prompts(text: str) -> list[EvalPrompt]:
     return prompts
 
 
+def check_range(field: str, value: float, low: float, high: float) -> None:
+    """Fail naming `field` unless low <= value <= high."""
+    if not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ConfigError(f"{field}: got {value!r}; expected a number from {low} to {high}")
+
+
 def _parsed(parse: Callable[[], Any]) -> str | None:
     try:
         parse()
