@@ -165,7 +165,7 @@ def write_model_card(adapter_dir: Path, run_dir: Path, config: dict, prompts: li
     metrics = read_metrics(run_dir / METRICS_FILE)
     recent = [row["train/loss"] for row in metrics if "train/loss" in row][-FINAL_LOSS_STEPS:]
     facts = {**facts, "validation": validation, "final_loss": sum(recent) / len(recent) if recent else None,
-             "adapter_dir": adapter_dir.resolve()}  # fmt: skip
+             "adapter_dir": adapter_dir}  # fmt: skip  (as the user gave it, like the base model: a card may be shared)
     rows = evaluation_rows(run_dir / "eval_images", prompts)
     step_of = lambda epoch: min(epoch * facts["steps_per_epoch"], facts["steps"])  # noqa: E731  (evaluations end epochs, or the run)
     pictures = {EVAL_GRID: evaluation_grid(rows, prompts, step_of) if rows else None, CURVES: training_curves(metrics, validation)}

@@ -37,6 +37,7 @@ except KeyboardInterrupt:
     print(INTERRUPTED, file=sys.stderr)
     sys.exit(INTERRUPTED_EXIT_CODE)
 
+DEFAULT_FAMILY = "sd"  # of the demo and of --save-tiny-model
 DEMO_OUTPUT = "output"  # the demo's folder, under the current one: its tiny model, sample images and run
 FINAL_LOSS_STEPS = 20  # the job's score: the mean loss of the last this many optimizer steps
 
@@ -170,11 +171,11 @@ def run(args: argparse.Namespace, raw: dict | None, job: JobRecord, startup: Sta
         return 0
     if args.save_tiny_model:
         import_training_stack(startup)
-        save_tiny_model(Path(args.save_tiny_model), args.family or "sd")
+        save_tiny_model(Path(args.save_tiny_model), args.family or DEFAULT_FAMILY)
         return 0
     if args.demo:
         import_training_stack(startup)  # before the demo builds its model with Diffusers
-        cfg, adaptor_output_dir = parse_parameters(demo_parameters(args.demo_family or "sd", Path(DEMO_OUTPUT).resolve())), None
+        cfg, adaptor_output_dir = parse_parameters(demo_parameters(args.demo_family or DEFAULT_FAMILY, Path(DEMO_OUTPUT).resolve())), None
     else:
         cfg, adaptor_output_dir = read_config(args, raw)
         import_training_stack(startup)

@@ -21,7 +21,7 @@ from plugin.tiny import SAMPLE_RESOLUTION
 from plugin.trainer import RunPaths, train
 
 BROWSER = Path(__file__).resolve().parent / "browser"
-SCREENSHOT = BROWSER / "form-screenshot.png"  # shown in the README
+SCREENSHOT = BROWSER / "form-screenshot.png"  # shown in plugin/docs/transformer-lab.md
 MANIFEST = load_manifest()
 
 # What drive_form.mjs enters, one edit per kind of widget.

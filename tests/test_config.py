@@ -1,4 +1,4 @@
-"""The manifest is the single source of truth: config fields, defaults, validation and the README table."""
+"""The manifest is the single source of truth: config fields, defaults and validation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from plugin.config import ALIASES, LAUNCHER_KEYS, load_manifest, parameter_specs, parse_parameters, read_parameter_file, unknown_keys
-from plugin.docs import BEGIN, END, README_PATH, parameter_table
 from plugin.errors import ConfigError
 
 PLUGIN = Path(__file__).resolve().parent.parent / "plugin"
@@ -65,23 +64,6 @@ def test_the_code_reads_no_config_field_the_manifest_lacks():
     assert read - set(PARAMETERS) == set()
     with pytest.raises(AttributeError, match="not a parameter"):
         parse_parameters(REQUIRED).no_such_field
-
-
-HISTORY_WORDS = re.compile(r"\b(round \d|rounds?\b|issues?\b|sessions?\b|mutations?\b|until now|used to)", re.I)
-
-
-def test_the_readmes_first_screen_holds_both_commands_and_no_word_of_the_projects_history():
-    readme = README_PATH.read_text(encoding="utf-8")
-    first_screen = "\n".join(readme.splitlines()[:60])
-    assert "bash setup.sh && .venv/bin/python plugin/main.py --demo" in first_screen
-    assert "bash setup.sh && .venv/bin/python -m pytest -q -n auto" in first_screen
-    assert not HISTORY_WORDS.findall(readme), "a user cannot act on how the project was built"
-
-
-def test_readme_parameter_table_is_generated_from_the_manifest():
-    readme = README_PATH.read_text()
-    table = readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
-    assert table == parameter_table(MANIFEST), "run `python -m plugin.docs` to regenerate the README table"
 
 
 def test_strings_from_a_form_are_coerced_by_manifest_type():

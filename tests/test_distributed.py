@@ -141,7 +141,7 @@ def test_every_family_predicts_with_a_sharded_denoiser_what_it_predicts_whole(ti
 
 
 def test_the_sharded_flux_example_is_a_parameter_file_that_shards():
-    """The README's multi-GPU Flux command names this file; it must stay valid as the manifest changes."""
+    """The multi-GPU Flux command in plugin/docs/families-and-memory.md names this file; it must stay valid as the manifest changes."""
     example = Path(__file__).resolve().parent.parent / "examples" / "flux_dev_sharded.json"
     cfg = parse_parameters(json.loads(example.read_text(encoding="utf-8")))
     assert cfg.shard_base_model and cfg.mixed_precision == "bf16" and cfg.cache_text_embeddings and cfg.base_quantization == "none"
