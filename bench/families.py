@@ -49,9 +49,9 @@ def adapter_reloads(model: Path, adapter_dir: Path, prompt: str) -> bool:
     pipe = family.pipe
     pipe.set_progress_bar_config(disable=True)
     kwargs = {"num_inference_steps": 2, "height": SAMPLE_RESOLUTION, "width": SAMPLE_RESOLUTION, "output_type": "pt"}
-    base = pipe(prompt, generator=torch.Generator("cpu").manual_seed(0), **kwargs).images
+    base = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(0), **kwargs).images
     pipe.load_lora_weights(str(adapter_dir))
-    tuned = pipe(prompt, generator=torch.Generator("cpu").manual_seed(0), **kwargs).images
+    tuned = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(0), **kwargs).images
     return bool(torch.isfinite(tuned).all() and not torch.equal(base, tuned))
 
 

@@ -22,7 +22,7 @@ def render_images(family, prompts: list[EvalPrompt], seed: int) -> list[Image.Im
     defaults = family.eval_call_kwargs()
     images = []
     for k, prompt in enumerate(prompts):
-        settings = {**defaults, **prompt.settings}
+        settings = family.pipeline_arguments({**defaults, **prompt.settings})
         generator = torch.Generator("cpu").manual_seed(settings.pop("seed", seed + k))
         images.append(pipe(prompt=prompt.text, generator=generator, **settings).images[0])
     return images

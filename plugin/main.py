@@ -1,6 +1,6 @@
 """Entry point. Headless: `python plugin/main.py --config run.json`; Transformer Lab: `--input_file FILE` (the
 plugin-era launcher) or `--job` (a task of today's app: parameters from the job named by _TFL_JOB_ID);
-`--demo [--demo-family sd|sdxl|sd3|flux]` (or `--demo-family F` alone) trains on a tiny built-in model and
+`--demo [--demo-family sd|sdxl|sd3|flux|chroma|zimage|qwen_image|flux2]` (or `--demo-family F` alone) trains on a tiny built-in model and
 sample data; `--save-tiny-model DIR [--family F]` saves such a model, to rehearse a real run on your own images;
 `--posthoc-ema RUN_DIR --sigma-rel 0.07 [0.12 ...] [--at-step N]` writes post-hoc EMA adapters of a finished run;
 with `--sweep` it scores σ_rel by the run's validation loss, plots the curve and saves the best.

@@ -11,6 +11,13 @@ Sizes (32 px images; every VAE downsamples 2x, so latents are 16x16):
         CLIPs + T5 (d_model 64).
   flux  Flux transformer (guidance-distilled, "dev"-like), 1 double + 1 single block, inner dim 32;
         CLIP (pooled 32) + T5 (d_model 64); VAE latents have 4 channels, packed 2x2 into 16.
+  chroma  Chroma transformer as flux's, its approximator 1 layer of 32; T5 (d_model 64) alone.
+  qwen_image  Qwen-Image MMDiT, 1 layer of width 32 over 2x2-packed latents; Qwen2.5-VL (text hidden 32,
+          2 layers, a 1-layer vision tower); its one-frame video VAE (4 latent channels, 2x).
+  flux2  Flux.2 klein (base, not distilled): 1 double + 1 single block of width 32; Qwen3 (hidden 16, 28
+          layers: the pipeline stacks layers 9, 18 and 27); a 4-channel Flux.2 VAE (2x) with its batch norm.
+  zimage  Z-Image DiT, 1 layer and 1 refiner layer each, width 32; Qwen3 (hidden 32, 2 layers) with a chat
+          template; the flux VAE.
 
 Notes for the trainer:
   * LoRA with alpha != r only reloads with the right scale when the adapter metadata is saved:
@@ -31,22 +38,33 @@ Notes for the trainer:
 """
 
 import json
+import math
 import random
 from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
     DiffusionPipeline,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from PIL import Image, ImageDraw
 from transformers import (
@@ -54,14 +72,21 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
 )
 
 from .errors import ConfigError
+from .families.description import without_diffusers_deprecations
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "chroma", "zimage", "qwen_image", "flux2")
 VARIANTS = ("sd2-v", "sd35-medium", "flux-schnell")  # model variants a family must train as their own kind
 SAMPLE_RESOLUTION = 32
 _MAX_TOKENS = 77
@@ -127,6 +152,37 @@ def _t5_tokenizer() -> T5TokenizerFast:
         *((c, -5.0) for c in [*letters, *"0123456789.,!?'-"]),
     ]
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=_MAX_TOKENS)
+
+
+# Qwen's chat format (Qwen3's template without its tool and thinking branches, which prompts never reach).
+_QWEN_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}"
+                       "<think>\n\n</think>\n\n{% endif %}{% endif %}")  # fmt: skip
+
+
+def qwen_tokenizer() -> Qwen2Tokenizer:
+    """Qwen's byte-level BPE (GPT-2 bytes, "Ġ" for a leading space) over the common words, its chat markers as
+    special tokens, padding on the right as Qwen's tokenizers pad."""
+    tokens, merges = list(_bytes_to_unicode()), []
+    for word in (*_WORDS, *("Ġ" + w for w in _WORDS)):
+        merged = word[0]
+        for symbol in word[1:]:
+            if (merged, symbol) not in merges:
+                merges.append((merged, symbol))
+            merged += symbol
+            if merged not in tokens:
+                tokens.append(merged)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Qwen2Tokenizer(vocab={t: i for i, t in enumerate(tokens + specials)}, merges=merges, chat_template=_QWEN_CHAT_TEMPLATE,
+                               model_max_length=512)  # fmt: skip
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    return tokenizer
+
+
+def _qwen3_config(tokenizer: Qwen2Tokenizer, hidden_size: int = 32, layers: int = 2) -> Qwen3Config:
+    return Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))  # fmt: skip
 
 
 def _clip_text_encoder(tokenizer: CLIPTokenizer, with_projection: bool, hidden_size: int = 32) -> CLIPTextModel:
@@ -290,54 +346,111 @@ def _build_sd3(dual_attention_layers: tuple[int, ...] = (), qk_norm: str | None 
     )
 
 
+# Flux-derived transformers: one double and one single block of width 32 over 2x2-packed 4-channel latents.
+_FLUX_BLOCKS = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                    axes_dims_rope=(4, 6, 6))  # fmt: skip
+
+
+def _flux_vae() -> AutoencoderKL:
+    return _vae(4, scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def _flow_scheduler(dynamic: bool = True) -> FlowMatchEulerDiscreteScheduler:
+    """Flux's sampler settings (shift 3, or resolution-dependent between 0.5 and 1.15); schnell's fixed shift 1."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0 if dynamic else 1.0, use_dynamic_shifting=dynamic,
+                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+
+
 def _build_flux(schnell: bool = False) -> FluxPipeline:
     """Flux packs 2x2 latent patches into tokens, so the transformer sees 4x the VAE's latent channels. Flux
     schnell (`schnell`) has no guidance embedding and a fixed sigma shift of 1."""
     tokenizer, tokenizer_2 = offline_clip_tokenizer(), _t5_tokenizer()
     text_encoder = _clip_text_encoder(tokenizer, with_projection=False)
     text_encoder_2 = _t5_encoder(tokenizer_2)
-    latent_channels = 4
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * latent_channels,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=text_encoder_2.config.d_model,
-        pooled_projection_dim=text_encoder.config.hidden_size,
-        guidance_embeds=not schnell,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=1.0 if schnell else 3.0,
-        use_dynamic_shifting=not schnell,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
-    return FluxPipeline(
-        scheduler=scheduler,
-        vae=_vae(latent_channels, scaling_factor=0.3611, shift_factor=0.1159),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-    )
+    transformer = FluxTransformer2DModel(**_FLUX_BLOCKS, joint_attention_dim=text_encoder_2.config.d_model,
+                                         pooled_projection_dim=text_encoder.config.hidden_size, guidance_embeds=not schnell)  # fmt: skip
+    return FluxPipeline(scheduler=_flow_scheduler(dynamic=not schnell), vae=_flux_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer.eval())  # fmt: skip
+
+
+def _build_chroma() -> ChromaPipeline:
+    """Flux's packing and ids; T5 only, read under a mask; the modulation comes from a small approximator."""
+    tokenizer = _t5_tokenizer()
+    text_encoder = _t5_encoder(tokenizer)
+    transformer = ChromaTransformer2DModel(**_FLUX_BLOCKS, joint_attention_dim=text_encoder.config.d_model, approximator_num_channels=16,
+                                           approximator_hidden_dim=32, approximator_layers=1)  # fmt: skip
+    return ChromaPipeline(scheduler=_flow_scheduler(), vae=_flux_vae(), text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval())
+
+
+def _build_zimage() -> ZImagePipeline:
+    """Z-Image reads Qwen3's hidden states; its text axis of positions must cover the 512-token prompts."""
+    tokenizer = qwen_tokenizer()
+    text_encoder = Qwen3Model(_qwen3_config(tokenizer)).eval()
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1, n_refiner_layers=1,
+                                           n_heads=2, n_kv_heads=2, cap_feat_dim=text_encoder.config.hidden_size, axes_dims=[4, 6, 6],
+                                           axes_lens=[1024, 64, 64])  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # Z-Image's static shift
+    return ZImagePipeline(scheduler=scheduler, vae=_flux_vae(), text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval())
+
+
+def _qwen25_vl_encoder(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL with multimodal RoPE over the text; the vision tower is there (the edit pipelines use it)."""
+    specials = dict(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=2048, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, **specials)  # fmt: skip
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, fullatt_block_indexes=[0])
+    image_token = tokenizer.convert_tokens_to_ids("<|im_start|>")  # no image tokens in text-to-image prompts
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=image_token, video_token_id=image_token,
+                              vision_start_token_id=image_token, **specials)  # fmt: skip
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _build_qwen_image() -> QwenImagePipeline:
+    """Qwen-Image's VAE is a causal video VAE read one frame at a time; its latents are normalised per channel."""
+    tokenizer = qwen_tokenizer()
+    text_encoder = _qwen25_vl_encoder(tokenizer)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                              joint_attention_dim=text_encoder.config.text_config.hidden_size, axes_dims_rope=(4, 6, 6))  # fmt: skip
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])  # fmt: skip
+    # Qwen-Image's sampler: μ = log 3 at every size (base and max shift equal), applied as an exponential time shift.
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=math.log(3),
+                                                max_shift=math.log(3), base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential")  # fmt: skip
+    return QwenImagePipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval())
+
+
+def _build_flux2() -> Flux2KleinPipeline:
+    """Flux.2 klein: the transformer denoises 2x2-patchified latents (4 channels -> 16), normalised by the VAE's
+    batch norm over those 16 channels, whose statistics are set here as a trained VAE would have them."""
+    tokenizer = qwen_tokenizer()
+    text_encoder = Qwen3ForCausalLM(_qwen3_config(tokenizer, hidden_size=16, layers=28)).eval()
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                          joint_attention_dim=3 * text_encoder.config.hidden_size, timestep_guidance_channels=256,
+                                          axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)  # fmt: skip
+    vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
+                             layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=SAMPLE_RESOLUTION)  # fmt: skip
+    with torch.no_grad():  # a trained model's time embedding is large enough to open the blocks' gates; a random one is not
+        for linear in (transformer.time_guidance_embed.timestep_embedder.linear_1, transformer.time_guidance_embed.timestep_embedder.linear_2):
+            linear.weight.mul_(4.0)
+    vae.bn.running_mean.uniform_(-0.3, 0.3)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval())
 
 
 def build_tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
     """A tiny random pipeline of `family` (or of a model variant in VARIANTS); the same seed gives the same
     weights, the caller's RNG is untouched."""
-    builders = {"sd": _build_sd, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
+    builders = {"sd": _build_sd, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux, "chroma": _build_chroma,
+                "zimage": _build_zimage,
+                "qwen_image": _build_qwen_image,
+                "flux2": _build_flux2,
                 "sd2-v": lambda: _build_sd("v_prediction"), "sd35-medium": lambda: _build_sd3((0,), "rms_norm"),
                 "flux-schnell": lambda: _build_flux(schnell=True)}  # fmt: skip
     if family not in builders:
         raise ConfigError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES + VARIANTS)}")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), without_diffusers_deprecations():
         torch.manual_seed(seed)
         pipe = builders[family]()
     pipe.set_progress_bar_config(disable=True)

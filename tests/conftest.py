@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler
 
 from plugin.config import parse_parameters
 from plugin.families.base import DDPMFamily
-from plugin.tiny import SAMPLE_RESOLUTION, save_tiny_pipeline, write_sample_dataset
+from plugin.tiny import FAMILIES, SAMPLE_RESOLUTION, VARIANTS, save_tiny_pipeline, write_sample_dataset
 from plugin.trainer import RunPaths, train
 from suite_guard import run_folder, run_lock
 
@@ -39,7 +39,7 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {family: built_once(tmp_path_factory, f"models/{family}", lambda folder: save_tiny_pipeline(family, folder))
-            for family in ("sd", "sdxl", "sd3", "flux")}  # fmt: skip
+            for family in FAMILIES + VARIANTS}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -88,9 +88,13 @@ def write_parameter_file(path: Path, parameters: dict) -> Path:
 
 
 def render(pipe, prompt: str, seed: int, **kwargs) -> np.ndarray:
-    """A uint8 image from a pipeline, seeded as the trainer's evaluation seeds it."""
+    """A uint8 image from a pipeline, seeded as the trainer's evaluation seeds it, its settings given to the
+    pipeline as the trainer's evaluation gives them (Qwen-Image's guidance is its true_cfg_scale)."""
+    from plugin.families import FAMILIES
+
+    family = next(f for f in FAMILIES if type(pipe).__name__ in f.pipeline_class_names)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images[0]
+    image = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), **family.pipeline_arguments(kwargs)).images[0]
     return np.asarray(image).astype(np.int16)
 
 

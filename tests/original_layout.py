@@ -16,6 +16,11 @@ Layouts (the denoiser's keys sit under `prefix`):
   StableDiffusion3Pipeline   MMDiT (joint_blocks.N.x_block/context_block), VAE, and the text encoders in
                              transformers' layout under `text_encoders.{clip_l,clip_g,t5xxl}.transformer.`.
   FluxPipeline               the transformer in BFL's layout (double_blocks, single_blocks, img_in, ...) only.
+  ChromaPipeline             the transformer in BFL's layout without the per-block modulations, plus
+                             `distilled_guidance_layer` (the approximator), as Chroma1 files have it.
+  QwenImagePipeline          the transformer under its Diffusers names (Qwen-Image's files and ComfyUI use them).
+  ZImagePipeline             the transformer in Z-Image's own layout (fused attention.qkv, attention.out,
+                             q_norm/k_norm, x_embedder and final_layer), as its single files and ComfyUI have it.
 
 Loading such a file back with Diffusers 0.42 has three limits a tiny model can hit and a real one does not:
   * `create_diffusers_clip_model_from_ldm` picks which encoder's keys a CLIP component reads by the width of its
@@ -23,7 +28,7 @@ Loading such a file back with Diffusers 0.42 has three limits a tiny model can h
     CLIP-L's keys: the test loads it from that encoder's keys alone (the tiny SDXL's are 32 and 48 wide).
   * it sets SD3's CLIP-L `text_projection` to the identity (SD3 uses CLIP-L's pooled output unprojected), so the
     tiny random projection written here does not come back.
-  * `convert_flux_transformer_checkpoint_to_diffusers` splits single blocks' linear1 at Flux.1's width
+  * `convert_flux_transformer_checkpoint_to_diffusers` (and Chroma's) splits single blocks' linear1 at Flux.1's width
     (inner_dim = 3072): a tiny Flux file loads through the trainer's conversion, which cuts at the file's width.
 """
 
@@ -113,6 +118,12 @@ _FLUX_SINGLE_BLOCK = {
     "norm.key_norm.scale": "attn.norm_k.weight",
     "linear2": "proj_out",
 }
+_CHROMA = {**{k: v for k, v in _FLUX.items() if k in ("img_in", "txt_in", "final_layer.linear")},
+           "distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
+           "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj"}  # fmt: skip
+_CHROMA_APPROXIMATOR_LAYER = {"in_layer": "linear_1", "out_layer": "linear_2"}
+_CHROMA_DOUBLE_BLOCK = {k: v for k, v in _FLUX_DOUBLE_BLOCK.items() if not k.endswith("_mod.lin")}  # no modulation: the approximator's
+_CHROMA_SINGLE_BLOCK = {k: v for k, v in _FLUX_SINGLE_BLOCK.items() if k != "modulation.lin"}
 
 
 def _gather(state_dict: dict[str, torch.Tensor], sources: _Sources, what: str) -> dict[str, torch.Tensor]:
@@ -279,6 +290,39 @@ def _flux(transformer) -> dict[str, torch.Tensor]:
     return _swapped(_gather(state_dict, sources, "Flux transformer"), ("final_layer.adaLN_modulation.1",))
 
 
+def _chroma(transformer) -> dict[str, torch.Tensor]:
+    """Chroma1's layout: Flux's blocks without their modulations, and the approximator's layers and RMSNorms."""
+    state_dict, config = transformer.state_dict(), transformer.config
+    sources = _modules(state_dict, _CHROMA)
+    for i in range(config.approximator_layers):
+        sources |= _modules(state_dict, _CHROMA_APPROXIMATOR_LAYER, f"distilled_guidance_layer.layers.{i}.", f"distilled_guidance_layer.layers.{i}.")
+        sources[f"distilled_guidance_layer.norms.{i}.scale"] = (f"distilled_guidance_layer.norms.{i}.weight",)
+    for i in range(config.num_layers):
+        sources |= _modules(state_dict, _CHROMA_DOUBLE_BLOCK, f"double_blocks.{i}.", f"transformer_blocks.{i}.")
+    for i in range(config.num_single_layers):
+        sources |= _modules(state_dict, _CHROMA_SINGLE_BLOCK, f"single_blocks.{i}.", f"single_transformer_blocks.{i}.")
+    return _gather(state_dict, sources, "Chroma transformer")
+
+
+_Z_IMAGE_RENAMES = (("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder."), (".attention.to_out.0.", ".attention.out."),
+                    (".attention.norm_k.", ".attention.k_norm."), (".attention.norm_q.", ".attention.q_norm."))  # fmt: skip
+
+
+def _z_image(transformer) -> dict[str, torch.Tensor]:
+    """Z-Image's layout: renamed modules, each attention's q, k and v fused into one qkv."""
+    state_dict = transformer.state_dict()
+    sources = {}
+    for key in state_dict:
+        original = key
+        for diffusers_name, original_name in _Z_IMAGE_RENAMES:
+            original = original.replace(diffusers_name, original_name)
+        if ".attention.to_q." in key:
+            sources[original.replace(".to_q.", ".qkv.")] = tuple(key.replace(".to_q.", f".to_{p}.") for p in "qkv")
+        elif ".attention.to_k." not in key and ".attention.to_v." not in key:
+            sources[original] = (key,)
+    return _gather(state_dict, sources, "Z-Image transformer")
+
+
 _DENOISER = None  # stands for the `prefix` argument
 _LAYOUTS = {  # pipeline class: {component: (prefix of its keys in the file, converter)}, in the file's order
     "StableDiffusionPipeline": {"unet": (_DENOISER, _unet), "vae": ("first_stage_model.", _vae),
@@ -291,6 +335,9 @@ _LAYOUTS = {  # pipeline class: {component: (prefix of its keys in the file, con
                                  "text_encoder_2": ("text_encoders.clip_g.transformer.", _clip),
                                  "text_encoder_3": ("text_encoders.t5xxl.transformer.", _t5)},
     "FluxPipeline": {"transformer": (_DENOISER, _flux)},
+    "ChromaPipeline": {"transformer": (_DENOISER, _chroma)},
+    "ZImagePipeline": {"transformer": (_DENOISER, _z_image)},
+    "QwenImagePipeline": {"transformer": (_DENOISER, lambda transformer: dict(transformer.state_dict()))},
 }  # fmt: skip
 _SD2_TEXT_ENCODER = ("cond_stage_model.model.", _open_clip)
 

@@ -21,10 +21,9 @@ from plugin.config import parse_parameters
 from plugin.data import ImagePlan
 from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME
-from plugin.tiny import build_tiny_pipeline, offline_clip_tokenizer
+from plugin.tiny import FAMILIES, build_tiny_pipeline, offline_clip_tokenizer
 from plugin.trainer import RunPaths, train
 
-FAMILIES = ["sd", "sdxl", "sd3", "flux"]
 
 
 def run(model: Path, data: Path, out: Path, log=None, **overrides):

@@ -35,8 +35,8 @@ POSTHOC = dict(use_ema=True, ema_type="posthoc", posthoc_ema_snapshot_steps=4, t
 LEARNED = dict(loss_weighting="learned", validation_split=0.25, num_train_epochs=100, eval_steps=4, train_batch_size=2)  # u(σ); the history
 
 
-def parameters(tiny_models, sample_data, out: Path, **overrides) -> dict:
-    return base_parameters(tiny_models["sd"], sample_data, out, **{"eval_prompt": "", "checkpointing_steps": 3, **overrides})
+def parameters(tiny_models, sample_data, out: Path, family: str = "sd", **overrides) -> dict:
+    return base_parameters(tiny_models[family], sample_data, out, **{"eval_prompt": "", "checkpointing_steps": 3, **overrides})
 
 
 def train_in_process(params: dict, log=None):
@@ -64,9 +64,12 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("settings", [HARD, PLAIN, POSTHOC, LEARNED], ids=["ema-accumulation-cosine", "plain-shuffled-captions", "posthoc-ema", "learned-weighting-validation"])
-def test_a_run_killed_at_a_random_step_resumes_to_the_unbroken_adapter(settings, tiny_models, sample_data, tmp_path):
-    params = parameters(tiny_models, sample_data, tmp_path / "killed", max_train_steps=60, **settings)
+@pytest.mark.parametrize("family, settings", [("sd", HARD), ("sd", PLAIN), ("sd", POSTHOC), ("sd", LEARNED), ("chroma", PLAIN), ("zimage", PLAIN),
+                                              ("qwen_image", PLAIN), ("flux2", PLAIN)],
+                         ids=["ema-accumulation-cosine", "plain-shuffled-captions", "posthoc-ema", "learned-weighting-validation", "chroma", "zimage",
+                              "qwen_image", "flux2"])  # fmt: skip
+def test_a_run_killed_at_a_random_step_resumes_to_the_unbroken_adapter(family, settings, tiny_models, sample_data, tmp_path):
+    params = parameters(tiny_models, sample_data, tmp_path / "killed", family, max_train_steps=60, **settings)
     _, unbroken, unbroken_paths = train_in_process({**params, "output_dir": str(tmp_path / "unbroken")})
 
     process = launch(write_parameter_file(tmp_path / "run.json", params))

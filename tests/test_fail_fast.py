@@ -302,7 +302,7 @@ def test_save_tiny_model_writes_a_model_a_config_run_trains_on(sample_data, tmp_
     assert json.loads((tmp_path / "out" / "rehearsal" / "config.json").read_text())["model_family"] == "sdxl"
     assert main(["--save-tiny-model", str(model)]) == 2, "never over an existing folder"
     assert main(["--save-tiny-model", str(tmp_path / "x"), "--family", "sd4"]) == 2
-    assert "--family: 'sd4' is not one of sd, sdxl, sd3, flux" in capsys.readouterr().err
+    assert "--family: 'sd4' is not one of sd, sdxl, sd3, flux, chroma, zimage, qwen_image, flux2" in capsys.readouterr().err
 
 
 def test_ctrl_c_during_imports_ends_with_one_line(tiny_models, sample_data, tmp_path):

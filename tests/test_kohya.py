@@ -16,6 +16,7 @@ from conftest import base_parameters, load_fresh, render
 from plugin.config import parse_parameters
 from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME
+from plugin.families import family_by_name
 from plugin.main import main
 from plugin.posthoc import SNAPSHOT_FOLDER
 from plugin.tiny import FAMILIES
@@ -26,7 +27,8 @@ TEXT_PREFIXES = {"sd": {"lora_te"}, "sdxl": {"lora_te1", "lora_te2"}}
 
 
 def community_file(paths, family: str):
-    return paths.adapter_dir / f"test-adapter_{'comfyui' if family in ('sd3', 'flux') else 'kohya'}.safetensors"
+    layout = "kohya" if family_by_name(family).kohya_prefixes else "comfyui"
+    return paths.adapter_dir / f"test-adapter_{layout}.safetensors"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -51,7 +53,7 @@ def test_the_community_file_renders_as_the_diffusers_file(family, run_training, 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     assert metadata["ss_network_dim"] == str(R) and metadata["ss_network_alpha"] == "16"
-    assert metadata["ss_base_model_version"] == {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}[family]
+    assert metadata["ss_base_model_version"] == {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1", "chroma": "chroma", "zimage": "zimage", "qwen_image": "qwen_image", "flux2": "flux2"}[family]
     assert metadata["ss_resolution"] == "(32, 32)" and "shapes" in metadata["ss_tag_frequency"]
 
 

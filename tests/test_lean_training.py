@@ -22,8 +22,8 @@ from plugin.export import WEIGHTS_NAME
 from plugin.families import load_model, open_model
 from plugin.quantization import quantization_plan, quantization_summary
 from plugin.trainer import RunPaths, train
+from plugin.tiny import FAMILIES
 
-FAMILIES = ["sd", "sdxl", "sd3", "flux"]
 
 
 def run(model, data, out, **overrides):

@@ -152,6 +152,23 @@ def test_flux_transformer_round_trips(name, prefix, tiny, tmp_path, diffusers_wa
     assert [r for r in diffusers_warnings if "kept in float32: []" not in r.getMessage()] == []
 
 
+def test_chroma_transformer_round_trips(tiny, tmp_path, diffusers_warnings):
+    """Chroma1's files: Flux's block names (so the more specific Chroma markers decide), no modulations, the
+    approximator under distilled_guidance_layer; read through the trainer's loader, cut at the file's width."""
+    pipe, folder = tiny("chroma")
+    path = str(save_single_file(pipe, tmp_path / "chroma.safetensors", prefix=LDM))
+    keys = load_file(path).keys()
+    assert {LDM + k for k in ("double_blocks.0.img_attn.qkv.weight", "distilled_guidance_layer.layers.0.in_layer.weight",
+                              "distilled_guidance_layer.norms.0.scale", "single_blocks.0.linear1.weight")} <= keys  # fmt: skip
+    assert not any(".img_mod." in k or "adaLN" in k for k in keys)
+    family = open_model(path, text_encoder_source=str(folder))
+    assert family.name == "chroma"
+    family.load(torch.float32)
+    assert_same_weights(family.pipe.transformer, pipe.transformer)
+    assert_holds_only(path, pipe.transformer)
+    assert [r for r in diffusers_warnings if "kept in float32: []" not in r.getMessage()] == []
+
+
 def test_fused_and_reordered_tensors_follow_the_original_conventions(tiny):
     """Checked without Diffusers: fused q/k/v (with Flux's MLP input), adaLN halves in (shift, scale) order,
     the VAE's attention as 1x1 convs."""

@@ -61,8 +61,13 @@ def test_a_config_of_another_family_or_size_is_refused(tmp_path, tiny_models):
 
 
 # (family, components written to the file, denoiser key prefix): whole SD/SDXL files as A1111 keeps them, an
-# SD3 file without its text encoders and VAE, and a Flux file in BFL's bare layout, as Black Forest Labs ships it.
-FILES = {"sd": (None, LDM_UNET_KEY), "sdxl": (None, LDM_UNET_KEY), "sd3": (("transformer",), LDM_UNET_KEY), "flux": (None, "")}
+# SD3 file without its text encoders and VAE, a Flux file in BFL's bare layout, as Black Forest Labs ships it, and a
+# Chroma1 and a Z-Image file as ComfyUI saves them, and a Qwen-Image file (bare Diffusers names). Flux, Chroma, Z-Image
+# and Qwen-Image files hold the transformer alone.
+FILES = {"sd": (None, LDM_UNET_KEY), "sdxl": (None, LDM_UNET_KEY), "sd3": (("transformer",), LDM_UNET_KEY), "flux": (None, ""),
+         "chroma": (None, LDM_UNET_KEY), "zimage": (None, LDM_UNET_KEY), "qwen_image": (None, "")}  # fmt: skip
+TRANSFORMER_ONLY = ("flux", "chroma", "zimage", "qwen_image")
+FLUX_WIDTH_ASSUMED = ("flux", "chroma")  # Diffusers' conversion of these files cuts at Flux.1's width
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +80,7 @@ def single_files(tiny_models, tmp_path_factory):
 @pytest.mark.parametrize("family", list(FILES))
 def test_a_single_file_trains_and_its_adapter_loads_into_the_pipeline_built_from_it(family, single_files, tiny_models, sample_data, tmp_path):
     folder = str(tiny_models[family])
-    lacking = FILES[family][0] is not None or family == "flux"
+    lacking = FILES[family][0] is not None or family in TRANSFORMER_ONLY
     sources = {"text_encoder_source": folder} if lacking else {"model_config": folder}
     cfg = parse_parameters(base_parameters(single_files[family], sample_data, tmp_path / "file", eval_prompt="", **sources))
     paths = RunPaths.for_config(cfg)
@@ -85,9 +90,9 @@ def test_a_single_file_trains_and_its_adapter_loads_into_the_pipeline_built_from
     assert "from_single_file(" in card and str(single_files[family]) in card
 
     # The pipeline as the model card builds it from the file; Diffusers' conversion of BFL files assumes Flux.1's
-    # width (3072), so a tiny Flux file loads only through ours, which cuts at the file's own width.
+    # width (3072), so a tiny Flux or Chroma file loads only through ours, which cuts at the file's own width.
     family_model = open_model(str(single_files[family]), **sources)
-    if family == "flux":
+    if family in FLUX_WIDTH_ASSUMED:
         family_model.load(torch.float32)
         pipe = family_model.pipe
     else:

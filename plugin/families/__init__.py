@@ -10,12 +10,16 @@ from ..errors import ConfigError
 from .base import ModelFamily
 from .description import describe_model, read_model_index
 from .single_file import describe_single_file, family_of_file, is_single_file, read_header
+from .chroma import Chroma
 from .flux import Flux
+from .flux2 import Flux2
 from .sd import StableDiffusion
+from .qwen_image import QwenImage
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
+from .zimage import ZImage
 
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Chroma, ZImage, QwenImage, Flux2)
 
 
 def family_by_name(name: str) -> type[ModelFamily]:

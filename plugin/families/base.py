@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..objectives import DiffusionObjective, FlowMatchingObjective, dynamic_shift_mu
 from ..quantization import keep_quantized_for_backward, own_weights, quiet_quantizers
 from ..settings import parse_eval_prompts
-from .description import ModelDescription
+from .description import ModelDescription, without_diffusers_deprecations
 from .single_file import load_single_file
 
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -37,7 +37,7 @@ class ModelFamily(ABC):
     Everything up to and including `configure` reads only the description, so every setting is checked
     before `load` reads the weights."""
 
-    name: ClassVar[str]  # short id: sd, sdxl, sd3, flux
+    name: ClassVar[str]  # short id: sd, sdxl, sd3, flux, chroma, zimage, qwen_image, flux2
     title: ClassVar[str]
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     pipeline_class_names: ClassVar[tuple[str, ...]]  # model_index.json _class_name values that map here
@@ -70,7 +70,7 @@ class ModelFamily(ABC):
         source, quantization = self.description.source, dict(quantization or {})
         self.quantized = list(quantization)
         try:
-            with quiet_quantizers():
+            with quiet_quantizers(), without_diffusers_deprecations():
                 if self.description.single_file is not None:
                     pipe = load_single_file(self, dtype, quantization)
                 else:
@@ -287,10 +287,11 @@ class ModelFamily(ABC):
 
     def caption_token_limits(self) -> dict[str, int]:
         """How many tokens of a caption each tokenizer passes on (the rest is cut): CLIP's model_max_length;
-        T5's max_sequence_length, at the default the pipeline's encode_prompt uses (what training calls)."""
-        t5_limit = inspect.signature(self.pipeline_class.encode_prompt).parameters.get("max_sequence_length")
+        for the others (T5, Qwen, Mistral) the pipeline's max_sequence_length, at the default its encode_prompt
+        uses (what training calls)."""
+        limit = inspect.signature(self.pipeline_class.encode_prompt).parameters.get("max_sequence_length")
         return {
-            name: t5_limit.default if t5_limit is not None and type(tokenizer).__name__.startswith("T5") else tokenizer.model_max_length
+            name: limit.default if limit is not None and not type(tokenizer).__name__.startswith("CLIP") else tokenizer.model_max_length
             for name, tokenizer in self.description.tokenizers.items()
         }
 
@@ -359,6 +360,11 @@ class ModelFamily(ABC):
             "height": cfg.eval_height or cfg.resolution,
             "width": cfg.eval_width or cfg.resolution,
         }
+
+    @classmethod
+    def pipeline_arguments(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """One evaluation image's settings (eval_* and the prompt's own flags) as this pipeline's call takes them."""
+        return settings
 
     @classmethod
     def single_file_to_diffusers(cls, checkpoint: dict, config, convert) -> dict:
@@ -531,15 +537,15 @@ class FlowFamily(ModelFamily):
         config = self.description.scheduler_config
         if not config.get("use_dynamic_shifting", False):
             return float(config.shift)
-        tokens = (self.cfg.resolution // self.resolution_multiple) ** 2
-        mu = dynamic_shift_mu(
-            tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        mu = self.sampling_mu((self.cfg.resolution // self.resolution_multiple) ** 2)
         return mu if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
+
+    def sampling_mu(self, tokens: int) -> float:
+        """μ of the pipeline's dynamic shift for an image of `tokens` patch tokens: linear in the token count
+        between the scheduler config's base and max shifts (Flux's `calculate_shift`, which most pipelines use)."""
+        config = self.description.scheduler_config
+        return dynamic_shift_mu(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                config.get("base_shift", 0.5), config.get("max_shift", 1.15))  # fmt: skip
 
     def make_objective(self) -> FlowMatchingObjective:
         return FlowMatchingObjective(

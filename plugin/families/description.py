@@ -13,6 +13,7 @@ import importlib
 import json
 import struct
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -119,11 +120,20 @@ def describe_model(model_name: str, model_index: Mapping, denoiser_name: str, fi
     )
 
 
+@contextmanager
+def without_diffusers_deprecations():
+    """Diffusers' FutureWarnings about its own internal names (its ChromaTransformer2DModel builds the deprecated
+    FluxPosEmbed) say nothing a user of this trainer can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+        yield
+
+
 def _built_on_meta(libraries, components, model_name: str, name: str, field: str) -> tuple[Mapping, torch.nn.Module]:
     """The component's full config and module structure, built with no memory behind its weights."""
     cls = component_class(libraries[name], components[name], name)
     config = _component_config(cls, model_name, name, field)
-    with init_empty_weights():
+    with init_empty_weights(), without_diffusers_deprecations():
         module = cls.from_config(config)
     return module.config, module
 

@@ -88,17 +88,22 @@ class Flux(FlowFamily):
     def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:
         transformer = self.pipe.transformer
         batch_size, _, height, width = noisy_latents.shape
-        guidance = None
-        if transformer.config.guidance_embeds:
-            guidance = torch.full((batch_size,), self.cfg.guidance_scale, device=transformer.device)
         tokens = transformer(
             hidden_states=pack_latents(noisy_latents.to(transformer.dtype)),
             timestep=timesteps / 1000,  # the transformer scales by 1000 itself
-            guidance=guidance,
-            pooled_projections=text["pooled_projections"],
             encoder_hidden_states=text["encoder_hidden_states"],
             txt_ids=text_ids(text["encoder_hidden_states"].shape[1], transformer.device, transformer.dtype),
             img_ids=latent_image_ids(height, width, transformer.device, transformer.dtype),
+            **self.text_conditioning(text, batch_size, (height // 2) * (width // 2)),
             return_dict=False,
         )[0]
         return unpack_latents(tokens, height, width)
+
+    def text_conditioning(self, text: dict, batch_size: int, image_tokens: int) -> dict:
+        """The transformer inputs besides the T5 tokens: the pooled CLIP embedding, and on dev models the
+        distilled guidance (the value training fixes, `guidance_scale`)."""
+        transformer = self.pipe.transformer
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((batch_size,), self.cfg.guidance_scale, device=transformer.device)
+        return {"guidance": guidance, "pooled_projections": text["pooled_projections"]}

@@ -1,0 +1,79 @@
+"""Flux.2: a Flux-style transformer over 2x2-patchified VAE latents normalised by the VAE's batch-norm
+statistics, with 4-axis position ids (time, row, column, layer) for image and text tokens. Klein reads the
+prompt with Qwen3 (hidden layers 9, 18 and 27, stacked) in its chat template, padded to 512 tokens and used
+unmasked; [dev] adds a distilled guidance input. Klein's distilled releases (is_distilled) sample in a few
+steps without guidance; the base ones with guidance against an empty prompt."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers import Flux2KleinPipeline
+
+from .base import FlowFamily
+
+
+class Flux2(FlowFamily):
+    name = "flux2"
+    title = "Flux.2"
+    pipeline_class = Flux2KleinPipeline
+    pipeline_class_names = ("Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
+    denoiser_name = "transformer"
+    # Both streams' attention and MLPs, and the single blocks' fused projections, as ai-toolkit targets.
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                            "linear_in", "linear_out", "to_qkv_mlp_proj")  # fmt: skip
+    hub_tag = "flux2"
+    eval_negative_prompts = False  # the pipelines guide against an empty prompt, or by distilled guidance
+    kohya_base_model_version = "flux2"
+    # Flux.2 files share Flux.1's double-block names; the shared single-stream modulation is its own.
+    single_file_markers = ("double_blocks.0.img_attn.qkv.weight", "single_stream_modulation.lin.weight")
+    single_file_components = {}  # Flux.2 files hold the transformer; the rest comes from text_encoder_source
+
+    @property
+    def denoiser_input_channels(self) -> int:
+        return 4 * self.description.vae_config["latent_channels"]  # 2x2 patches in channels
+
+    def native_resolution(self) -> int:
+        return 128 * self.vae_scale_factor  # the pipelines' default_sample_size, in latents
+
+    def sampling_mu(self, tokens: int) -> float:
+        """The pipelines' empirical μ, which also depends on the step count: at their default step count."""
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        steps = inspect.signature(self.pipeline_class.__call__).parameters["num_inference_steps"].default
+        return compute_empirical_mu(image_seq_len=tokens, num_steps=steps)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The posterior mean, patchified 2x2 and normalised by the VAE's batch-norm statistics, as the
+        pipelines encode reference images: the space the transformer denoises in."""
+        vae = self.pipe.vae
+        with torch.no_grad():
+            latents = self.pipeline_class._patchify_latents(vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode())
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device, latents.dtype)
+        return ((latents - mean) / std).float().contiguous()
+
+    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            embeds, _ = self.pipe.encode_prompt(list(captions), device=self.text_device)
+        return {"encoder_hidden_states": embeds}
+
+    def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:
+        transformer, pipeline = self.pipe.transformer, self.pipeline_class
+        batch_size, channels, height, width = noisy_latents.shape
+        guidance = None
+        if transformer.config.guidance_embeds:  # [dev]: the value training fixes, as for Flux.1-dev
+            guidance = torch.full((batch_size,), self.cfg.guidance_scale, device=transformer.device)
+        states = text["encoder_hidden_states"]
+        tokens = transformer(
+            hidden_states=pipeline._pack_latents(noisy_latents.to(transformer.dtype)),
+            timestep=timesteps / 1000,
+            guidance=guidance,
+            encoder_hidden_states=states,
+            txt_ids=pipeline._prepare_text_ids(states).to(states.device),
+            img_ids=pipeline._prepare_latent_ids(noisy_latents).to(noisy_latents.device),
+            return_dict=False,
+        )[0]
+        return tokens.permute(0, 2, 1).reshape(batch_size, channels, height, width)
+

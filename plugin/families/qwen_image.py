@@ -1,0 +1,87 @@
+"""Qwen-Image: an MMDiT over 2x2-packed latents of its own video-style VAE (one frame, latents normalised by a
+per-channel mean and std), conditioned on the last hidden states of Qwen2.5-VL reading the prompt inside the
+pipeline's description template, the template's 34 leading tokens dropped, under a mask."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import QwenImagePipeline
+
+from .base import FlowFamily
+from .flux import pack_latents, unpack_latents
+
+
+class QwenImage(FlowFamily):
+    name = "qwen_image"
+    title = "Qwen-Image"
+    pipeline_class = QwenImagePipeline
+    pipeline_class_names = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
+    denoiser_name = "transformer"
+    # Attention of both streams and both MLPs, as ai-toolkit and musubi-tuner target.
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                            "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")  # fmt: skip
+    hub_tag = "qwen-image"
+    eval_negative_prompts = True  # with eval_guidance_scale above 1 it guides with a negative prompt (true CFG)
+    kohya_base_model_version = "qwen_image"
+    single_file_markers = ("transformer_blocks.0.img_mod.1.weight", "txt_norm.weight")
+    single_file_components = {}  # Qwen-Image files hold the transformer; the rest comes from text_encoder_source
+    max_sequence_length = 512  # what QwenImagePipeline.__call__ passes to encode_prompt (the method allows 1024)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** len(self.description.vae_config["temperal_downsample"])
+
+    @property
+    def denoiser_input_channels(self) -> int:
+        return 4 * self.description.vae_config["z_dim"]  # 2x2 patches packed into channels
+
+    def native_resolution(self) -> int:
+        return 128 * self.vae_scale_factor  # QwenImagePipeline's default_sample_size, in latents
+
+    def caption_token_limits(self) -> dict[str, int]:
+        return {"tokenizer": self.max_sequence_length}
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The posterior mean of the one-frame video, normalised as the pipeline's own image encoding does."""
+        vae = self.pipe.vae
+        with torch.no_grad():
+            latents = vae.encode(pixel_values.to(vae.device, vae.dtype).unsqueeze(2)).latent_dist.mode()[:, :, 0]
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1)
+        return ((latents.float() - mean) * inverse_std).contiguous()
+
+    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The pipeline's encoding, padded to max_sequence_length so each caption's entry has one shape (what
+        the text cache stores); `predict` cuts the batch back to its longest caption, as the pipeline pads."""
+        with torch.no_grad():
+            embeds, mask = self.pipe.encode_prompt(list(captions), device=self.text_device, max_sequence_length=self.max_sequence_length)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
+        pad = self.max_sequence_length - embeds.shape[1]
+        return {"encoder_hidden_states": torch.nn.functional.pad(embeds, (0, 0, 0, pad)),
+                "text_mask": torch.nn.functional.pad(mask, (0, pad))}  # fmt: skip
+
+    @classmethod
+    def pipeline_arguments(cls, settings: dict) -> dict:
+        """QwenImagePipeline guides by true_cfg_scale with a negative prompt (its guidance_scale is for distilled
+        models, and ignored with a warning here); without --n the negative prompt is the pipeline card's " "."""
+        settings = dict(settings)
+        if "guidance_scale" in settings:
+            settings["true_cfg_scale"] = settings.pop("guidance_scale")
+        settings.setdefault("negative_prompt", " ")
+        return settings
+
+    def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:
+        transformer = self.pipe.transformer
+        batch_size, _, height, width = noisy_latents.shape
+        length = int(text["text_mask"].sum(dim=1).max())
+        states, mask = text["encoder_hidden_states"][:, :length], text["text_mask"][:, :length]
+        tokens = transformer(
+            hidden_states=pack_latents(noisy_latents.to(transformer.dtype)),
+            timestep=timesteps / 1000,
+            guidance=None,  # Qwen-Image is not guidance-distilled
+            encoder_hidden_states_mask=None if mask.all() else mask,  # the pipeline passes none when nothing is padded
+            encoder_hidden_states=states,
+            img_shapes=[[(1, height // 2, width // 2)]] * batch_size,
+            return_dict=False,
+        )[0]
+        return unpack_latents(tokens, height, width)
