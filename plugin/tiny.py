@@ -54,6 +54,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     Flux2KleinPipeline,
+    Flux2Pipeline,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     QwenImagePipeline,
@@ -72,6 +73,10 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralVisionConfig,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
@@ -87,7 +92,7 @@ from .errors import ConfigError
 from .families.description import without_diffusers_deprecations
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux", "chroma", "zimage", "qwen_image", "flux2")
-VARIANTS = ("sd2-v", "sd35-medium", "flux-schnell")  # model variants a family must train as their own kind
+VARIANTS = ("sd2-v", "sd35-medium", "flux-schnell", "flux2-dev")  # model variants a family must train as their own kind
 SAMPLE_RESOLUTION = 32
 _MAX_TOKENS = 77
 
@@ -160,9 +165,15 @@ _QWEN_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['rol
                        "<think>\n\n</think>\n\n{% endif %}{% endif %}")  # fmt: skip
 
 
-def qwen_tokenizer() -> Qwen2Tokenizer:
+# Mistral 3's chat format for content lists (system prompt, then the user's text and [IMG] placeholders).
+_MISTRAL_CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ message['content'][0]['text'] }}"
+                          "[/SYSTEM_PROMPT]{% else %}[INST]{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+                          "{% else %}[IMG]{% endif %}{% endfor %}[/INST]{% endif %}{% endfor %}")  # fmt: skip
+
+
+def qwen_tokenizer(specials: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), chat_template: str = _QWEN_CHAT_TEMPLATE) -> Qwen2Tokenizer:
     """Qwen's byte-level BPE (GPT-2 bytes, "Ġ" for a leading space) over the common words, its chat markers as
-    special tokens, padding on the right as Qwen's tokenizers pad."""
+    special tokens (the first is the padding token), padding on the right as Qwen's tokenizers pad."""
     tokens, merges = list(_bytes_to_unicode()), []
     for word in (*_WORDS, *("Ġ" + w for w in _WORDS)):
         merged = word[0]
@@ -172,11 +183,26 @@ def qwen_tokenizer() -> Qwen2Tokenizer:
             merged += symbol
             if merged not in tokens:
                 tokens.append(merged)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokenizer = Qwen2Tokenizer(vocab={t: i for i, t in enumerate(tokens + specials)}, merges=merges, chat_template=_QWEN_CHAT_TEMPLATE,
-                               model_max_length=512)  # fmt: skip
-    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer = Qwen2Tokenizer(vocab={t: i for i, t in enumerate(tokens + list(specials))}, merges=merges, chat_template=chat_template,
+                               model_max_length=512, unk_token=specials[0], eos_token=specials[0], pad_token=specials[0])  # fmt: skip
+    tokenizer.add_special_tokens({"additional_special_tokens": list(specials[1:])})
     return tokenizer
+
+
+def _mistral_tokenizer() -> Qwen2Tokenizer:
+    """The text side of Flux.2 [dev]'s PixtralProcessor: a byte-level BPE with Mistral's control tokens and chat
+    format. (The processor itself needs torchvision; see `save_tiny_pipeline` for how the folder names it.)"""
+    specials = ("</s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+    return qwen_tokenizer(specials, _MISTRAL_CHAT_TEMPLATE)
+
+
+def _mistral3_encoder(tokenizer: Qwen2Tokenizer) -> Mistral3ForConditionalGeneration:
+    """Mistral 3 with a 31-layer text model (Flux.2 [dev] stacks its hidden layers 10, 20 and 30) and a one-layer vision tower."""
+    text = MistralConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=31, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=4, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8, image_size=64, patch_size=16)
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2)
+    return Mistral3ForConditionalGeneration(config).eval()
 
 
 def _qwen3_config(tokenizer: Qwen2Tokenizer, hidden_size: int = 32, layers: int = 2) -> Qwen3Config:
@@ -420,14 +446,15 @@ def _build_qwen_image() -> QwenImagePipeline:
     return QwenImagePipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval())
 
 
-def _build_flux2() -> Flux2KleinPipeline:
-    """Flux.2 klein: the transformer denoises 2x2-patchified latents (4 channels -> 16), normalised by the VAE's
-    batch norm over those 16 channels, whose statistics are set here as a trained VAE would have them."""
-    tokenizer = qwen_tokenizer()
-    text_encoder = Qwen3ForCausalLM(_qwen3_config(tokenizer, hidden_size=16, layers=28)).eval()
+def _build_flux2(dev: bool = False) -> Flux2KleinPipeline | Flux2Pipeline:
+    """Flux.2 klein (or [dev], `dev`: Mistral 3 reads the prompt, and guidance is a distilled input): the transformer
+    denoises 2x2-patchified latents (4 channels -> 16), normalised by the VAE's batch norm over those 16 channels,
+    whose statistics are set here as a trained VAE would have them."""
+    tokenizer = _mistral_tokenizer() if dev else qwen_tokenizer()
+    text_encoder = _mistral3_encoder(tokenizer) if dev else Qwen3ForCausalLM(_qwen3_config(tokenizer, hidden_size=16, layers=28)).eval()
     transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                                          joint_attention_dim=3 * text_encoder.config.hidden_size, timestep_guidance_channels=256,
-                                          axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)  # fmt: skip
+                                          joint_attention_dim=3 * 16, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=dev)  # fmt: skip
     vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
                              layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=SAMPLE_RESOLUTION)  # fmt: skip
     with torch.no_grad():  # a trained model's time embedding is large enough to open the blocks' gates; a random one is not
@@ -436,7 +463,8 @@ def _build_flux2() -> Flux2KleinPipeline:
     vae.bn.running_mean.uniform_(-0.3, 0.3)
     vae.bn.running_var.uniform_(0.5, 2.0)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
-    return Flux2KleinPipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval())
+    pipeline = Flux2Pipeline if dev else Flux2KleinPipeline
+    return pipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval())
 
 
 def build_tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
@@ -446,6 +474,7 @@ def build_tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
                 "zimage": _build_zimage,
                 "qwen_image": _build_qwen_image,
                 "flux2": _build_flux2,
+                "flux2-dev": lambda: _build_flux2(dev=True),
                 "sd2-v": lambda: _build_sd("v_prediction"), "sd35-medium": lambda: _build_sd3((0,), "rms_norm"),
                 "flux-schnell": lambda: _build_flux(schnell=True)}  # fmt: skip
     if family not in builders:
@@ -457,10 +486,18 @@ def build_tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
     return pipe
 
 
+# Components a real model's folder names by a class the tiny one cannot build here: Flux.2 [dev]'s tokenizer folder
+# holds Mistral 3's PixtralProcessor, which needs torchvision; the tiny folder holds its tokenizer under that name.
+_FOLDER_CLASSES = {"flux2-dev": {"tokenizer": ["transformers", "PixtralProcessor"]}}
+
+
 def save_tiny_pipeline(family: str, folder, seed: int = 0) -> Path:
     """Saves a tiny pipeline in the Diffusers folder layout, so it loads like any local model."""
     folder = Path(folder)
     build_tiny_pipeline(family, seed).save_pretrained(folder)
+    if family in _FOLDER_CLASSES:
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps({**index, **_FOLDER_CLASSES[family]}, indent=2))
     return folder
 
 

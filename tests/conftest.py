@@ -99,9 +99,15 @@ def render(pipe, prompt: str, seed: int, **kwargs) -> np.ndarray:
 
 
 def load_fresh(model: Path):
-    """The pipeline as a user would load it: from the saved folder, with the class model_index.json names."""
+    """The pipeline as a user would load it: from the saved folder, with the class model_index.json names. Flux.2
+    [dev]'s PixtralProcessor needs torchvision, absent here: as a user without it would, load its tokenizer alone."""
     from diffusers import DiffusionPipeline
+    from transformers import AutoTokenizer
 
+    if json.loads((Path(model) / "model_index.json").read_text()).get("tokenizer") == ["transformers", "PixtralProcessor"]:
+        pipe = DiffusionPipeline.from_pretrained(str(model), tokenizer=None)
+        pipe.register_modules(tokenizer=AutoTokenizer.from_pretrained(str(model), subfolder="tokenizer"))
+        return pipe
     return DiffusionPipeline.from_pretrained(str(model))
 
 

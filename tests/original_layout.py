@@ -18,6 +18,7 @@ Layouts (the denoiser's keys sit under `prefix`):
   FluxPipeline               the transformer in BFL's layout (double_blocks, single_blocks, img_in, ...) only.
   ChromaPipeline             the transformer in BFL's layout without the per-block modulations, plus
                              `distilled_guidance_layer` (the approximator), as Chroma1 files have it.
+  Flux2KleinPipeline         the transformer in BFL's Flux.2 layout (shared stream modulations, fused linear1).
   QwenImagePipeline          the transformer under its Diffusers names (Qwen-Image's files and ComfyUI use them).
   ZImagePipeline             the transformer in Z-Image's own layout (fused attention.qkv, attention.out,
                              q_norm/k_norm, x_embedder and final_layer), as its single files and ComfyUI have it.
@@ -279,29 +280,49 @@ def _mmdit(transformer) -> dict[str, torch.Tensor]:
     return _swapped(_gather(state_dict, sources, "SD3 transformer"), swapped)
 
 
+def _bfl_sources(transformer, whole: dict, double: dict, single: dict) -> _Sources:
+    """BFL's layouts (Flux, Chroma, Flux.2): the top-level modules, then `double_blocks.N` and `single_blocks.N`."""
+    state_dict, config = transformer.state_dict(), transformer.config
+    sources = _modules(state_dict, whole)
+    for i in range(config.num_layers):
+        sources |= _modules(state_dict, double, f"double_blocks.{i}.", f"transformer_blocks.{i}.")
+    for i in range(config.num_single_layers):
+        sources |= _modules(state_dict, single, f"single_blocks.{i}.", f"single_transformer_blocks.{i}.")
+    return sources
+
+
 def _flux(transformer) -> dict[str, torch.Tensor]:
     """BFL's Flux: double blocks fuse each stream's q/k/v; a single block's linear1 is q, k, v and the MLP input."""
-    state_dict, config = transformer.state_dict(), transformer.config
-    sources = _modules(state_dict, _FLUX)
-    for i in range(config.num_layers):
-        sources |= _modules(state_dict, _FLUX_DOUBLE_BLOCK, f"double_blocks.{i}.", f"transformer_blocks.{i}.")
-    for i in range(config.num_single_layers):
-        sources |= _modules(state_dict, _FLUX_SINGLE_BLOCK, f"single_blocks.{i}.", f"single_transformer_blocks.{i}.")
-    return _swapped(_gather(state_dict, sources, "Flux transformer"), ("final_layer.adaLN_modulation.1",))
+    sources = _bfl_sources(transformer, _FLUX, _FLUX_DOUBLE_BLOCK, _FLUX_SINGLE_BLOCK)
+    return _swapped(_gather(transformer.state_dict(), sources, "Flux transformer"), ("final_layer.adaLN_modulation.1",))
 
 
 def _chroma(transformer) -> dict[str, torch.Tensor]:
     """Chroma1's layout: Flux's blocks without their modulations, and the approximator's layers and RMSNorms."""
-    state_dict, config = transformer.state_dict(), transformer.config
-    sources = _modules(state_dict, _CHROMA)
-    for i in range(config.approximator_layers):
-        sources |= _modules(state_dict, _CHROMA_APPROXIMATOR_LAYER, f"distilled_guidance_layer.layers.{i}.", f"distilled_guidance_layer.layers.{i}.")
+    sources = _bfl_sources(transformer, _CHROMA, _CHROMA_DOUBLE_BLOCK, _CHROMA_SINGLE_BLOCK)
+    for i in range(transformer.config.approximator_layers):
+        layer = f"distilled_guidance_layer.layers.{i}."
+        sources |= _modules(transformer.state_dict(), _CHROMA_APPROXIMATOR_LAYER, layer, layer)
         sources[f"distilled_guidance_layer.norms.{i}.scale"] = (f"distilled_guidance_layer.norms.{i}.weight",)
-    for i in range(config.num_layers):
-        sources |= _modules(state_dict, _CHROMA_DOUBLE_BLOCK, f"double_blocks.{i}.", f"transformer_blocks.{i}.")
-    for i in range(config.num_single_layers):
-        sources |= _modules(state_dict, _CHROMA_SINGLE_BLOCK, f"single_blocks.{i}.", f"single_transformer_blocks.{i}.")
-    return _gather(state_dict, sources, "Chroma transformer")
+    return _gather(transformer.state_dict(), sources, "Chroma transformer")
+
+
+_FLUX2 = {"img_in": "x_embedder", "txt_in": "context_embedder", "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+          "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2", "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+          "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2", "final_layer.linear": "proj_out",
+          "final_layer.adaLN_modulation.1": "norm_out.linear",
+          **{f"{stream}.lin": f"{stream}.linear" for stream in ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")}}  # fmt: skip
+_FLUX2_DOUBLE_BLOCK = {**{k: v for k, v in _FLUX_DOUBLE_BLOCK.items() if "_mod." not in k and "_mlp." not in k},
+                       "img_mlp.0": "ff.linear_in", "img_mlp.2": "ff.linear_out", "txt_mlp.0": "ff_context.linear_in", "txt_mlp.2": "ff_context.linear_out"}  # fmt: skip
+_FLUX2_SINGLE_BLOCK = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out", "norm.query_norm.scale": "attn.norm_q.weight",
+                       "norm.key_norm.scale": "attn.norm_k.weight"}  # fmt: skip
+
+
+def _flux2(transformer) -> dict[str, torch.Tensor]:
+    """BFL's Flux.2: modulations shared by all blocks of a stream, fused q/k/v in the double blocks, one fused
+    input projection per single block."""
+    sources = _bfl_sources(transformer, _FLUX2, _FLUX2_DOUBLE_BLOCK, _FLUX2_SINGLE_BLOCK)
+    return _swapped(_gather(transformer.state_dict(), sources, "Flux.2 transformer"), ("final_layer.adaLN_modulation.1",))
 
 
 _Z_IMAGE_RENAMES = (("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder."), (".attention.to_out.0.", ".attention.out."),
@@ -337,6 +358,7 @@ _LAYOUTS = {  # pipeline class: {component: (prefix of its keys in the file, con
     "FluxPipeline": {"transformer": (_DENOISER, _flux)},
     "ChromaPipeline": {"transformer": (_DENOISER, _chroma)},
     "ZImagePipeline": {"transformer": (_DENOISER, _z_image)},
+    "Flux2KleinPipeline": {"transformer": (_DENOISER, _flux2)},
     "QwenImagePipeline": {"transformer": (_DENOISER, lambda transformer: dict(transformer.state_dict()))},
 }  # fmt: skip
 _SD2_TEXT_ENCODER = ("cond_stage_model.model.", _open_clip)

@@ -57,6 +57,7 @@ PIPELINE_CALLS = {
     "zimage": (lambda latents: latents, lambda cfg: {"guidance_scale": 0.0}),  # CFG whenever the scale is above 0
     "qwen_image": (pack_latents, lambda cfg: {"true_cfg_scale": 1.0}),
     "flux2": (lambda latents: latents, lambda cfg: {"guidance_scale": 1.0}),  # the pipeline packs patchified latents itself
+    "flux2-dev": (lambda latents: latents, lambda cfg: {"guidance_scale": cfg.guidance_scale}),
 }
 
 

@@ -63,10 +63,10 @@ def test_a_config_of_another_family_or_size_is_refused(tmp_path, tiny_models):
 # (family, components written to the file, denoiser key prefix): whole SD/SDXL files as A1111 keeps them, an
 # SD3 file without its text encoders and VAE, a Flux file in BFL's bare layout, as Black Forest Labs ships it, and a
 # Chroma1 and a Z-Image file as ComfyUI saves them, and a Qwen-Image file (bare Diffusers names). Flux, Chroma, Z-Image
-# and Qwen-Image files hold the transformer alone.
+# and Qwen-Image files hold the transformer alone, as does a Flux.2 file in BFL's bare layout.
 FILES = {"sd": (None, LDM_UNET_KEY), "sdxl": (None, LDM_UNET_KEY), "sd3": (("transformer",), LDM_UNET_KEY), "flux": (None, ""),
-         "chroma": (None, LDM_UNET_KEY), "zimage": (None, LDM_UNET_KEY), "qwen_image": (None, "")}  # fmt: skip
-TRANSFORMER_ONLY = ("flux", "chroma", "zimage", "qwen_image")
+         "chroma": (None, LDM_UNET_KEY), "zimage": (None, LDM_UNET_KEY), "qwen_image": (None, ""), "flux2": (None, "")}  # fmt: skip
+TRANSFORMER_ONLY = ("flux", "chroma", "zimage", "qwen_image", "flux2")
 FLUX_WIDTH_ASSUMED = ("flux", "chroma")  # Diffusers' conversion of these files cuts at Flux.1's width
 
 
@@ -113,9 +113,11 @@ def test_a_single_file_trains_and_its_adapter_loads_into_the_pipeline_built_from
     assert adapter.keys() == reference.keys() and all(torch.equal(adapter[k], reference[k]) for k in adapter)
 
 
-def test_a_file_lacking_components_needs_text_encoder_source(single_files, tiny_models):
-    with pytest.raises(ConfigError, match="text_encoder_source: .*flux.safetensors.* holds no text_encoder, text_encoder_2, vae"):
-        open_model(str(single_files["flux"]), str(tiny_models["flux"]))
+@pytest.mark.parametrize("family, lacking", [("flux", "text_encoder, text_encoder_2, vae"), ("flux2", "text_encoder, vae"),
+                                             ("qwen_image", "text_encoder, vae")])  # fmt: skip
+def test_a_file_lacking_components_needs_text_encoder_source(family, lacking, single_files, tiny_models):
+    with pytest.raises(ConfigError, match=f"text_encoder_source: .*{family}.safetensors.* holds no {lacking}"):
+        open_model(str(single_files[family]), str(tiny_models[family]))
 
 
 def test_a_file_of_another_size_is_named_with_the_tensors_that_differ(tiny_models, tmp_path):

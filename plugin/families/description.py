@@ -46,6 +46,7 @@ class ModelDescription:
     denoiser_module_names: tuple[str, ...]  # the linear and convolution layers LoRA can wrap, in full
     tokenizers: Mapping[str, Any]
     single_file: SingleFileSource | None = None  # set when model_name is a single-file checkpoint
+    stand_ins: tuple[str, ...] = ()  # tokenizers that stand in for a processor this installation cannot load
 
     @property
     def denoiser_layer_names(self) -> tuple[str, ...]:
@@ -103,11 +104,12 @@ def describe_model(model_name: str, model_index: Mapping, denoiser_name: str, fi
     scheduler_config = scheduler.from_config(_component_config(scheduler, model_name, "scheduler", field)).config
     vae_config, _ = _built_on_meta(libraries, components, model_name, "vae", field)
     denoiser_config, denoiser = _built_on_meta(libraries, components, model_name, denoiser_name, field)
-    tokenizers = {
-        name: component_class(libraries[name], class_name, name).from_pretrained(model_name, subfolder=name)
+    readers = {
+        name: _text_reader(component_class(libraries[name], class_name, name), model_name, name)
         for name, class_name in components.items()
         if name.startswith("tokenizer") and class_name is not None
     }
+    tokenizers = {name: reader for name, (reader, _) in readers.items()}
     return ModelDescription(
         source=model_name,
         components=components,
@@ -117,6 +119,7 @@ def describe_model(model_name: str, model_index: Mapping, denoiser_name: str, fi
         denoiser_config=denoiser_config,
         denoiser_module_names=tuple(name for name, m in denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))),
         tokenizers=tokenizers,
+        stand_ins=tuple(name for name, (_, stand_in) in readers.items() if stand_in),
     )
 
 
@@ -136,6 +139,24 @@ def _built_on_meta(libraries, components, model_name: str, name: str, field: str
     with init_empty_weights(), without_diffusers_deprecations():
         module = cls.from_config(config)
     return module.config, module
+
+
+def _text_reader(cls: type, model_name: str, component: str) -> tuple[Any, bool]:
+    """The tokenizer component, and whether it stands in for the class the folder names. A multimodal processor
+    (Flux.2 [dev]'s PixtralProcessor) that cannot load here (its image side needs torchvision, absent from CPU-only
+    and ROCm installs) is replaced by its tokenizer, which is all that reading prompts needs; what that disables is
+    said once."""
+    try:
+        return cls.from_pretrained(model_name, subfolder=component), False
+    except ImportError as error:
+        if not cls.__name__.endswith("Processor"):
+            raise
+        from transformers import AutoTokenizer
+
+        missing = "torchvision" if "torchvision" in str(error).lower() else "an optional package"
+        warnings.warn(f"{missing} is not installed, so the {cls.__name__} of {model_name!r} cannot load: its tokenizer reads the "
+                      "prompts (all training needs); image inputs to the pipeline are unavailable", stacklevel=2)  # fmt: skip
+        return AutoTokenizer.from_pretrained(model_name, subfolder=component), True
 
 
 def component_class(library: str, class_name: str, component: str) -> type:

@@ -1,15 +1,17 @@
-"""Flux.2: a Flux-style transformer over 2x2-patchified VAE latents normalised by the VAE's batch-norm
-statistics, with 4-axis position ids (time, row, column, layer) for image and text tokens. Klein reads the
-prompt with Qwen3 (hidden layers 9, 18 and 27, stacked) in its chat template, padded to 512 tokens and used
-unmasked; [dev] adds a distilled guidance input. Klein's distilled releases (is_distilled) sample in a few
-steps without guidance; the base ones with guidance against an empty prompt."""
+"""Flux.2 ([dev] and klein): a Flux-style transformer over 2x2-patchified VAE latents normalised by the VAE's
+batch-norm statistics, with 4-axis position ids (time, row, column, layer) for image and text tokens. The prompt,
+padded to 512 tokens and used unmasked, is read by Mistral 3 with BFL's system prompt (hidden layers 10, 20 and
+30, stacked) on [dev], which also takes a distilled guidance input, and by Qwen3 in its chat template (layers
+9, 18 and 27) on klein. Klein's distilled releases (is_distilled) sample in a few steps without guidance; its
+base ones with guidance against an empty prompt. [dev]'s prompt path needs only the processor's tokenizer: its
+image processor loads without torchvision (transformers' PIL one)."""
 
 from __future__ import annotations
 
 import inspect
 
 import torch
-from diffusers import Flux2KleinPipeline
+from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
 from .base import FlowFamily
 
@@ -17,10 +19,10 @@ from .base import FlowFamily
 class Flux2(FlowFamily):
     name = "flux2"
     title = "Flux.2"
-    pipeline_class = Flux2KleinPipeline
-    pipeline_class_names = ("Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
+    pipeline_class = Flux2KleinPipeline  # per model: see __init__
+    pipeline_class_names = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
     denoiser_name = "transformer"
-    # Both streams' attention and MLPs, and the single blocks' fused projections, as ai-toolkit targets.
+    # Both streams' attention and MLPs, and the single blocks' fused input projection.
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                             "linear_in", "linear_out", "to_qkv_mlp_proj")  # fmt: skip
     hub_tag = "flux2"
@@ -29,6 +31,11 @@ class Flux2(FlowFamily):
     # Flux.2 files share Flux.1's double-block names; the shared single-stream modulation is its own.
     single_file_markers = ("double_blocks.0.img_attn.qkv.weight", "single_stream_modulation.lin.weight")
     single_file_components = {}  # Flux.2 files hold the transformer; the rest comes from text_encoder_source
+
+    def __init__(self, description):
+        super().__init__(description)
+        if (description.components.get("text_encoder") or "").startswith("Mistral3"):
+            self.pipeline_class = Flux2Pipeline  # [dev]; both pipelines save and load adapters alike (Flux2LoraLoaderMixin)
 
     @property
     def denoiser_input_channels(self) -> int:
