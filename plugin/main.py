@@ -3,7 +3,8 @@ plugin-era launcher) or `--job` (a task of today's app: parameters from the job 
 `--demo [--demo-family sd|sdxl|sd3|flux|chroma|zimage|qwen_image|flux2]` (or `--demo-family F` alone) trains on a tiny built-in model and
 sample data; `--save-tiny-model DIR [--family F]` saves such a model, to rehearse a real run on your own images;
 `--posthoc-ema RUN_DIR --sigma-rel 0.07 [0.12 ...] [--at-step N]` writes post-hoc EMA adapters of a finished run;
-with `--sweep` it scores σ_rel by the run's validation loss, plots the curve and saves the best.
+with `--sweep` it scores σ_rel by the run's validation loss, plots the curve and saves the best. `lora inspect FILE`
+and `lora resize FILE --rank R | --energy E --out FILE` look inside a LoRA file and re-factor it (plugin/lora_tools.py).
 
 The parameter file is read and validated before PyTorch and Diffusers are imported, so a mistake in it is
 reported in a fraction of a second rather than after several seconds of imports.
@@ -12,6 +13,7 @@ reported in a fraction of a second rather than after several seconds of imports.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -105,8 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true", help="with --posthoc-ema: choose σ_rel by validation loss "
                         "(over --sigma-rel, or a range the snapshots cover), plot the curve, save the best")
     parser.add_argument("--at-step", type=int, metavar="N", help="with --posthoc-ema: as of step N (default: the last snapshot)")
-    parser.add_argument("--demo-family", help="model family of the demo: sd (the default), sdxl, sd3 or flux; alone, it means --demo")
-    parser.add_argument("--family", help="with --save-tiny-model: sd (the default), sdxl, sd3 or flux")
+    parser.add_argument("--demo-family", help="model family of the demo: sd (the default), sdxl, sd3, flux, chroma, zimage, qwen_image or "
+                        "flux2; alone, it means --demo")
+    parser.add_argument("--family", help="with --save-tiny-model: a family as for --demo-family")
     parser.add_argument("--experiment_name", help="the Transformer Lab experiment of the job (its launcher sets it)")
     args, extra = parser.parse_known_args(argv)
     if args.demo_family and not args.demo:
@@ -120,6 +123,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     if extra:  # Transformer Lab's harness adds --plugin_dir; nothing here needs it
         print(f"ignoring arguments: {' '.join(extra)}", file=sys.stderr)
     return args
+
+
+def lora_command(argv: list[str]) -> int:
+    """`plugin/main.py lora inspect FILE [--json]`, `lora resize FILE (--rank R | --energy E) --out FILE`,
+    `lora extract BASE TUNED --rank R --out FILE` and `lora merge BASE FILE [FILE ...] [--weights W ...] --out DIR`."""
+    parser = argparse.ArgumentParser(prog="plugin/main.py lora", description="Inspect, resize, extract and merge LoRA files.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    inspect = verbs.add_parser("inspect", help="layout, target model, ranks, alphas, modules, metadata, update norms")
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    resize = verbs.add_parser("resize", help="SVD re-factorisation of every module, the effective weight kept")
+    resize.add_argument("file", type=Path)
+    resize.add_argument("--rank", type=int, help="the new rank (modules of lower rank keep theirs)")
+    resize.add_argument("--energy", type=float, help="per module, the smallest rank keeping this share of Σσ² (e.g. 0.95)")
+    resize.add_argument("--out", type=Path, required=True, help="the new file (never an existing one)")
+    extract = verbs.add_parser("extract", help="the LoRA closest to the difference of two models of one family")
+    extract.add_argument("base")
+    extract.add_argument("tuned")
+    extract.add_argument("--rank", type=int, required=True)
+    extract.add_argument("--min-difference", type=float, default=1e-6, help="layers differing by no more than this are left out")
+    extract.add_argument("--out", type=Path, required=True, help="the new LoRA file (Diffusers layout)")
+    merge = verbs.add_parser("merge", help="fold LoRA files into their base model; a Diffusers folder out")
+    merge.add_argument("base")
+    merge.add_argument("files", type=Path, nargs="+")
+    merge.add_argument("--weights", type=float, nargs="+", help="one per file (default 1)")
+    merge.add_argument("--out", type=Path, required=True, help="the new model folder (never an existing one)")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    from plugin import lora_tools
+
+    if args.verb == "inspect":
+        facts = lora_tools.inspect_adapter(args.file)
+        print(json.dumps(facts, indent=2) if args.json else "\n".join(f"{key:>22}  {value}" for key, value in facts.items()))
+        return 0
+    if args.verb == "resize":
+        report = lora_tools.resize_adapter(args.file, args.out, args.rank, args.energy)
+        for name, (old, new, kept) in report.items():
+            print(f"{name}: rank {old} -> {new}, {100 * kept:.2f} % of the update's energy kept")
+        print(f"wrote {args.out}: {len(report)} modules")
+    elif args.verb == "extract":
+        kept = lora_tools.extract_adapter(args.base, args.tuned, args.rank, args.out, args.min_difference)
+        print(f"wrote {args.out}: {len(kept)} layers, {100 * min(kept.values()):.2f} to {100 * max(kept.values()):.2f} % of each difference's energy kept")
+    else:
+        weights = args.weights or [1.0] * len(args.files)
+        if len(weights) != len(args.files):
+            raise ConfigError(f"--weights: {len(weights)} given for {len(args.files)} files; give one per file")
+        print(f"wrote {lora_tools.merge_into_base(args.base, list(zip(args.files, weights)), args.out)}")
+    return 0
 
 
 def launched_job(args: argparse.Namespace) -> tuple[dict | None, JobRecord]:
@@ -225,6 +276,9 @@ def main(argv=None) -> int:
     job = JobRecord()
     with StartupInterrupts() as startup:
         try:
+            argv = sys.argv[1:] if argv is None else list(argv)
+            if argv[:1] == ["lora"]:
+                return lora_command(argv[1:])
             args = parse_args(argv)
             keep_freed_memory()
             raw, job = launched_job(args)

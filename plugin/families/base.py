@@ -50,6 +50,7 @@ class ModelFamily(ABC):
     # ComfyUI's layout of Diffusers keys with the scale folded in; kohya's ss_base_model_version.
     kohya_prefixes: ClassVar[dict[str, str] | None] = None
     kohya_base_model_version: ClassVar[str]
+    lora_key_pattern: ClassVar[str]  # a regex that LoRA module names of this family match (lora inspect)
     # Single-file checkpoints (plugin/families/single_file.py): key names (bare or under a prefix) that all
     # appear in this family's files, and the key prefix under which each other component sits in the file.
     single_file_markers: ClassVar[tuple[str, ...]]

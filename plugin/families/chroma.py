@@ -17,6 +17,7 @@ class Chroma(Flux):
     pipeline_class_names = ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline")
     hub_tag = "chroma"
     eval_negative_prompts = True  # ChromaPipeline guides with a negative prompt (empty by default)
+    lora_key_pattern = r"distilled_guidance_layer"  # otherwise its LoRAs read as Flux's
     kohya_base_model_version = "chroma"
     # Chroma files have Flux's block names plus the approximator, so the more specific Chroma wins.
     single_file_markers = ("double_blocks.0.img_attn.qkv.weight", "distilled_guidance_layer.in_proj.weight")

@@ -48,6 +48,7 @@ class Flux(FlowFamily):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     hub_tag = "flux"
     eval_negative_prompts = False  # FluxPipeline ignores one unless true_cfg_scale is set: distilled guidance
+    lora_key_pattern = r"single_transformer_blocks|single_blocks|double_blocks"
     kohya_base_model_version = "flux1"
     single_file_markers = ("double_blocks.0.img_attn.qkv.weight",)
     single_file_components = {}  # Flux files hold the transformer; the rest comes from text_encoder_source

@@ -27,6 +27,7 @@ class Flux2(FlowFamily):
                             "linear_in", "linear_out", "to_qkv_mlp_proj")  # fmt: skip
     hub_tag = "flux2"
     eval_negative_prompts = False  # the pipelines guide against an empty prompt, or by distilled guidance
+    lora_key_pattern = r"single_stream_modulation|to_qkv_mlp_proj"
     kohya_base_model_version = "flux2"
     # Flux.2 files share Flux.1's double-block names; the shared single-stream modulation is its own.
     single_file_markers = ("double_blocks.0.img_attn.qkv.weight", "single_stream_modulation.lin.weight")

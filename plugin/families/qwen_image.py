@@ -22,6 +22,7 @@ class QwenImage(FlowFamily):
                             "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")  # fmt: skip
     hub_tag = "qwen-image"
     eval_negative_prompts = True  # with eval_guidance_scale above 1 it guides with a negative prompt (true CFG)
+    lora_key_pattern = r"img_mlp|txt_mlp"
     kohya_base_model_version = "qwen_image"
     single_file_markers = ("transformer_blocks.0.img_mod.1.weight", "txt_norm.weight")
     single_file_components = {}  # Qwen-Image files hold the transformer; the rest comes from text_encoder_source

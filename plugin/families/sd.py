@@ -18,6 +18,7 @@ class StableDiffusion(DDPMFamily):
     lora_text_encoders = ("text_encoder",)
     hub_tag = "stable-diffusion"
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    lora_key_pattern = r"down_blocks|up_blocks|lora_unet_|input_blocks"  # LoRA module names (plugin/lora_tools.py)
     kohya_base_model_version = "sd_v1"
     single_file_markers = ("input_blocks.0.0.weight",)
     single_file_components = {"vae": "first_stage_model.", "text_encoder": "cond_stage_model."}

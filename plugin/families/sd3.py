@@ -16,6 +16,7 @@ class StableDiffusion3(FlowFamily):
     denoiser_name = "transformer"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     hub_tag = "sd3"
+    lora_key_pattern = r"joint_blocks|transformer_blocks[._]\d+[._]attn[._]add_q_proj"
     kohya_base_model_version = "sd3"
     single_file_markers = ("joint_blocks.0.x_block.attn.qkv.weight",)
     single_file_components = {"vae": "first_stage_model.", "text_encoder": "text_encoders.clip_l.", "text_encoder_2": "text_encoders.clip_g.",

@@ -30,6 +30,7 @@ class StableDiffusionXL(DDPMFamily):
     lora_text_encoders = ("text_encoder", "text_encoder_2")
     hub_tag = "stable-diffusion-xl"
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    lora_key_pattern = r"text_encoder_2|lora_te2_|transformer_blocks[._][1-9]"  # SD 1.x has one block per attention
     kohya_base_model_version = "sdxl_base_v1-0"
     single_file_markers = ("input_blocks.0.0.weight", "label_emb.0.0.weight")
     single_file_components = {"vae": "first_stage_model.", "text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}

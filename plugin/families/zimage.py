@@ -22,6 +22,7 @@ class ZImage(FlowFamily):
     # Attention and the SwiGLU MLP of every block (the refiners' too), as ai-toolkit and musubi-tuner target.
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
     hub_tag = "z-image"
+    lora_key_pattern = r"noise_refiner|context_refiner|feed_forward[._]w[123]"
     kohya_base_model_version = "zimage"
     single_file_markers = ("layers.0.adaLN_modulation.0.weight", "cap_embedder.1.weight")
     single_file_components = {}  # Z-Image files hold the transformer; the rest comes from text_encoder_source

@@ -1,0 +1,143 @@
+"""`plugin/main.py lora inspect|resize`: what a LoRA file holds, read from either layout the trainer writes, and
+its SVD re-factorisation, checked against the truncated SVD of each module's weight update."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import load_fresh, render
+from plugin.export import WEIGHTS_NAME
+from plugin.lora_tools import extract_adapter, inspect_adapter, read_adapter, resize_adapter
+from plugin.main import main
+
+R, ALPHA = 8, 16.0
+
+
+@pytest.fixture(scope="module")
+def sd_run(tiny_models, sample_data, tmp_path_factory):
+    """A trained SD adapter of rank 8, alpha 16: its Diffusers file and its kohya file."""
+    from conftest import base_parameters
+    from plugin.config import parse_parameters
+    from plugin.trainer import RunPaths, train
+
+    cfg = parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path_factory.mktemp("lora-tools"), lora_r=R, lora_alpha=ALPHA,
+                                           max_train_steps=4, eval_prompt=""))  # fmt: skip
+    paths = RunPaths.for_config(cfg)
+    train(cfg, paths, log=lambda *_: None)
+    return paths.adapter_dir / WEIGHTS_NAME, paths.adapter_dir / "test-adapter_kohya.safetensors"
+
+
+def test_inspect_reads_both_layouts_alike(sd_run):
+    diffusers_file, kohya_file = sd_run
+    ours, kohya = inspect_adapter(diffusers_file), inspect_adapter(kohya_file)
+    assert (ours["layout"], kohya["layout"]) == ("diffusers", "kohya")
+    assert ours["model"] == kohya["model"] == "Stable Diffusion 1.x/2.x" and ours["adapter"] == "LoRA"
+    assert ours["modules"] == kohya["modules"] > 0 and ours["ranks"] == {R: ours["modules"]} and kohya["alphas"] == {ALPHA: kohya["modules"]}
+    assert ours["alphas"] == {ALPHA: ours["modules"]}, "the alpha of the Diffusers file comes from its PEFT metadata"
+    for statistic in ("min", "median", "max"):  # the same weight updates, whichever layout carries them
+        assert ours["update_norm"][statistic] == pytest.approx(kohya["update_norm"][statistic], rel=1e-5)
+    assert kohya["metadata"]["ss_network_dim"] == str(R) and set(ours["module_kinds"]) >= {"attn1.to_q", "attn2.to_k", "attn1.to_v", "attn2.to_out.0"}
+
+
+@pytest.mark.parametrize("layout", [0, 1], ids=["diffusers", "kohya"])
+def test_resize_to_a_rank_keeps_the_truncated_svd_of_each_update(layout, sd_run, tmp_path):
+    source = sd_run[layout]
+    report = resize_adapter(source, tmp_path / "r3.safetensors", rank=3)
+    before, after = read_adapter(source), read_adapter(tmp_path / "r3.safetensors")
+    assert after.layout == before.layout and after.modules.keys() == before.modules.keys()
+    for name, module in before.modules.items():
+        u, s, vh = torch.linalg.svd(module.delta(), full_matrices=False)
+        best = (u[:, :3] * s[:3]) @ vh[:3]  # Eckart–Young: the closest rank-3 matrix
+        assert after.modules[name].rank == 3 and after.modules[name].alpha == 3.0
+        torch.testing.assert_close(after.modules[name].delta(), best, rtol=1e-4, atol=1e-6)
+        assert report[name][:2] == (R, 3) and report[name][2] == pytest.approx(float((s[:3] ** 2).sum() / (s**2).sum()), rel=1e-6)
+
+
+def test_resize_by_energy_picks_the_smallest_rank_that_keeps_it(sd_run, tmp_path):
+    report = resize_adapter(sd_run[0], tmp_path / "e.safetensors", energy=0.9)
+    for name, module in read_adapter(sd_run[0]).modules.items():
+        s = torch.linalg.svdvals(module.delta())
+        share = torch.cumsum(s**2, 0) / (s**2).sum()
+        _, rank, kept = report[name]
+        assert kept >= 0.9 and (rank == 1 or share[rank - 2] < 0.9), (name, rank, share)
+
+
+def test_a_resized_adapter_loads_in_diffusers_and_full_rank_renders_the_same_image(sd_run, tiny_models, tmp_path):
+    kwargs = dict(num_inference_steps=2, height=32, width=32)
+    images = {}
+    for label, weight_name in (("original", WEIGHTS_NAME), ("full", "full.safetensors"), ("energy", "energy.safetensors"), ("base", None)):
+        if weight_name == "full.safetensors":
+            resize_adapter(sd_run[0], tmp_path / weight_name, rank=R)
+        elif weight_name == "energy.safetensors":
+            resize_adapter(sd_run[0], tmp_path / weight_name, energy=0.8)  # ranks differ by module: a rank and alpha pattern
+        pipe = load_fresh(tiny_models["sd"])
+        if weight_name:
+            pipe.load_lora_weights(str(sd_run[0].parent if weight_name == WEIGHTS_NAME else tmp_path), weight_name=weight_name)
+        images[label] = render(pipe, "a red circle", 0, **kwargs)
+        if label == "energy":  # Diffusers applied each module's own rank and alpha: its update is the file's
+            wanted = read_adapter(tmp_path / weight_name).modules
+            layers = {n: m for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+            assert len(layers) == len(wanted)
+            for name, layer in layers.items():
+                adapter = next(iter(layer.lora_A))
+                applied = layer.scaling[adapter] * layer.lora_B[adapter].weight.double() @ layer.lora_A[adapter].weight.double()
+                torch.testing.assert_close(applied, wanted[f"unet.{name}"].delta())
+    assert np.abs(images["full"] - images["original"]).max() <= 1, "the same update, refactored"
+    assert np.abs(images["energy"] - images["original"]).mean() < np.abs(images["base"] - images["original"]).mean()
+    ranks = {t.shape[0] for k, t in load_file(str(tmp_path / "energy.safetensors")).items() if k.endswith("lora_A.weight")}
+    assert len(ranks) > 1, "the energy criterion chose different ranks"
+
+
+def test_the_command_prints_json_and_never_overwrites(sd_run, tmp_path, capsys):
+    assert main(["lora", "inspect", str(sd_run[1]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"] == "kohya"
+    assert main(["lora", "resize", str(sd_run[0]), "--rank", "2", "--out", str(sd_run[0])]) == 2
+    assert "exists; resize writes a new file and never overwrites one" in capsys.readouterr().err
+    assert main(["lora", "resize", str(sd_run[0]), "--rank", "2", "--energy", "0.9", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "give --rank R (R ≥ 1) or --energy E" in capsys.readouterr().err
+    assert main(["lora", "inspect", str(tmp_path / "missing.safetensors")]) == 2
+    assert main(["lora", "resize", str(sd_run[1]), "--rank", "2", "--out", str(tmp_path / "k.safetensors")]) == 0
+    assert "rank 8 -> 2" in capsys.readouterr().out and not (tmp_path / "x.safetensors").exists()
+
+
+def test_extract_recovers_a_known_low_rank_difference_and_renders_the_tuned_model(tiny_models, tmp_path):
+    """A 'fine-tune' made by adding a rank-2 update to every to_q layer: extraction at rank 2 gives back exactly that
+    update, nothing for the unchanged layers, and the base with the extracted LoRA renders as the tuned model."""
+    from diffusers import DiffusionPipeline
+
+    tuned = DiffusionPipeline.from_pretrained(str(tiny_models["sd"]))
+    generator, updates = torch.Generator().manual_seed(5), {}
+    with torch.no_grad():
+        for name, layer in tuned.unet.named_modules():
+            if name.endswith("to_q"):
+                updates[f"unet.{name}"] = 0.2 * torch.randn(layer.weight.shape[0], 2, generator=generator) @ torch.randn(2, layer.weight.shape[1], generator=generator)
+                layer.weight += updates[f"unet.{name}"]
+    tuned.save_pretrained(tmp_path / "tuned")
+    kept = extract_adapter(str(tiny_models["sd"]), str(tmp_path / "tuned"), 2, tmp_path / "extracted.safetensors")
+    assert set(kept) == {name.removeprefix("unet.") for name in updates} and min(kept.values()) == pytest.approx(1.0)
+    extracted = read_adapter(tmp_path / "extracted.safetensors").modules
+    assert extracted.keys() == updates.keys()
+    for name, update in updates.items():
+        torch.testing.assert_close(extracted[name].delta(), update.double(), atol=2e-6, rtol=1e-5)
+    pipe = load_fresh(tiny_models["sd"])
+    pipe.load_lora_weights(str(tmp_path), weight_name="extracted.safetensors")
+    kwargs = dict(num_inference_steps=2, height=32, width=32)
+    assert np.abs(render(pipe, "a red circle", 0, **kwargs) - render(load_fresh(tmp_path / "tuned"), "a red circle", 0, **kwargs)).max() <= 1
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_merge_folds_the_adapter_into_a_model_that_renders_as_base_plus_adapter(weight, sd_run, tiny_models, tmp_path):
+    kwargs = dict(num_inference_steps=2, height=32, width=32)
+    assert main(["lora", "merge", str(tiny_models["sd"]), str(sd_run[1]), "--weights", str(weight), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_fresh(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in merged.unet.named_modules()), "a plain model: the update is in its weights"
+    reference = load_fresh(tiny_models["sd"])
+    reference.load_lora_weights(str(sd_run[0].parent), adapter_name="a")
+    reference.set_adapters(["a"], adapter_weights=[weight])
+    assert np.abs(render(merged, "a red circle", 0, **kwargs) - render(reference, "a red circle", 0, **kwargs)).max() <= 1
+    assert main(["lora", "merge", str(tiny_models["sd"]), str(sd_run[0]), "--out", str(tmp_path / "merged")]) == 2
