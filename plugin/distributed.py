@@ -16,18 +16,24 @@ import torch.distributed as dist
 
 def average_gradients(parameters: list[torch.nn.Parameter], step_loss: float, num_processes: int) -> float:
     """Replace each parameter's gradient by its mean over the processes (a process whose slices were empty
-    contributes zeros) and return the mean of `step_loss`, the loss every process then reports."""
+    contributes zeros) and return the mean of `step_loss`, the loss every process then reports. A parameter
+    no process has a gradient for (a LoRA on a layer whose output the model discards, such as the last MMDiT
+    block's text stream) keeps none, so the optimizer skips it (no weight decay) as it does in one process."""
     if num_processes == 1:
         return step_loss
     device = parameters[0].device
+    present = torch.tensor([float(p.grad is not None) for p in parameters], device=device)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in parameters]
-                     + [torch.tensor([step_loss], device=device)])  # fmt: skip
+                     + [present, torch.tensor([step_loss], device=device)])  # fmt: skip
     dist.all_reduce(flat)
     flat /= num_processes
     offset = 0
     for p in parameters:
         p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype).clone()
         offset += p.numel()
+    for p, seen in zip(parameters, flat[offset : offset + len(parameters)].tolist()):
+        if seen == 0:
+            p.grad = None
     return flat[-1].item()
 
 

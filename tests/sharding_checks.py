@@ -33,7 +33,7 @@ def loss_and_gradients(family, objective, batch, latents) -> tuple[float, dict[s
     fixed = (latents, family.encode_prompts(batch["captions"]))
     loss, _ = denoising_loss(family, objective, lambda _: fixed, batch, sample_generators(0, "check", batch["indices"]))
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in trainable.items()}
+    return loss.item(), {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}  # (none where the output is discarded)
 
 
 def compare(model: str, data: str) -> dict:
@@ -56,6 +56,7 @@ def compare(model: str, data: str) -> dict:
     return {
         "model": Path(model).name,
         "loss_difference": abs(whole_loss - sharded_loss),
+        "same_gradients": sorted(whole_grads) == sorted(sharded_grads),
         "gradient_difference": max((whole_grads[n] - sharded_grads[n]).abs().max().item() for n in whole_grads),
         "gradient_scale": max(g.abs().max().item() for g in whole_grads.values()),
         "held_fraction": sum(p.to_local().numel() for p in shards) / sum(p.numel() for p in shards),
