@@ -203,6 +203,27 @@ class LatentCache:
         return entry["latents"]
 
 
+SEQUENCE_MASK = "text_mask"  # an encoding entry marking, as a prefix, the text tokens of a caption that count
+
+
+def without_padding(entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A caption's encoding cut to its own length where a `text_mask` marks it (Z-Image's and Qwen-Image's are
+    padded to 512 tokens, which would make the cache some ten times larger than the captions need)."""
+    if SEQUENCE_MASK not in entry:
+        return entry
+    full, length = len(entry[SEQUENCE_MASK]), int(entry[SEQUENCE_MASK].sum())
+    return {name: t[:length] if t.dim() and t.shape[0] == full else t for name, t in entry.items()}
+
+
+def stacked(entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A batch of cached encodings, those cut by `without_padding` zero-padded (mask included) to the longest."""
+    if SEQUENCE_MASK not in entries[0]:
+        return {name: torch.stack([entry[name] for entry in entries]) for name in entries[0]}
+    longest = max(len(entry[SEQUENCE_MASK]) for entry in entries)
+    pad = lambda t, length: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, longest - length)) if t.dim() and t.shape[0] == length else t  # noqa: E731
+    return {name: torch.stack([pad(entry[name], len(entry[SEQUENCE_MASK])) for entry in entries]) for name in entries[0]}
+
+
 class TextCache:
     """Text-encoder outputs of every caption the run trains with, "" (caption dropout) included."""
 
@@ -217,7 +238,7 @@ class TextCache:
     def fill(self, captions: set[str], family, batch_size: int) -> None:
         def encode(chunk):
             encoded = family.encode_prompts(chunk)
-            return [{name: t[k].detach().cpu().clone() for name, t in encoded.items()} for k in range(len(chunk))]
+            return [without_padding({name: t[k].detach().cpu().clone() for name, t in encoded.items()}) for k in range(len(chunk))]
 
         self.computed, self.reused = fill_store(self.store, [sorted(captions)], self.key, encode, batch_size,
                                                 "caching text embeddings")  # fmt: skip
@@ -226,7 +247,7 @@ class TextCache:
         entries = [self.store.get(self.key(caption)) for caption in captions]
         if any(entry is None for entry in entries):
             raise RuntimeError("text cache: a caption of this batch was not cached")
-        return {name: torch.stack([entry[name] for entry in entries]) for name in entries[0]}
+        return stacked(entries)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -318,7 +318,9 @@ class ModelFamily(ABC):
     # ----- the training step -------------------------------------------------------------------------
     @abstractmethod
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Text conditioning for a batch of captions (with gradients only if a text encoder trains)."""
+        """Text conditioning for a batch of captions (with gradients only if a text encoder trains). An entry named
+        `text_mask` (plugin/cache.py), 1 for a caption's tokens as a prefix, lets the text cache keep each caption's
+        tensors cut to its length; `predict` must then accept the batch padded to its longest caption."""
 
     @property
     def trains_text_encoder(self) -> bool:
