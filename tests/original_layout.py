@@ -18,7 +18,7 @@ Layouts (the denoiser's keys sit under `prefix`):
   FluxPipeline               the transformer in BFL's layout (double_blocks, single_blocks, img_in, ...) only.
   ChromaPipeline             the transformer in BFL's layout without the per-block modulations, plus
                              `distilled_guidance_layer` (the approximator), as Chroma1 files have it.
-  Flux2KleinPipeline         the transformer in BFL's Flux.2 layout (shared stream modulations, fused linear1).
+  Flux2(Klein)Pipeline       the transformer in BFL's Flux.2 layout (shared stream modulations, fused linear1).
   QwenImagePipeline          the transformer under its Diffusers names (Qwen-Image's files and ComfyUI use them).
   ZImagePipeline             the transformer in Z-Image's own layout (fused attention.qkv, attention.out,
                              q_norm/k_norm, x_embedder and final_layer), as its single files and ComfyUI have it.
@@ -359,6 +359,7 @@ _LAYOUTS = {  # pipeline class: {component: (prefix of its keys in the file, con
     "ChromaPipeline": {"transformer": (_DENOISER, _chroma)},
     "ZImagePipeline": {"transformer": (_DENOISER, _z_image)},
     "Flux2KleinPipeline": {"transformer": (_DENOISER, _flux2)},
+    "Flux2Pipeline": {"transformer": (_DENOISER, _flux2)},
     "QwenImagePipeline": {"transformer": (_DENOISER, lambda transformer: dict(transformer.state_dict()))},
 }  # fmt: skip
 _SD2_TEXT_ENCODER = ("cond_stage_model.model.", _open_clip)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import base_parameters, render
+from conftest import base_parameters, load_fresh, render
 from original_layout import LDM_UNET_KEY, original_state_dict, save_single_file
 from plugin.config import parse_parameters
 from plugin.errors import ConfigError
@@ -65,15 +65,17 @@ def test_a_config_of_another_family_or_size_is_refused(tmp_path, tiny_models):
 # Chroma1 and a Z-Image file as ComfyUI saves them, and a Qwen-Image file (bare Diffusers names). Flux, Chroma, Z-Image
 # and Qwen-Image files hold the transformer alone, as does a Flux.2 file in BFL's bare layout.
 FILES = {"sd": (None, LDM_UNET_KEY), "sdxl": (None, LDM_UNET_KEY), "sd3": (("transformer",), LDM_UNET_KEY), "flux": (None, ""),
-         "chroma": (None, LDM_UNET_KEY), "zimage": (None, LDM_UNET_KEY), "qwen_image": (None, ""), "flux2": (None, "")}  # fmt: skip
-TRANSFORMER_ONLY = ("flux", "chroma", "zimage", "qwen_image", "flux2")
-FLUX_WIDTH_ASSUMED = ("flux", "chroma")  # Diffusers' conversion of these files cuts at Flux.1's width
+         "chroma": (None, LDM_UNET_KEY), "zimage": (None, LDM_UNET_KEY), "qwen_image": (None, ""), "flux2": (None, ""), "flux2-dev": (None, "")}  # fmt: skip
+TRANSFORMER_ONLY = ("flux", "chroma", "zimage", "qwen_image", "flux2", "flux2-dev")
+# Loaded through the trainer: Diffusers' conversion of Flux and Chroma files cuts at Flux.1's width, and Flux.2
+# [dev]'s plain pipeline needs torchvision for its PixtralProcessor (the trainer reads its tokenizer alone).
+LOADED_BY_THE_TRAINER = ("flux", "chroma", "flux2-dev")
 
 
 @pytest.fixture(scope="module")
 def single_files(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("single-files")
-    return {family: save_single_file(tiny_models[family], root / f"{family}.safetensors", components, prefix)
+    return {family: save_single_file(load_fresh(tiny_models[family]), root / f"{family}.safetensors", components, prefix)
             for family, (components, prefix) in FILES.items()}  # fmt: skip
 
 
@@ -92,7 +94,7 @@ def test_a_single_file_trains_and_its_adapter_loads_into_the_pipeline_built_from
     # The pipeline as the model card builds it from the file; Diffusers' conversion of BFL files assumes Flux.1's
     # width (3072), so a tiny Flux or Chroma file loads only through ours, which cuts at the file's own width.
     family_model = open_model(str(single_files[family]), **sources)
-    if family in FLUX_WIDTH_ASSUMED:
+    if family in LOADED_BY_THE_TRAINER:
         family_model.load(torch.float32)
         pipe = family_model.pipe
     else:

@@ -76,9 +76,8 @@ class ModelFamily(ABC):
                     pipe = load_single_file(self, dtype, quantization)
                 else:
                     quantized = {"quantization_config": PipelineQuantizationConfig(quant_mapping=quantization)} if quantization else {}
-                    tokenizers = {**self.description.tokenizers, **dict.fromkeys(self.description.stand_ins)}  # Diffusers checks a given
-                    pipe = self.pipeline_class.from_pretrained(source, dtype=dtype, **tokenizers, **quantized)  # one's class
-                    pipe.register_modules(**{name: self.description.tokenizers[name] for name in self.description.stand_ins})
+                    pipe = self.pipeline_class.from_pretrained(source, dtype=dtype, **self.description.loading_tokenizers, **quantized)
+            pipe.register_modules(**{name: self.description.tokenizers[name] for name in self.description.stand_ins})
         except (OSError, ValueError, SafetensorError) as error:
             raise ConfigError(f"model_name: cannot load the weights of {source!r}: {str(error).splitlines()[0]}") from None
         for name in self.quantized:

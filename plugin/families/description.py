@@ -49,6 +49,12 @@ class ModelDescription:
     stand_ins: tuple[str, ...] = ()  # tokenizers that stand in for a processor this installation cannot load
 
     @property
+    def loading_tokenizers(self) -> dict[str, Any]:
+        """The tokenizers to hand Diffusers' loader: a stand-in is left out (None), as Diffusers checks a given
+        component against the class the folder names; `ModelFamily.load` registers it afterwards."""
+        return {**self.tokenizers, **dict.fromkeys(self.stand_ins)}
+
+    @property
     def denoiser_layer_names(self) -> tuple[str, ...]:
         """The distinct short names of those layers, as a user writes them in lora_target_modules (`to_out.0`
         where the last part is an index)."""

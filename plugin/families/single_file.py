@@ -172,11 +172,11 @@ def load_single_file(family, dtype: torch.dtype, quantization: dict):
             raise ConfigError("quantize_text_encoders: the text encoders inside a single-file checkpoint load through Diffusers' "
                               "single-file reader, which cannot quantise them; set text_encoder_source to take them from a folder")  # fmt: skip
         denoiser = {name: denoiser_class.from_single_file(str(source.path), config=source.config, subfolder=name, dtype=dtype, **quantized)} if quantized else {}
-        return family.pipeline_class.from_single_file(str(source.path), config=source.config, dtype=dtype, **description.tokenizers, **denoiser)
+        return family.pipeline_class.from_single_file(str(source.path), config=source.config, dtype=dtype, **description.loading_tokenizers, **denoiser)
     tensors = pickled_tensors(source.path, "cpu") if source.path.suffix.lower() in PICKLE_SUFFIXES else load_file(str(source.path))
     denoiser = denoiser_class.from_single_file(diffusers_denoiser_state(family, description, tensors), config=source.config,
                                                subfolder=name, dtype=dtype, **quantized)  # fmt: skip
     others = {component: _class_of(description, component).from_pretrained(source.components_from, subfolder=component, dtype=dtype,
                                                                             quantization_config=config)
               for component, config in quantization.items() if component != name}  # fmt: skip
-    return family.pipeline_class.from_pretrained(source.components_from, dtype=dtype, **{name: denoiser}, **others, **description.tokenizers)
+    return family.pipeline_class.from_pretrained(source.components_from, dtype=dtype, **{name: denoiser}, **others, **description.loading_tokenizers)
