@@ -207,8 +207,8 @@ SEQUENCE_MASK = "text_mask"  # an encoding entry marking, as a prefix, the text 
 
 
 def without_padding(entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A caption's encoding cut to its own length where a `text_mask` marks it (Z-Image's and Qwen-Image's are
-    padded to 512 tokens, which would make the cache some ten times larger than the captions need)."""
+    """A caption's encoding cut to its own length where a `text_mask` marks it (Z-Image, Qwen-Image): padding belongs
+    to the batch it was encoded in, and cached, it would follow a caption into every other batch."""
     if SEQUENCE_MASK not in entry:
         return entry
     full, length = len(entry[SEQUENCE_MASK]), int(entry[SEQUENCE_MASK].sum())

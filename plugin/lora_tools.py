@@ -37,6 +37,11 @@ class LoraModule:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    def update_norm(self) -> float:
+        """‖ΔW‖_F from the rank × rank Gram matrices, without forming ΔW: ‖up·down‖² = tr((upᵀup)(down·downᵀ))."""
+        up, down = self.up.reshape(self.up.shape[0], -1).double(), self.down.reshape(self.rank, -1).double()
+        return float((self.alpha / self.rank) * torch.trace((up.T @ up) @ (down @ down.T)).clamp_min(0).sqrt())
+
     def delta(self) -> torch.Tensor:
         """ΔW as a matrix (outputs, inputs·kernel): what the module adds to its layer's weight."""
         return (self.alpha / self.rank) * self.up.reshape(self.up.shape[0], -1).double() @ self.down.reshape(self.rank, -1).double()
@@ -105,7 +110,7 @@ def inspect_adapter(path: Path) -> dict:
     dtype and the size of each module's weight update (Frobenius norm of ΔW)."""
     adapter = read_adapter(path)
     names = list(adapter.modules)
-    norms = sorted(float(torch.linalg.matrix_norm(m.delta())) for m in adapter.modules.values())
+    norms = sorted(m.update_norm() for m in adapter.modules.values())
     kind = lambda name: re.sub(r"^.*[._]\d+[._](?=[a-zA-Z])", "", name)  # noqa: E731  (the name within its block: attn.to_q, ...)
     return {
         "file": str(adapter.path),

@@ -3,8 +3,8 @@ plugin-era launcher) or `--job` (a task of today's app: parameters from the job 
 `--demo [--demo-family sd|sdxl|sd3|flux|chroma|zimage|qwen_image|flux2]` (or `--demo-family F` alone) trains on a tiny built-in model and
 sample data; `--save-tiny-model DIR [--family F]` saves such a model, to rehearse a real run on your own images;
 `--posthoc-ema RUN_DIR --sigma-rel 0.07 [0.12 ...] [--at-step N]` writes post-hoc EMA adapters of a finished run;
-with `--sweep` it scores σ_rel by the run's validation loss, plots the curve and saves the best. `lora inspect FILE`
-and `lora resize FILE --rank R | --energy E --out FILE` look inside a LoRA file and re-factor it (plugin/lora_tools.py).
+with `--sweep` it scores σ_rel by the run's validation loss, plots the curve and saves the best. `lora inspect`,
+`lora resize`, `lora extract` and `lora merge` work on LoRA files after training (plugin/lora_tools.py).
 
 The parameter file is read and validated before PyTorch and Diffusers are imported, so a mistake in it is
 reported in a fraction of a second rather than after several seconds of imports.

@@ -279,23 +279,13 @@ def write_model_index(folder: Path, class_name: str) -> Path:
     return folder
 
 
+# Pipeline class name prefixes and their family, the longer prefix of a pair first.
+CLASS_PREFIXES = (("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"), ("StableDiffusion", "sd"), ("Flux2", "flux2"),
+                  ("Flux", "flux"), ("Chroma", "chroma"), ("ZImage", "zimage"), ("QwenImage", "qwen_image"))  # fmt: skip
+
+
 def expected_family(class_name: str) -> str:
-    if class_name.startswith("StableDiffusionXL"):
-        return "sdxl"
-    if class_name.startswith("StableDiffusion3"):
-        return "sd3"
-    if class_name.startswith("Flux2"):
-        return "flux2"
-    if class_name.startswith("Flux"):
-        return "flux"
-    if class_name.startswith("Chroma"):
-        return "chroma"
-    if class_name.startswith("ZImage"):
-        return "zimage"
-    if class_name.startswith("QwenImage"):
-        return "qwen_image"
-    assert class_name.startswith("StableDiffusion")
-    return "sd"
+    return next(family for prefix, family in CLASS_PREFIXES if class_name.startswith(prefix))
 
 
 @pytest.mark.parametrize("class_name", load_manifest()["model_architectures"])

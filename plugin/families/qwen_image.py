@@ -52,14 +52,12 @@ class QwenImage(FlowFamily):
         return ((latents.float() - mean) * inverse_std).contiguous()
 
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """The pipeline's encoding, padded to max_sequence_length so each caption's entry has one shape (what
-        the text cache stores); `predict` cuts the batch back to its longest caption, as the pipeline pads."""
+        """The pipeline's encoding, padded as it pads (to the batch's longest caption), with its mask (all ones
+        where the pipeline gives none), so the text cache keeps each caption without padding."""
         with torch.no_grad():
             embeds, mask = self.pipe.encode_prompt(list(captions), device=self.text_device, max_sequence_length=self.max_sequence_length)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
-        pad = self.max_sequence_length - embeds.shape[1]
-        return {"encoder_hidden_states": torch.nn.functional.pad(embeds, (0, 0, 0, pad)),
-                "text_mask": torch.nn.functional.pad(mask, (0, pad))}  # fmt: skip
+        return {"encoder_hidden_states": embeds, "text_mask": mask}
 
     @classmethod
     def pipeline_arguments(cls, settings: dict) -> dict:
@@ -74,14 +72,13 @@ class QwenImage(FlowFamily):
     def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:
         transformer = self.pipe.transformer
         batch_size, _, height, width = noisy_latents.shape
-        length = int(text["text_mask"].sum(dim=1).max())
-        states, mask = text["encoder_hidden_states"][:, :length], text["text_mask"][:, :length]
+        mask = text["text_mask"]  # padded to the batch's longest caption, fresh or from the cache
         tokens = transformer(
             hidden_states=pack_latents(noisy_latents.to(transformer.dtype)),
             timestep=timesteps / 1000,
             guidance=None,  # Qwen-Image is not guidance-distilled
             encoder_hidden_states_mask=None if mask.all() else mask,  # the pipeline passes none when nothing is padded
-            encoder_hidden_states=states,
+            encoder_hidden_states=text["encoder_hidden_states"],
             img_shapes=[[(1, height // 2, width // 2)]] * batch_size,
             return_dict=False,
         )[0]

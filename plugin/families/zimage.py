@@ -30,18 +30,13 @@ class ZImage(FlowFamily):
     def native_resolution(self) -> int:
         return 1024  # ZImagePipeline's default height and width, whatever the VAE
 
-    @property
-    def max_sequence_length(self) -> int:
-        return self.caption_token_limits()["tokenizer"]
-
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """The pipeline's encoding (template, layer −2, padding dropped), padded back to max_sequence_length
-        with a mask, so that every caption's entry has one shape (what the text cache stores)."""
+        """The pipeline's encoding (template, layer −2, padding dropped: one tensor per caption), as a batch padded
+        to its longest caption with a mask (`predict` drops the padding again; the text cache keeps none)."""
         with torch.no_grad():
             embeds, _ = self.pipe.encode_prompt(list(captions), device=self.text_device, do_classifier_free_guidance=False)
-        length = self.max_sequence_length
-        padded = torch.stack([torch.cat([e, e.new_zeros(length - len(e), e.shape[1])]) for e in embeds])
-        mask = torch.arange(length, device=padded.device)[None] < torch.tensor([len(e) for e in embeds], device=padded.device)[:, None]
+        padded = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
+        mask = torch.arange(padded.shape[1], device=padded.device)[None] < torch.tensor([len(e) for e in embeds], device=padded.device)[:, None]
         return {"encoder_hidden_states": padded, "text_mask": mask}
 
     def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:
