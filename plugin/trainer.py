@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .buckets import BucketBatchSampler, BucketLayout
 from .cache import build_conditioning, resolve_caching
-from .captions import CaptionOptions
+from .data import CaptionOptions
 from .card import write_model_card
 from .checkpoints import (
     INPUT_CONFIG, RESOLVED_CONFIG, Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder,

@@ -21,7 +21,7 @@ import datasets
 import torch
 
 from .buckets import BucketLayout
-from .captions import CaptionOptions
+from .data import CaptionOptions
 from .data import AugmentOptions, TrainingExamples, collate_examples, load_image_dataset, read_image_headers
 from .denoising import denoising_loss, sample_generators
 from .errors import ConfigError

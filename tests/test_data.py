@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from plugin.captions import CaptionOptions, caption_for, caption_variants
+from plugin.data.captions import CaptionOptions, caption_for, caption_variants
 from plugin.data import (
     AugmentOptions,
     TrainingExamples,

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from itertools import permutations
 
-from .settings import check_range
+from ..settings import check_range
 
 
 @dataclass(frozen=True)
