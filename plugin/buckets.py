@@ -63,10 +63,15 @@ class BucketLayout:
         buckets = bucket_sizes(resolution, multiple) if enabled else [(resolution, resolution)]
         return cls(tuple(sizes), tuple(nearest_bucket(size, buckets) for size in sizes))
 
-    def bucket_ids(self) -> list[int]:
-        """A small integer per image naming its bucket (the order of first appearance)."""
+    @classmethod
+    def joined(cls, layouts: list["BucketLayout"]) -> "BucketLayout":
+        """The layouts of several datasets, their images numbered in order."""
+        return cls(tuple(s for layout in layouts for s in layout.sizes), tuple(t for layout in layouts for t in layout.targets))
+
+    def bucket_ids(self, rows: list[int] | None = None) -> list[int]:
+        """A small integer naming the bucket (the order of first appearance) of each image, or of each of `rows`."""
         ids: dict[tuple[int, int], int] = {}
-        return [ids.setdefault(target, len(ids)) for target in self.targets]
+        return [ids.setdefault(self.targets[row], len(ids)) for row in (range(len(self.targets)) if rows is None else rows)]
 
     def undersized(self) -> list[int]:
         """Images smaller than their bucket in either side: they are upscaled to cover it."""

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import ImagePlan, TrainingExamples, apply_plan, image_digests
+from .objectives import element_weights
 from .export import READABLE_FILE, atomic_path, require_writable_folder
 from .quantization import plain_tensors
 
@@ -168,7 +169,8 @@ def fill_store(store, groups: list[list], key, encode, batch_size: int, desc: st
 
 
 class LatentCache:
-    """VAE latents of every (image, plan) the run trains on."""
+    """VAE latents of every (image, plan) the run trains on; with masked loss each with its mask, area-averaged
+    to the latent grid (what `objectives.element_weights` makes of it, so the loss reads it unchanged)."""
 
     def __init__(self, store, vae_identity: str, image_ids: list[str]):
         self.store = store
@@ -176,31 +178,37 @@ class LatentCache:
         self.image_ids = image_ids
         self.computed = self.reused = 0
 
-    def key(self, index: int, plan: ImagePlan) -> str:
-        return digest("latents", CACHE_FORMAT, self.vae_identity, self.image_ids[index], plan)
+    def key(self, row: int, plan: ImagePlan) -> str:
+        return digest("latents", CACHE_FORMAT, self.vae_identity, self.image_ids[row], plan)
 
     def fill(self, examples: TrainingExamples, family, batch_size: int) -> None:
         """Encode every (image, plan) not yet stored, batched per bucket."""
         by_bucket: dict[tuple[int, int], list[tuple[int, ImagePlan]]] = {}
-        for index in range(len(examples)):
-            for plan in examples.fixed_plans(index):
-                by_bucket.setdefault(plan.target, []).append((index, plan))
+        for row in range(examples.row_count):
+            for plan in examples.fixed_plans(row):
+                by_bucket.setdefault(plan.target, []).append((row, plan))
 
         def encode(chunk):
-            pixels = torch.stack([apply_plan(examples.image(index), plan) for index, plan in chunk])
-            return [{"latents": latent.clone()} for latent in family.encode_images(pixels).cpu()]
+            images = [examples.image(row) for row, _ in chunk]
+            pixels = torch.stack([apply_plan(image, plan) for image, (_, plan) in zip(images, chunk)])
+            entries = [{"latents": latent.clone()} for latent in family.encode_images(pixels).cpu()]
+            if examples.masked:
+                for entry, image, (row, plan) in zip(entries, images, chunk):
+                    entry["mask"] = element_weights(examples.mask(row, image, plan)[None], entry["latents"][None])[0]
+            return entries
 
         self.computed, self.reused = fill_store(self.store, list(by_bucket.values()), lambda item: self.key(*item),
                                                 encode, batch_size, "caching latents")  # fmt: skip
 
-    def lookup(self, indices, plans: list[ImagePlan]) -> torch.Tensor:
-        return torch.stack([self._get(int(index), plan) for index, plan in zip(indices, plans)])
+    def lookup(self, rows, plans: list[ImagePlan]) -> dict[str, torch.Tensor]:
+        entries = [self._get(int(row), plan) for row, plan in zip(rows, plans)]
+        return {name: torch.stack([entry[name] for entry in entries]) for name in entries[0]}
 
-    def _get(self, index: int, plan: ImagePlan) -> torch.Tensor:
-        entry = self.store.get(self.key(index, plan))
+    def _get(self, row: int, plan: ImagePlan) -> dict[str, torch.Tensor]:
+        entry = self.store.get(self.key(row, plan))
         if entry is None:
-            raise RuntimeError(f"latent cache: no entry for image {index} with {plan}; the cache was filled for other plans")
-        return entry["latents"]
+            raise RuntimeError(f"latent cache: no entry for image {row} with {plan}; the cache was filled for other plans")
+        return entry
 
 
 SEQUENCE_MASK = "text_mask"  # an encoding entry marking, as a prefix, the text tokens of a caption that count
@@ -262,19 +270,32 @@ class Conditioning:
         self.latent_cache = latents
         self.text_cache = text
 
-    def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """(latents, text embeddings, the masks of masked loss or None), on the denoiser's device."""
         device = self.family.denoiser.device
         if self.latent_cache is not None:
-            latents = self.latent_cache.lookup(batch["indices"], batch["plans"]).to(device)
+            cached = self.latent_cache.lookup(batch["rows"], batch["plans"])
+            latents, masks = cached["latents"], cached.get("mask")
         else:
-            latents = self.family.encode_images(batch["pixel_values"])
+            latents, masks = self.family.encode_images(batch["pixel_values"]), batch.get("masks")
         text = self.text_cache.lookup(batch["captions"]) if self.text_cache is not None else self.family.encode_prompts(batch["captions"])
-        return latents, {name: t.to(device) for name, t in text.items()}
+        return latents.to(device), {name: t.to(device) for name, t in text.items()}, None if masks is None else masks.to(device)
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """(computed, reused) entries per cache that is on."""
         caches = {"latents": self.latent_cache, "text": self.text_cache}
         return {name: (cache.computed, cache.reused) for name, cache in caches.items() if cache is not None}
+
+
+def row_identities(examples: TrainingExamples) -> list[str]:
+    """What a disk-cached latent of each row depends on besides its plan and the VAE: the image's bytes, and
+    with masked loss its mask's bytes (or the alpha channel, which the image's bytes hold) and the floor."""
+    identities = []
+    for source in examples.sources:
+        images = image_digests(source.dataset, source.image_column)
+        masks = source.masks.digests(source.dataset) if source.masks is not None else None
+        identities += images if masks is None else [digest(image, mask, source.mask_floor) for image, mask in zip(images, masks)]
+    return identities
 
 
 def build_conditioning(cfg, family, examples: TrainingExamples, log=print) -> Conditioning:
@@ -285,7 +306,7 @@ def build_conditioning(cfg, family, examples: TrainingExamples, log=print) -> Co
     root = Path(cfg.cache_dir).expanduser() if on_disk else None
     latents = text = None
     if cfg.cache_latents:
-        image_ids = image_digests(examples.dataset, examples.image_column) if on_disk else [str(i) for i in range(len(examples))]
+        image_ids = row_identities(examples) if on_disk else [str(row) for row in range(examples.row_count)]
         vae = f"{module_identity(family.pipe.vae)}:{family.name}" if on_disk else "this run"
         latents = LatentCache(DiskStore(root / "latents") if on_disk else MemoryStore(), vae, image_ids)
         latents.fill(examples, family, cfg.train_batch_size)

@@ -113,6 +113,7 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
         "precision": {"no": "fp32", "fp16": "fp16 mixed precision", "bf16": "bf16 mixed precision"}[config["mixed_precision"]],
         "EMA": (f"{config['ema_type']}" + (f" (σ_rel {config['posthoc_ema_sigma_rels']})" if config["ema_type"] == "posthoc"
                 else f" (decay {config['ema_decay']:g})")) if config.get("use_ema") else "off",
+        **({"masked loss": f"on, floor {config['masked_loss_floor']:g}"} if config.get("masked_loss") else {}),
         "seed": config["seed"],
         f"final training loss (mean of the last {FINAL_LOSS_STEPS} steps)":
             f"{facts['final_loss']:.4f}" if facts.get("final_loss") is not None else "-",
@@ -125,6 +126,7 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
     if config.get("trigger_word"):
         lines += ["## Trigger word", "", f"Put `{config['trigger_word']}` in your prompt.", ""]
     lines += ["## Training", "", "| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in settings.items()] + [""]
+    lines += dataset_lines(facts.get("datasets") or [], config)
     if images.get(EVAL_GRID):
         lines += ["## Evaluation images", "", "One row per evaluation (epoch and optimizer step), one column per prompt:", ""]
         lines += [f"{k + 1}. {prompt}" for k, prompt in enumerate(prompts)] + ["", f"![evaluation images]({EVAL_GRID})", ""]
@@ -143,6 +145,17 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
                   "(ComfyUI: `models/loras`, then a LoraLoader node; A1111/Forge: `models/Lora`, then "
                   f"`<lora:{Path(exports['kohya']).stem}:1>` in the prompt).", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def dataset_lines(table: list[dict], config: dict) -> list[str]:
+    """The card's list of datasets, when there is more than one plain dataset to tell apart (several, repeats,
+    regularisation images): each one's images, repeats and share of an epoch's examples."""
+    if len(table) < 2 and all(entry["repeats"] == 1 for entry in table):
+        return []
+    rows = [f"| `{entry['dataset']}` | {entry['images']} | {entry['repeats']} | {entry['examples']} | {entry['share']:.0%} | "
+            + (f"regularisation (loss weight {config.get('prior_loss_weight', 1.0):g})" if entry["regularization"] else "training") + " |"
+            for entry in table]  # fmt: skip
+    return ["## Datasets", "", "| dataset | images | repeats | examples per epoch | share | kind |", "|---|---|---|---|---|---|", *rows, ""]
 
 
 def prompt_image(k: int) -> str:

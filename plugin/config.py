@@ -56,6 +56,7 @@ class Parameter:
     maximum: float | None = None
     multiple_of: float | None = None  # a slider's step in the form, which refuses values between steps
     required: bool = False
+    json: bool = False  # a string holding JSON (contentMediaType application/json): the value is the parsed JSON
 
     @classmethod
     def from_manifest(cls, name: str, spec: Mapping) -> "Parameter":
@@ -69,6 +70,7 @@ class Parameter:
             maximum=spec.get("maximum"),
             multiple_of=spec.get("multipleOf"),
             required=bool(spec.get("required", False)),
+            json=spec.get("contentMediaType") == "application/json",
         )
 
     def coerce(self, raw: Any) -> Any:
@@ -88,6 +90,13 @@ class Parameter:
 
     def _typed(self, raw: Any) -> Any:
         wrong = ConfigError(f"{self.name}: {raw!r} is not a valid {self.type}")
+        if self.json:  # JSON text from a form, or the value itself from a parameter file; "" is an empty list
+            if not isinstance(raw, str):
+                return raw
+            try:
+                return json.loads(raw) if raw.strip() else []
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{self.name}: not valid JSON ({error}); expected a JSON list such as [{{\"path\": \"data/dog\"}}]") from None
         if self.type == "string":  # a number here (or NaN) is a mistake, never text to train with
             if isinstance(raw, str):
                 return raw.strip()

@@ -23,13 +23,13 @@ def denoising_loss(
     family, objective, conditioning, batch: dict, generators: list[torch.Generator], autocast=nullcontext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the loss to minimise, the objective's loss to report) on one batch: encode (or look up), noise,
-    predict, compare. The two are one tensor unless the weighting is learned (`objective.training_loss`).
+    predict, compare; each example's loss weighed by its dataset's weight and its mask (masked loss). The two are one tensor unless the weighting is learned (`objective.training_loss`).
 
     Only the denoiser runs under autocast: the VAE and text encoders keep the precision they were loaded in
     (an fp32 VAE, T5's fp32 layers), which autocast would otherwise override with fp16 and overflow.
     """
-    latents, text = conditioning(batch)
-    noised = objective.noise(latents, generators)
+    latents, text, masks = conditioning(batch)
+    noised = objective.noise(latents, generators).reweighted(batch.get("loss_weights"), masks)
     with autocast():
         prediction = family.predict(noised.model_input, noised.timesteps, text, batch)
     return objective.training_loss(prediction, noised)

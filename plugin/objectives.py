@@ -13,7 +13,7 @@ divided by zero (SNR, ᾱ, 1−ᾱ, σ², 1−σ) is first clamped to ``_FLOOR``
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -322,7 +322,8 @@ def scheduled_huber_c(schedule: str, huber_c: float, t_fraction: Tensor, edm_sig
     raise _unknown("huber_schedule", schedule, HUBER_SCHEDULES)
 
 
-def per_sample_loss(prediction: Tensor, target: Tensor, loss_type: str, huber_c: float | Tensor = 0.1) -> Tensor:
+def per_sample_loss(prediction: Tensor, target: Tensor, loss_type: str, huber_c: float | Tensor = 0.1,
+                    element_weights: Tensor | None = None) -> Tensor:
     """Elementwise loss of r = prediction − target, in float32, averaged over the non-batch dims → (B,).
 
     "l2": r². "l1": |r|.
@@ -331,6 +332,9 @@ def per_sample_loss(prediction: Tensor, target: Tensor, loss_type: str, huber_c:
     "smooth_l1" (as Diffusers' scheduled-Huber scripts define it): 2(√(r² + c²) − c), the pseudo-Huber loss ÷ c:
     ≈ r²/c for |r| ≪ c and ≈ 2|r| for |r| ≫ c, so small c makes it L1-like without shrinking the large
     residuals' gradients. Evaluated as 2r²/(√(r² + c²) + c). ``huber_c`` is a float or a (B,) tensor.
+    ``element_weights`` (masked loss; broadcastable to the residual) make it Σ w·loss / Σ w per sample: the mean
+    over the pixels that count, so a mask changes which pixels are learned, not the loss's scale (and the
+    learning rate's meaning); a sample whose weights are all zero contributes 0.
     """
     residual = prediction.float() - target.float()
     c = torch.as_tensor(huber_c, dtype=torch.float32, device=residual.device)
@@ -346,7 +350,17 @@ def per_sample_loss(prediction: Tensor, target: Tensor, loss_type: str, huber_c:
         loss = 2 * residual**2 / (torch.sqrt(residual**2 + c**2) + c)
     else:
         raise _unknown("loss_type", loss_type, LOSS_TYPES)
-    return loss.flatten(1).mean(dim=1)
+    if element_weights is None:
+        return loss.flatten(1).mean(dim=1)
+    weights = element_weights.to(loss.device, torch.float32).expand_as(loss)
+    return (loss * weights).flatten(1).sum(dim=1) / weights.flatten(1).sum(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def element_weights(mask: Tensor, like: Tensor) -> Tensor:
+    """A (B, 1, H, W) pixel mask as weights on the elements of `like` (B, C, h, w): area-averaged to its h x w
+    grid (each latent cell weighs the share of its pixels that count; exact when h and w divide H and W, as
+    buckets make them), broadcast over the channels."""
+    return torch.nn.functional.adaptive_avg_pool2d(mask.float(), like.shape[-2:])
 
 
 def weighted_mean(per_sample: Tensor, weights: Tensor) -> Tensor:
@@ -414,6 +428,14 @@ class NoisedBatch:
     weights: Tensor
     huber_c: Tensor
     noise_level: Tensor
+    element_weights: Tensor | None = None  # masked loss: (B, 1, h, w) on the target's grid
+
+    def reweighted(self, sample_weights: Tensor | None, masks: Tensor | None) -> "NoisedBatch":
+        """The batch with its per-sample weights scaled (prior_loss_weight on regularisation images) and its
+        element weights set from pixel or latent-grid masks (`element_weights`)."""
+        weights = self.weights if sample_weights is None else self.weights * sample_weights.to(self.weights.device, self.weights.dtype)
+        elements = None if masks is None else element_weights(masks, self.target)
+        return replace(self, weights=weights, element_weights=elements)
 
 
 def _check_choice(argument: str, value, allowed: Sequence[str]) -> None:
@@ -494,7 +516,7 @@ class _Objective:
 
     def loss_per_sample(self, prediction: Tensor, noised: NoisedBatch) -> Tensor:
         """Unweighted float32 loss per sample (B,), for logging and evaluation."""
-        return per_sample_loss(prediction, noised.target, self.loss_type, noised.huber_c)
+        return per_sample_loss(prediction, noised.target, self.loss_type, noised.huber_c, noised.element_weights)
 
     def loss(self, prediction: Tensor, noised: NoisedBatch) -> Tensor:
         """The objective's scalar loss: mean_b(w_b · loss_b). What is logged and validated."""

@@ -8,6 +8,7 @@ Each rule is one function of the coerced values that returns its problem, or Non
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -130,6 +131,51 @@ def validation_rule(v: Mapping) -> str | None:
     return None
 
 
+# The run's settings a `datasets` entry may set for itself, and the keys an entry may hold.
+DATASET_SETTINGS = ("image_column", "caption_column", "trigger_word", "caption_dropout_rate", "shuffle_caption", "keep_tokens",
+                    "caption_separator", "caption_prefix", "caption_suffix", "resolution", "aspect_ratio_buckets",
+                    "mask_column", "mask_dir")  # fmt: skip
+DATASET_ENTRY_KEYS = ("path", "repeats", "is_regularization", *DATASET_SETTINGS)
+
+
+def dataset_entry_problem(field: str, entry) -> str | None:
+    """What is wrong with one `datasets` entry's shape (its settings' values are checked as the run's are)."""
+    if not isinstance(entry, dict):
+        return f"{field}: got {entry!r}; expected an object such as {{\"path\": \"data/dog\", \"repeats\": 10}}"
+    for key in entry:
+        if key not in DATASET_ENTRY_KEYS:
+            close = difflib.get_close_matches(key, DATASET_ENTRY_KEYS, n=3)
+            return f"{field}: unknown key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else f"; expected some of {', '.join(DATASET_ENTRY_KEYS)}")
+    path, repeats, regularization = entry.get("path"), entry.get("repeats", 1), entry.get("is_regularization", False)
+    if not isinstance(path, str) or not path.strip():
+        return f"{field}.path: got {path!r}; expected a folder of captioned images or a hub dataset id"
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        return f"{field}.repeats: got {repeats!r}; expected a whole number of at least 1 (visits of each image per epoch)"
+    if not isinstance(regularization, bool):
+        return f"{field}.is_regularization: got {regularization!r}; expected true or false"
+    return None
+
+
+def datasets_rule(v: Mapping) -> str | None:
+    if not isinstance(v["datasets"], list):
+        return f"datasets: got {v['datasets']!r}; expected a list of objects, each with a path"
+    if not v["dataset_name"] and not v["datasets"]:
+        return "dataset_name: no dataset given; name a folder of captioned images or a hub dataset, or list several in datasets"
+    problems = (dataset_entry_problem(f"datasets[{number}]", entry) for number, entry in enumerate(v["datasets"]))
+    problem = next((p for p in problems if p), None)
+    if problem is None and not v["dataset_name"] and all(entry.get("is_regularization") for entry in v["datasets"]):
+        return "datasets: every dataset is marked is_regularization; expected at least one dataset of training images"
+    return problem
+
+
+def prior_loss_weight_rule(v: Mapping) -> str | None:
+    entries = v["datasets"] if isinstance(v["datasets"], list) else []
+    if v["prior_loss_weight"] != 1.0 and not any(isinstance(e, dict) and e.get("is_regularization") is True for e in entries):
+        return (f"prior_loss_weight: {v['prior_loss_weight']:g} weighs the loss of regularisation images, and no dataset is marked "
+                "is_regularization; add one to datasets, or leave prior_loss_weight at 1")  # fmt: skip
+    return None
+
+
 def text_encoder_adapter_rule(v: Mapping) -> str | None:
     """Text-encoder adapters are LoRA only: Diffusers loads a text encoder's DoRA magnitudes under the wrong
     names (they stay at their initial values), and LoKr/LoHa not at all."""
@@ -171,7 +217,7 @@ def prodigy_learned_rule(v: Mapping) -> str | None:
     return None
 
 
-RULES = (export_formats_rule, sigma_rels_rule, eval_prompt_rule, caption_separator_rule, alpha_background_rule, validation_rule, text_encoder_adapter_rule,
+RULES = (export_formats_rule, sigma_rels_rule, eval_prompt_rule, caption_separator_rule, alpha_background_rule, validation_rule, datasets_rule, prior_loss_weight_rule, text_encoder_adapter_rule,
          quantized_text_encoders_rule, sharded_quantized_rule, offloaded_trained_text_encoders_rule, polynomial_rule,
          prodigy_learned_rule)  # fmt: skip
 

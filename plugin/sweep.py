@@ -15,7 +15,7 @@ import torch
 from peft import set_peft_model_state_dict
 
 from .config import parse_parameters
-from .data import load_image_dataset
+from .data.mixing import load_sources
 from .errors import ConfigError
 from .evaluation import line_plot
 from .export import write_json_atomic
@@ -52,8 +52,7 @@ def sweep(run_dir: Path, sigma_rels: list[float] | None = None, at_step: int | N
 
     family = open_model(cfg.model_name, cfg.model_config, cfg.text_encoder_source, cfg.allow_pickle_checkpoints)
     cfg, _ = family.configure(cfg)
-    dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column, cfg.follow_symlinks)
-    _, held_out_rows = training_and_validation_data(cfg, dataset)
+    _, held_out_sources = training_and_validation_data(cfg, load_sources(cfg))
     accelerator = new_accelerator(cfg)
     family.load(WEIGHT_DTYPES[cfg.mixed_precision])
     family.to(accelerator.device)
@@ -61,7 +60,7 @@ def sweep(run_dir: Path, sigma_rels: list[float] | None = None, at_step: int | N
     for module in modules.values():
         module.eval()
     objective = family.make_objective()
-    held_out = ValidationSet.build(cfg, family, held_out_rows)
+    held_out = ValidationSet.build(cfg, family, held_out_sources)
 
     losses = []
     for column, sigma_rel in enumerate(grid):

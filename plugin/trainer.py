@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from .buckets import BucketBatchSampler, BucketLayout
 from .cache import build_conditioning, resolve_caching
-from .data import CaptionOptions
 from .card import write_model_card
 from .checkpoints import (
     INPUT_CONFIG, RESOLVED_CONFIG, Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder,
@@ -31,7 +30,8 @@ from .checkpoints import (
 from .denoising import denoising_loss, sample_generators
 from .disk import WRITE_ERRORS, save_failure, warn_if_short_of_space
 from .distributed import any_process, average_gradients, rng_states
-from .data import AugmentOptions, TrainingExamples, collate_examples, load_image_dataset, read_image_headers
+from .data import TrainingExamples, collate_examples
+from .data.mixing import Source, dataset_table, example_sources, format_dataset_table, load_sources, slot_rows
 from .ema import PowerFunctionEMA, moving_average
 from .errors import ConfigError, TrainingDiverged, TrainingStopped
 from .evaluation import rendered_evaluation, save_evaluation
@@ -97,51 +97,32 @@ def new_accelerator(cfg) -> Accelerator:
     return Accelerator(mixed_precision=cfg.mixed_precision, dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
-def augment_options(cfg) -> AugmentOptions:
-    return AugmentOptions(
-        resolution=cfg.resolution,
-        center_crop=cfg.center_crop,
-        random_flip=cfg.random_flip,
-        interpolation=cfg.image_interpolation_mode,
-        color_jitter=cfg.color_jitter,
-        brightness=cfg.color_jitter_brightness,
-        contrast=cfg.color_jitter_contrast,
-        saturation=cfg.color_jitter_saturation,
-        hue=cfg.color_jitter_hue,
-        random_rotation=cfg.random_rotation,
-        rotation_degrees=cfg.rotation_degrees,
-        rotation_prob=cfg.rotation_prob,
-        alpha_background=cfg.alpha_background,
-    )
+def build_examples(cfg, sources: list[Source], layout: BucketLayout | None = None) -> TrainingExamples:
+    """Examples of every dataset at their buckets, each training image visited `repeats` times an epoch and the
+    regularisation images balanced to them; with the latent cache on they carry plans, not pixels."""
+    return TrainingExamples(example_sources(sources), cfg.seed, layout=layout, load_pixels=not cfg.cache_latents, slot_rows=slot_rows(sources))
 
 
-def build_examples(cfg, dataset, layout: BucketLayout | None = None) -> TrainingExamples:
-    """Examples at their buckets; with the latent cache on they carry plans, not pixels."""
-    captions = CaptionOptions(cfg.trigger_word, cfg.caption_dropout_rate, cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_separator,
-                              cfg.caption_prefix, cfg.caption_suffix)  # fmt: skip
-    return TrainingExamples(
-        dataset, cfg.image_column, cfg.caption_column, augment_options(cfg), captions, cfg.seed,
-        layout=layout, load_pixels=not cfg.cache_latents,
-    )  # fmt: skip
-
-
-def bucket_layout(cfg, family, dataset, log=print) -> BucketLayout:
-    """Each image's bucket, printed as a table. What the images need done to them is said once each: those
-    smaller than their bucket are upscaled, those with transparency composited over alpha_background."""
-    headers = read_image_headers(dataset, cfg.image_column)
-    sizes = headers.sizes
-    layout = BucketLayout.assign(sizes, cfg.resolution, family.resolution_multiple, cfg.aspect_ratio_buckets)
+def bucket_layout(family, sources: list[Source], log=print) -> BucketLayout:
+    """Each image's bucket (each dataset at its resolution), printed as a table. What the images need done to
+    them is said once each: those smaller than their bucket are upscaled, those with transparency composited
+    over alpha_background."""
+    layout = BucketLayout.joined([BucketLayout.assign(source.headers.sizes, source.spec.cfg.resolution, family.resolution_multiple,
+                                                      source.spec.cfg.aspect_ratio_buckets) for source in sources])  # fmt: skip
+    labels = [label for source in sources for label in source.headers.labels]
     log(layout.table())
+    sizes = layout.sizes
     small = sorted(layout.undersized(), key=layout.upscale, reverse=True)  # the most blurred first
     if small:
-        names = [f"{headers.labels[i]} ({sizes[i][1]}x{sizes[i][0]}, upscaled {layout.upscale(i):.3g}x)" for i in small[:10]]
+        names = [f"{labels[i]} ({sizes[i][1]}x{sizes[i][0]}, upscaled {layout.upscale(i):.3g}x)" for i in small[:10]]
         warnings.warn(
             f"{len(small)} of {len(sizes)} images are smaller than their bucket and are upscaled, which blurs them: "
             + ", ".join(names) + (" ..." if len(small) > 10 else ""),
             stacklevel=2,
         )
-    if headers.transparent:
-        log(f"{len(headers.transparent)} of {len(sizes)} images have transparency; composited over {cfg.alpha_background!r} "
+    transparent = sum(len(source.headers.transparent) for source in sources)
+    if transparent:
+        log(f"{transparent} of {len(sizes)} images have transparency; composited over {sources[0].spec.cfg.alpha_background!r} "
             "(alpha_background)")  # fmt: skip
     return layout
 
@@ -172,16 +153,17 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     family = open_model(cfg.model_name, cfg.model_config, cfg.text_encoder_source, cfg.allow_pickle_checkpoints)  # configs, no weights yet
     cfg, filled = family.configure(resolve_caching(cfg, log))
     resolved_config = {**cfg.as_dict(), "model_family": family.name}
-    dataset = load_image_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column, cfg.follow_symlinks)
-    dataset, held_out_rows = training_and_validation_data(cfg, dataset)
+    sources, held_out_sources = training_and_validation_data(cfg, load_sources(cfg))
     prompts = parse_eval_prompts(cfg.eval_prompt)
     accelerator = new_accelerator(cfg)
     processes, is_main = accelerator.num_processes, accelerator.is_main_process
     log = log if is_main else (lambda *_: None)  # one process speaks and writes files; all of them train
     job = job if job is not None and is_main else JobRecord()
     log(f"{family.title} model; defaults applied: " + (", ".join(f"{k}={v}" for k, v in filled.items()) or "none"))
-    layout = bucket_layout(cfg, family, dataset, log)
-    examples = build_examples(cfg, dataset, layout)
+    layout = bucket_layout(family, sources, log)
+    examples = build_examples(cfg, sources, layout)
+    datasets_used = dataset_table(sources, examples.slot_rows)
+    log(format_dataset_table(datasets_used))
     family.check_caption_lengths(examples.caption_texts(), cfg.trigger_word)
     if is_main:  # last of the checks, as overwrite_output deletes the old run's checkpoints
         claim_run_folder(paths.run_dir, cfg, log)
@@ -213,11 +195,11 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     trainable = sum(p.numel() for p in parameters)
     if is_main:
         warn_if_short_of_space(paths.run_dir, cfg, trainable)
-    held_out = ValidationSet.build(cfg, family, held_out_rows) if held_out_rows is not None else None
+    held_out = ValidationSet.build(cfg, family, held_out_sources) if held_out_sources is not None else None
     with accelerator.main_process_first():  # a disk cache is filled once, then read by the other processes
         conditioning = build_conditioning(cfg, family, examples, log)
     job.setup(SETUP_PERCENT)
-    sampler = BucketBatchSampler(layout.bucket_ids(), cfg.train_batch_size, cfg.seed, processes, accelerator.process_index,
+    sampler = BucketBatchSampler(layout.bucket_ids(examples.slot_rows), cfg.train_batch_size, cfg.seed, processes, accelerator.process_index,
                                  lockstep=cfg.shard_base_model)  # fmt: skip
     # The loader's own generator: each epoch's iterator draws a worker base seed from it, which from the global
     # RNG would shift LoRA dropout's draws and make a resumed run differ from an unbroken one.
@@ -258,10 +240,10 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     exports = {"diffusers": WEIGHTS_NAME}  # the files the model card names
     if "kohya" in parse_export_formats(cfg.export_formats):
         exports["kohya"] = community_file_name(family, cfg.adaptor_name)
-    card_facts = {"images": len(examples), "processes": processes, "family_title": family.title, "hub_tag": family.hub_tag,
+    card_facts = {"images": examples.row_count, "datasets": datasets_used, "processes": processes, "family_title": family.title, "hub_tag": family.hub_tag,
                   "steps_per_epoch": steps_per_epoch, **family.loading_code(str(weight_dtype))}  # fmt: skip
     log(
-        f"{len(examples)} images, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
+        f"{examples.row_count} images, {len(examples)} examples per epoch, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
         f"epochs; {trainable:,} trainable parameters on {accelerator.device}"
     )
 

@@ -1,6 +1,7 @@
 """The validation loss: how well the adapter denoises images it never trains on, as one number per evaluation.
 
-The held-out images come from `validation_split` (a seeded fraction of the dataset) or `validation_dataset`.
+The held-out images come from `validation_split` (a seeded fraction of the training images, regularisation
+images left in) or `validation_dataset`.
 Everything random is fixed once: each image sits at its aspect-ratio bucket with a centre crop and no flip,
 its caption has the trigger word and no dropout, and its noise and timesteps come from generators keyed by
 (seed, draw, image), VALIDATION_DRAWS draws per image. The latents are encoded once, when the set is built.
@@ -13,47 +14,28 @@ weighting λ, timestep density, loss type); with learned weighting, the λ-weigh
 from __future__ import annotations
 
 import json
-import random
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
-import datasets
 import torch
 
 from .buckets import BucketLayout
-from .data import CaptionOptions
-from .data import AugmentOptions, TrainingExamples, collate_examples, load_image_dataset, read_image_headers
+from .data import TrainingExamples, collate_examples
+from .data.examples import ExampleSource
+from .data.mixing import DatasetSpec, Source, load_source, split_sources
 from .denoising import denoising_loss, sample_generators
-from .errors import ConfigError
 from .export import write_json_atomic
 
 VALIDATION_DRAWS = 4  # noise and timestep draws per image: the estimate's spread falls as 1/√(images × draws)
 HISTORY_FILE = "validation_loss.json"
 
 
-def split_dataset(dataset: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """(training rows, held-out rows): round(fraction·N) rows, at least one, drawn by the seed, the rest in
-    their order. A split that would leave no training image (or hold none out) is an error."""
-    if fraction <= 0:
-        return dataset, None
-    size = len(dataset)
-    held = max(1, round(fraction * size))
-    if held >= size:
-        raise ConfigError(f"validation_split: {fraction:g} of {size} images holds out {held}, which leaves no training images; "
-                          "lower it, add images, or name a validation_dataset")  # fmt: skip
-    chosen = set(random.Random(f"{seed}:validation").sample(range(size), held))
-    return dataset.select([i for i in range(size) if i not in chosen]), dataset.select(sorted(chosen))
-
-
-def training_and_validation_data(cfg, dataset: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """The rows to train on and the held-out rows (None without a validation set)."""
+def training_and_validation_data(cfg, sources: list[Source]) -> tuple[list[Source], list[Source] | None]:
+    """The datasets to train on and the held-out ones (None without a validation set)."""
     if not cfg.validation_dataset:
-        return split_dataset(dataset, cfg.validation_split, cfg.seed)
-    try:
-        held_out = load_image_dataset(cfg.validation_dataset, cfg.image_column, cfg.caption_column, cfg.follow_symlinks)
-    except ConfigError as error:  # the loader's messages name dataset_name, the field it usually reads
-        raise ConfigError(str(error).replace("dataset_name:", "validation_dataset:", 1)) from None
-    return dataset, held_out
+        return split_sources(sources, cfg.validation_split, cfg.seed)
+    return sources, [load_source(DatasetSpec(cfg.validation_dataset, 1, False, cfg, "validation_dataset"))]
 
 
 class ValidationSet:
@@ -66,19 +48,14 @@ class ValidationSet:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, cfg, family, dataset: datasets.Dataset) -> "ValidationSet":
+    def build(cls, cfg, family, sources: list[Source]) -> "ValidationSet":
         """Each image at its bucket (buckets on whatever the run's aspect_ratio_buckets, so that setting does
         not move the yardstick), batched train_batch_size at a time per bucket, encoded by the family's VAE."""
-        headers = read_image_headers(dataset, cfg.image_column)
-        layout = BucketLayout.assign(headers.sizes, cfg.resolution, family.resolution_multiple, enabled=True)
-        augment = AugmentOptions(
-            resolution=cfg.resolution, center_crop=True, random_flip=False, interpolation=cfg.image_interpolation_mode,
-            color_jitter=False, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, random_rotation=False,
-            rotation_degrees=0.0, rotation_prob=0.0, alpha_background=cfg.alpha_background,
-        )  # fmt: skip
-        captions = CaptionOptions(cfg.trigger_word, 0.0, caption_separator=cfg.caption_separator, caption_prefix=cfg.caption_prefix,
-                                  caption_suffix=cfg.caption_suffix)  # fixed: no dropout, no shuffle  # fmt: skip
-        examples = TrainingExamples(dataset, cfg.image_column, cfg.caption_column, augment, captions, cfg.seed, layout=layout)
+        fixed = [ExampleSource(source.dataset, source.spec.cfg.image_column, source.spec.cfg.caption_column, _fixed_augment(source.spec),
+                               _fixed_captions(source.spec)) for source in sources]  # fmt: skip
+        layout = BucketLayout.joined([BucketLayout.assign(source.headers.sizes, source.spec.cfg.resolution, family.resolution_multiple,
+                                                          enabled=True) for source in sources])  # fmt: skip
+        examples = TrainingExamples(fixed, cfg.seed, layout=layout)
         by_bucket: dict[int, list[int]] = {}
         for index, bucket in enumerate(layout.bucket_ids()):
             by_bucket.setdefault(bucket, []).append(index)
@@ -99,12 +76,22 @@ class ValidationSet:
         total = 0.0
         with family.unparked():
             for batch, latents in self.batches:
-                fixed = (latents.to(device), family.encode_prompts(batch["captions"]))
+                fixed = (latents.to(device), family.encode_prompts(batch["captions"]), None)  # no mask: every pixel counts
                 for draw in range(VALIDATION_DRAWS):
                     generators = sample_generators(self.seed, f"validation:{draw}", batch["indices"])
                     _, reported = denoising_loss(family, objective, lambda _: fixed, batch, generators, autocast)
                     total += reported.item() * len(batch["captions"])
         return total / (self.size * VALIDATION_DRAWS)
+
+
+def _fixed_augment(spec: DatasetSpec):
+    """The dataset's image settings with a centre crop and no augmentation."""
+    return replace(spec.augment, center_crop=True, random_flip=False, color_jitter=False, random_rotation=False)
+
+
+def _fixed_captions(spec: DatasetSpec):
+    """The dataset's captions as written: the trigger word, prefix and suffix, no dropout and no shuffle."""
+    return replace(spec.captions, caption_dropout_rate=0.0, shuffle_caption=False)
 
 
 class ValidationHistory:

@@ -158,7 +158,8 @@ def heldout_losses(model: Path, cfg, data: Path, adapter_dir: Path | None = None
     falling too means it learned to denoise, not just to please a mis-wired objective."""
     from plugin.adapters import load_adapter
     from plugin.cache import Conditioning
-    from plugin.data import collate_examples, load_image_dataset
+    from plugin.data import collate_examples
+    from plugin.data.mixing import load_sources
     from plugin.families import load_model
     from plugin.denoising import denoising_loss, sample_generators
     from plugin.trainer import build_examples
@@ -170,11 +171,11 @@ def heldout_losses(model: Path, cfg, data: Path, adapter_dir: Path | None = None
     if adapter_dir is not None:
         load_adapter(family.pipe, adapter_dir)  # Diffusers' load_lora_weights, or the LoKr/LoHa loader
     objective = family.make_objective()
-    examples = build_examples(cfg, load_image_dataset(str(data), cfg.image_column, cfg.caption_column))
+    examples = build_examples(cfg, load_sources(cfg.replace(dataset_name=str(data))))
     batch = collate_examples([examples[i] for i in range(len(examples))])
     conditioning = Conditioning(family)
     with torch.no_grad():
-        latents, text = conditioning(batch)
+        latents, text, _ = conditioning(batch)
         objective_losses = [
             denoising_loss(family, objective, conditioning, batch, sample_generators(1234, draw, batch["indices"]))[1].item()
             for draw in range(draws)

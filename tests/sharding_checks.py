@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from plugin.config import parse_parameters  # noqa: E402
 from plugin.denoising import denoising_loss, sample_generators  # noqa: E402
-from plugin.data import load_image_dataset  # noqa: E402
+from plugin.data.mixing import load_sources  # noqa: E402
 from plugin.families import open_model  # noqa: E402
 from plugin.sharding import in_turn, shard_frozen_base  # noqa: E402
 from plugin.validation import ValidationSet  # noqa: E402
@@ -30,7 +30,7 @@ def loss_and_gradients(family, objective, batch, latents) -> tuple[float, dict[s
     trainable = {n: p for n, p in family.denoiser.named_parameters() if p.requires_grad}
     for p in trainable.values():
         p.grad = None
-    fixed = (latents, family.encode_prompts(batch["captions"]))
+    fixed = (latents, family.encode_prompts(batch["captions"]), None)
     loss, _ = denoising_loss(family, objective, lambda _: fixed, batch, sample_generators(0, "check", batch["indices"]))
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}  # (none where the output is discarded)
@@ -48,7 +48,7 @@ def compare(model: str, data: str) -> dict:
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)  # non-zero, so every LoRA weight gets a gradient
     objective = family.make_objective()
-    batch, latents = ValidationSet.build(cfg, family, load_image_dataset(data, cfg.image_column, cfg.caption_column)).batches[0]
+    batch, latents = ValidationSet.build(cfg, family, load_sources(cfg)).batches[0]
     whole_loss, whole_grads = loss_and_gradients(family, objective, batch, latents)
     shard_frozen_base(family.denoiser, dist.get_world_size(), torch.device("cpu"))
     sharded_loss, sharded_grads = loss_and_gradients(family, objective, batch, latents)

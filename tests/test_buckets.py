@@ -111,9 +111,9 @@ def spy_on_conditioning(monkeypatch) -> list[tuple[list[int], tuple[int, ...]]]:
     original = Conditioning.__call__
 
     def recording(self, batch):
-        latents, text = original(self, batch)
+        latents, text, masks = original(self, batch)
         seen.append((batch["indices"].tolist(), tuple(latents.shape)))
-        return latents, text
+        return latents, text, masks
 
     monkeypatch.setattr(Conditioning, "__call__", recording)
     return seen

@@ -62,9 +62,9 @@ def test_cached_and_uncached_runs_train_the_same_adapter(family, tiny_models, sa
     original = Conditioning.__call__
 
     def recording(self, batch):
-        latents, text = original(self, batch)
+        latents, text, masks = original(self, batch)
         seen[-1].append((latents.clone(), {k: v.clone() for k, v in text.items()}))
-        return latents, text
+        return latents, text, masks
 
     monkeypatch.setattr(Conditioning, "__call__", recording)
     common = dict(random_flip=True, caption_dropout_rate=0.3, trigger_word="shapes", learning_rate=1e-4)

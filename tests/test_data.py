@@ -20,6 +20,7 @@ from plugin.data import (
     load_image_dataset,
     transform_image,
 )
+from plugin.data.examples import ExampleSource
 from plugin.errors import ConfigError
 
 
@@ -491,7 +492,7 @@ def test_several_captions_of_an_image_are_drawn_per_epoch():
 def test_image_draws_do_not_depend_on_the_caption_settings():
     rows = training_rows()
     plain = training_examples(rows)
-    shuffled = TrainingExamples(rows, "image", "text", plain.augment, CaptionOptions("sks", 0.3, shuffle_caption=True), seed=3)
+    shuffled = TrainingExamples([ExampleSource(rows, "image", "text", plain.sources[0].augment, CaptionOptions("sks", 0.3, shuffle_caption=True))], seed=3)
     assert all(torch.equal(plain[i]["pixel_values"], shuffled[i]["pixel_values"]) for i in range(len(rows)))
 
 
@@ -511,7 +512,7 @@ def training_examples(rows, seed=3):
         center_crop=False, random_flip=True, color_jitter=True, brightness=0.3, contrast=0.3, saturation=0.3,
         hue=0.05, random_rotation=True, rotation_degrees=10.0, rotation_prob=0.5,
     )
-    return TrainingExamples(rows, "image", "text", options, CaptionOptions("sks", 0.3), seed=seed)
+    return TrainingExamples([ExampleSource(rows, "image", "text", options, CaptionOptions("sks", 0.3))], seed=seed)
 
 
 def test_same_seed_epoch_index_gives_the_same_example():
@@ -534,8 +535,8 @@ def test_another_epoch_gives_other_augmentations():
 
 def test_example_fields():
     example = training_examples(training_rows())[2]
-    assert set(example) == {"pixel_values", "caption", "original_size", "crop_top_left", "index", "plan"}
-    assert example["index"] == 2 and example["original_size"] == (32, 40)
+    assert set(example) == {"pixel_values", "caption", "original_size", "crop_top_left", "index", "row", "plan", "loss_weight"}
+    assert example["index"] == example["row"] == 2 and example["original_size"] == (32, 40) and example["loss_weight"] == 1.0
     assert example["caption"] in ("", "sks, photo 2")
 
 
@@ -545,7 +546,7 @@ def test_dataloader_batches_and_does_not_depend_on_workers_or_batch_size():
     loader = torch.utils.data.DataLoader(examples, batch_size=2, collate_fn=collate_examples)
     batches = list(loader)
     batch = batches[0]
-    assert set(batch) == {"pixel_values", "captions", "original_sizes", "crop_top_lefts", "indices", "plans"}
+    assert set(batch) == {"pixel_values", "captions", "original_sizes", "crop_top_lefts", "indices", "rows", "plans", "loss_weights"}
     assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
     assert batch["pixel_values"].is_contiguous()
     assert len(batch["captions"]) == 2 and all(isinstance(c, str) for c in batch["captions"])

@@ -23,7 +23,8 @@ from conftest import base_parameters, heldout_losses, load_fresh, render, write_
 from plugin import trainer as trainer_module
 from plugin.config import load_manifest, parse_parameters
 from plugin.cache import Conditioning
-from plugin.data import collate_examples, load_image_dataset
+from plugin.data import collate_examples
+from plugin.data.mixing import load_sources
 from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME
 from plugin.families import FAMILIES, detect_family, load_model, open_model
@@ -160,7 +161,7 @@ def test_sdxl_unet_gets_the_real_crop_coordinates(tiny_models, tmp_path, monkeyp
     train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
     assert len(seen) == 2  # one UNet call per training step (batch 2, 4 images, 2 steps = one epoch)
 
-    examples = build_examples(cfg, load_image_dataset(str(data), cfg.image_column, cfg.caption_column))
+    examples = build_examples(cfg, load_sources(cfg))
     examples.set_epoch(0)
     crops = []
     for indices, time_ids in seen:
@@ -472,7 +473,7 @@ def test_only_the_denoiser_runs_under_autocast(tiny_models, sample_data, tmp_pat
 
     for name, module in probes.items():
         module.register_forward_hook(record(name))
-    examples = build_examples(cfg, load_image_dataset(str(sample_data), "image", "text"))
+    examples = build_examples(cfg, load_sources(cfg.replace(dataset_name=str(sample_data))))
     batch = collate_examples([examples[0], examples[1]])
     denoising_loss(family, family.make_objective(), Conditioning(family), batch, sample_generators(0, 0, batch["indices"]),
                    lambda: torch.autocast("cpu", dtype=torch.bfloat16))

@@ -103,9 +103,9 @@ def test_offloaded_text_encoders_stay_on_the_cpu_and_their_embeddings_move(tiny_
     family.to(torch.device("meta"), text_encoders=False)  # meta stands in for an accelerator: nothing moves data
     assert {p.device.type for p in family.denoiser.parameters()} == {"meta"}
     assert family.text_device.type == "cpu" and len(family.parked) == 3
-    latents = types.SimpleNamespace(lookup=lambda indices, plans: torch.zeros(len(indices), 4, 8, 8))
-    batch = {"indices": [0, 1], "plans": [None, None], "captions": ["a red circle", "a blue square"]}
-    _, text = Conditioning(family, latents)(batch)  # no text cache: encoded on the CPU, then moved
+    latents = types.SimpleNamespace(lookup=lambda rows, plans: {"latents": torch.zeros(len(rows), 4, 8, 8)})
+    batch = {"indices": [0, 1], "rows": [0, 1], "plans": [None, None], "captions": ["a red circle", "a blue square"]}
+    _, text, _ = Conditioning(family, latents)(batch)  # no text cache: encoded on the CPU, then moved
     assert text and {t.device.type for t in text.values()} == {"meta"}
 
 

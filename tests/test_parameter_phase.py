@@ -26,11 +26,11 @@ REQUIRED = {"adaptor_name": "a", "model_name": "base-model", "dataset_name": "im
 # Text fields holding a small language the parameter phase parses, with a value it must refuse.
 TEXT_BAD = {"adaptor_name": "../escape", "model_name": "", "dataset_name": "", "export_formats": "diffusers,onnx",
             "alpha_background": "not-a-colour", "posthoc_ema_sigma_rels": "0.05,0.5", "eval_prompt": "a cat --x 3",
-            "caption_separator": ""}  # fmt: skip
+            "caption_separator": "", "datasets": '[{"path": '}  # fmt: skip
 # Text fields any string suits here: names, prompts, paths (checked when opened) and layer names (checked
 # against the model's layers, before its weights load).
 FREE_TEXT = {"trigger_word", "caption_prefix", "caption_suffix", "image_column", "caption_column", "cache_dir", "output_dir", "model_config",
-             "text_encoder_source", "resume_from_checkpoint", "validation_dataset", "lora_target_modules"}  # fmt: skip
+             "text_encoder_source", "resume_from_checkpoint", "validation_dataset", "lora_target_modules", "mask_column", "mask_dir"}  # fmt: skip
 # One case per rule of plugin/settings.py: (the values, the field the problem names).
 COMBINATIONS = [
     ({"export_formats": "kohya,,zip"}, "export_formats"),
@@ -39,6 +39,8 @@ COMBINATIONS = [
     ({"caption_separator": ""}, "caption_separator"),
     ({"alpha_background": "#12"}, "alpha_background"),
     ({"validation_split": 0.25, "validation_dataset": "held-out"}, "validation_split"),
+    ({"datasets": [{"path": "dogs", "repeat": 3}]}, "datasets"),
+    ({"prior_loss_weight": 0.5}, "prior_loss_weight"),
     ({"train_text_encoder": True, "lora_type": "lokr"}, "lora_type"),
     ({"quantize_text_encoders": True}, "quantize_text_encoders"),
     ({"shard_base_model": True, "base_quantization": "int8"}, "shard_base_model"),
@@ -118,7 +120,7 @@ def test_every_problem_is_reported_at_once():
     lines = str(error.value).splitlines()
     assert lines[0] == "7 problems in the parameters:"
     assert [line.split(":")[0].split()[0].strip("'") for line in lines[1:]] == [
-        "lora_r", "lora_dropout", "unknown", "model_name", "dataset_name", "adaptor_name", "export_formats"]  # fmt: skip
+        "lora_r", "lora_dropout", "unknown", "model_name", "adaptor_name", "export_formats", "dataset_name"]  # fmt: skip
     assert "not a multiple of 0.01 (the form's step)" in lines[2] and "did you mean lr_scheduler" in lines[3]
 
 

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import base_parameters, heldout_losses, load_fresh, render
 from plugin import objectives as obj
 from plugin.config import parse_parameters
-from plugin.data import load_image_dataset
+from plugin.data.mixing import load_sources, split_sources
 from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME
 from plugin.main import main
@@ -23,7 +23,7 @@ from plugin.posthoc import SNAPSHOT_FOLDER
 from plugin.sweep import sweep
 from plugin.tiny import FAMILIES
 from plugin.trainer import RunPaths, train
-from plugin.validation import HISTORY_FILE, split_dataset
+from plugin.validation import HISTORY_FILE
 
 VALIDATED = dict(validation_split=0.25, max_train_steps=12, eval_prompt="", num_train_epochs=100, eval_steps=2)
 
@@ -36,17 +36,18 @@ def history(paths) -> list[dict]:
 
 
 def test_the_split_is_seeded_disjoint_and_complete(sample_data):
-    dataset = load_image_dataset(str(sample_data), "image", "text")
-    train_rows, held = split_dataset(dataset, 0.25, seed=3)
-    again_train, again_held = split_dataset(dataset, 0.25, seed=3)
-    _, other_held = split_dataset(dataset, 0.25, seed=4)
-    captions = lambda d: [row["text"] for row in d.select_columns(["text"])]  # noqa: E731
-    assert len(held) == 2 and len(train_rows) == 6
+    cfg = parse_parameters({"model_name": "m", "adaptor_name": "a", "dataset_name": str(sample_data)})
+    sources = load_sources(cfg)
+    captions = lambda parts: [row["text"] for source in parts for row in source.dataset.select_columns(["text"])]  # noqa: E731
+    train_rows, held = split_sources(sources, 0.25, seed=3)
+    again_train, again_held = split_sources(sources, 0.25, seed=3)
+    _, other_held = split_sources(sources, 0.25, seed=4)
+    assert len(captions(held)) == 2 and len(captions(train_rows)) == 6
     assert captions(held) == captions(again_held) and captions(train_rows) == captions(again_train)
-    assert sorted(captions(held) + captions(train_rows)) == sorted(captions(dataset))
+    assert sorted(captions(held) + captions(train_rows)) == sorted(captions(sources))
     assert captions(other_held) != captions(held), "another seed holds out other images"
-    assert split_dataset(dataset, 0.0, seed=3) == (dataset, None)
-    assert len(split_dataset(dataset, 0.01, seed=3)[1]) == 1, "a positive fraction holds out at least one image"
+    assert split_sources(sources, 0.0, seed=3) == (sources, None)
+    assert len(captions(split_sources(sources, 0.01, seed=3)[1])) == 1, "a positive fraction holds out at least one image"
 
 
 def test_bad_validation_settings_fail_before_the_model_loads(tiny_models, sample_data, tmp_path, monkeypatch):

@@ -32,7 +32,8 @@ UNICODE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def load_image_dataset(dataset_name: str, image_column: str, caption_column: str, follow_symlinks: bool = False) -> datasets.Dataset:
+def load_image_dataset(dataset_name: str, image_column: str, caption_column: str, follow_symlinks: bool = False,
+                       missing_caption: str = "") -> datasets.Dataset:
     """Load `dataset_name` (local folder or hub id) and return it checked and ready for `TrainingExamples`.
 
     Unreadable images are dropped with one warning that names each of them rather than failing the run:
@@ -42,7 +43,7 @@ def load_image_dataset(dataset_name: str, image_column: str, caption_column: str
     """
     if image_column == caption_column:
         raise ConfigError(f"image_column and caption_column: both are {image_column!r}; expected two different columns")
-    dataset = _resolve_dataset(dataset_name, image_column, caption_column, follow_symlinks)
+    dataset = _resolve_dataset(dataset_name, image_column, caption_column, follow_symlinks, missing_caption)
     if len(dataset) == 0:
         raise ConfigError(f"dataset_name: dataset {dataset_name!r} has no rows; expected at least one captioned image")
     _require_column(dataset, dataset_name, "image_column", image_column)
@@ -64,8 +65,9 @@ def _warn_uncaptioned(dataset: datasets.Dataset, dataset_name: str, caption_colu
         )
 
 
-def _resolve_dataset(dataset_name: str, image_column: str, caption_column: str, follow_symlinks: bool) -> datasets.Dataset:
-    """Pick the loader that fits what `dataset_name` points at (see `load_image_dataset`)."""
+def _resolve_dataset(dataset_name: str, image_column: str, caption_column: str, follow_symlinks: bool, missing_caption: str) -> datasets.Dataset:
+    """Pick the loader that fits what `dataset_name` points at (see `load_image_dataset`); `missing_caption`
+    is the caption of a kohya folder's images without a .txt file (the name in `<repeats>_<name>`)."""
     path = Path(os.path.expanduser(dataset_name))
     if path.is_dir():
         check_dataset_paths(path, follow_symlinks)
@@ -73,7 +75,7 @@ def _resolve_dataset(dataset_name: str, image_column: str, caption_column: str, 
             return _load_imagefolder(path)
         if any((path / name).is_file() for name in SAVED_DATASET_FILES):
             return _load_saved(path)
-        return _load_kohya_folder(path, image_column, caption_column)
+        return _load_kohya_folder(path, image_column, caption_column, missing_caption)
     if path.exists():
         raise ConfigError(f"dataset_name: {dataset_name!r} is a file; expected a folder of images or a hub dataset id")
     if _looks_like_path(dataset_name):
@@ -177,7 +179,7 @@ def _load_saved(path: Path) -> datasets.Dataset:
     return loaded
 
 
-def _load_kohya_folder(path: Path, image_column: str, caption_column: str) -> datasets.Dataset:
+def _load_kohya_folder(path: Path, image_column: str, caption_column: str, missing_caption: str = "") -> datasets.Dataset:
     """Build a dataset from images with same-name .txt captions (kohya style), searching subfolders too."""
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not images:
@@ -186,7 +188,7 @@ def _load_kohya_folder(path: Path, image_column: str, caption_column: str) -> da
             f"and no {' / '.join(METADATA_FILES)}; expected captioned images"
         )
     captions = [_read_caption(image.with_suffix(".txt")) for image in images]
-    columns = {image_column: [str(image) for image in images], caption_column: [c or "" for c in captions]}
+    columns = {image_column: [str(image) for image in images], caption_column: [c or missing_caption for c in captions]}
     return datasets.Dataset.from_dict(columns).cast_column(image_column, datasets.Image())
 
 
@@ -287,16 +289,16 @@ def _image_problem(value: dict | None) -> str | None:
     if value is None or (value.get("bytes") is None and not value.get("path")):
         return "no image in this row"
     try:
-        with _open_raw(value) as image:
+        with open_raw(value) as image:
             image.verify()
-        with _open_raw(value) as image:
+        with open_raw(value) as image:
             image.load()
     except Exception as error:
         return _reason(error)
     return None
 
 
-def _open_raw(value: dict) -> Image.Image:
+def open_raw(value: dict) -> Image.Image:
     """Open an undecoded datasets image ({"bytes", "path"}) with PIL."""
     if value.get("bytes") is not None:
         return Image.open(io.BytesIO(value["bytes"]))
@@ -317,7 +319,7 @@ def read_image_headers(dataset: datasets.Dataset, image_column: str) -> ImageHea
     sizes, transparent, labels = [], [], []
     for index, value in enumerate(dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]):
         labels.append(_image_label(value, index))
-        with _open_raw(value) as image:
+        with open_raw(value) as image:
             width, height = image.size
             if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
                 width, height = height, width
@@ -325,6 +327,11 @@ def read_image_headers(dataset: datasets.Dataset, image_column: str) -> ImageHea
                 transparent.append(index)
         sizes.append((height, width))
     return ImageHeaders(sizes, transparent, labels)
+
+
+def image_paths(dataset: datasets.Dataset, image_column: str) -> list[str | None]:
+    """Each image's file path, None where the dataset holds its bytes only."""
+    return [(value or {}).get("path") for value in dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]]
 
 
 def image_digests(dataset: datasets.Dataset, image_column: str) -> list[str]:

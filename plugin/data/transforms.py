@@ -108,17 +108,29 @@ def apply_plan(image: Image.Image, plan: ImagePlan) -> torch.Tensor:
     `image` is already upright and 8-bit (`upright_image`), as every caller has it: the plan was drawn for
     the displayed size. Transparency is flattened first, so resizing never blends in the colour hidden
     under transparent pixels."""
-    image = _flatten(image, plan.background)
-    image = image.resize(plan.resized[::-1], resample=INTERPOLATIONS[plan.interpolation])
+    image = _placed(_flatten(image, plan.background), plan, INTERPOLATIONS[plan.interpolation])
+    for adjustment, amount in plan.jitter or ():
+        image = JITTER_ADJUSTMENTS[adjustment](image, amount)
+    return _to_tensor(image)
+
+
+def apply_plan_to_mask(mask: Image.Image, plan: ImagePlan) -> torch.Tensor:
+    """The plan's geometry (resize, rotation, flip, crop; no colour) applied to a greyscale mask of the image's
+    displayed size: a (1, H, W) tensor in [0, 1] aligned with `apply_plan`'s pixels. Resized bilinearly, so
+    an edge keeps its partial coverage."""
+    mask = _placed(mask, plan, Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0).unsqueeze(0).contiguous()
+
+
+def _placed(image: Image.Image, plan: ImagePlan, resample: Image.Resampling) -> Image.Image:
+    """The plan's geometry: resize to cover the target, rotation, flip, crop."""
+    image = image.resize(plan.resized[::-1], resample=resample)
     if plan.rotation is not None:
         image = _rotate(image, plan.rotation)
     if plan.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     (top, left), (height, width) = plan.crop_top_left, plan.target
-    image = image.crop((left, top, left + width, top + height))
-    for adjustment, amount in plan.jitter or ():
-        image = JITTER_ADJUSTMENTS[adjustment](image, amount)
-    return _to_tensor(image)
+    return image.crop((left, top, left + width, top + height))
 
 
 def transform_image(
@@ -180,7 +192,8 @@ def _rotate(image: Image.Image, angle: float) -> Image.Image:
     its unchanged centre, and cut back to its size.
     """
     pad_x, pad_y = _rotation_padding(image.width, image.height, angle)
-    padded = Image.fromarray(np.pad(np.asarray(image), ((pad_y, pad_y), (pad_x, pad_x), (0, 0)), mode="reflect"))
+    pixels = np.asarray(image)
+    padded = Image.fromarray(np.pad(pixels, ((pad_y, pad_y), (pad_x, pad_x)) + ((0, 0),) * (pixels.ndim - 2), mode="reflect"))
     rotated = padded.rotate(angle, resample=Image.Resampling.BICUBIC, expand=False)
     return rotated.crop((pad_x, pad_y, pad_x + image.width, pad_y + image.height))
 
