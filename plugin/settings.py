@@ -135,7 +135,7 @@ def validation_rule(v: Mapping) -> str | None:
 DATASET_SETTINGS = ("image_column", "caption_column", "trigger_word", "caption_dropout_rate", "shuffle_caption", "keep_tokens",
                     "caption_separator", "caption_prefix", "caption_suffix", "resolution", "aspect_ratio_buckets",
                     "mask_column", "mask_dir")  # fmt: skip
-DATASET_ENTRY_KEYS = ("path", "repeats", "is_regularization", *DATASET_SETTINGS)
+DATASET_ENTRY_KEYS = ("path", "repeats", "is_regularization", "class_prompt", "num_class_images", *DATASET_SETTINGS)
 
 
 def dataset_entry_problem(field: str, entry) -> str | None:
@@ -153,6 +153,20 @@ def dataset_entry_problem(field: str, entry) -> str | None:
         return f"{field}.repeats: got {repeats!r}; expected a whole number of at least 1 (visits of each image per epoch)"
     if not isinstance(regularization, bool):
         return f"{field}.is_regularization: got {regularization!r}; expected true or false"
+    return class_images_problem(field, entry)
+
+
+def class_images_problem(field: str, entry: dict) -> str | None:
+    """class_prompt and num_class_images: the base model renders missing class images of a regularisation dataset."""
+    prompt, count = entry.get("class_prompt", ""), entry.get("num_class_images", 0)
+    if not isinstance(prompt, str):
+        return f"{field}.class_prompt: got {prompt!r}; expected the prompt that renders the class images, such as 'a photo of a dog'"
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        return f"{field}.num_class_images: got {count!r}; expected a whole number of images, 0 or more"
+    if (prompt.strip() or count) and entry.get("is_regularization") is not True:
+        return f"{field}: class_prompt and num_class_images make regularisation images; set is_regularization: true"
+    if count and not prompt.strip():
+        return f"{field}.num_class_images: {count} class images need a class_prompt to render them"
     return None
 
 

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from .buckets import BucketBatchSampler, BucketLayout
 from .cache import build_conditioning, resolve_caching
 from .card import write_model_card
+from .class_images import make_class_images
 from .checkpoints import (
     INPUT_CONFIG, RESOLVED_CONFIG, Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder,
     check_run_folder, load_checkpoint, resolve_resume, try_save_checkpoint,
@@ -153,11 +155,13 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     family = open_model(cfg.model_name, cfg.model_config, cfg.text_encoder_source, cfg.allow_pickle_checkpoints)  # configs, no weights yet
     cfg, filled = family.configure(resolve_caching(cfg, log))
     resolved_config = {**cfg.as_dict(), "model_family": family.name}
-    sources, held_out_sources = training_and_validation_data(cfg, load_sources(cfg))
     prompts = parse_eval_prompts(cfg.eval_prompt)
     accelerator = new_accelerator(cfg)
     processes, is_main = accelerator.num_processes, accelerator.is_main_process
     log = log if is_main else (lambda *_: None)  # one process speaks and writes files; all of them train
+    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    render_class_images = partial(make_class_images, cfg, accelerator=accelerator, dtype=weight_dtype, log=log)
+    sources, held_out_sources = training_and_validation_data(cfg, load_sources(cfg, render_class_images))
     job = job if job is not None and is_main else JobRecord()
     log(f"{family.title} model; defaults applied: " + (", ".join(f"{k}={v}" for k, v in filled.items()) or "none"))
     layout = bucket_layout(family, sources, log)
@@ -171,7 +175,6 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     job.setup(1)
 
     set_seed(cfg.seed)
-    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     with in_turn(accelerator, enabled=cfg.shard_base_model):  # sharded, one whole base at a time in host memory
         family.load(weight_dtype, quantization_plan(cfg, family, weight_dtype))
         if cfg.base_quantization != "none":

@@ -192,6 +192,37 @@ def test_prior_preservation_keeps_the_class_loss_lower(tiny_models, tmp_path):
     assert gap > 0.02 * losses["without"][-1]["loss"], losses
 
 
+def test_missing_class_images_are_rendered_once_and_reused(tiny_models, sample_data, tmp_path, monkeypatch):
+    """num_class_images with a class_prompt: the base model renders what the folder lacks (image k seeded with
+    seed + k, so the same in another folder), with its prompt as caption; a later run renders nothing."""
+    from plugin import class_images
+
+    def entry(folder: Path) -> dict:
+        return {"path": str(folder), "is_regularization": True, "class_prompt": "a photo of a shape", "num_class_images": 3}
+
+    folder = tmp_path / "class"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), "gray").save(folder / "mine.png")  # one the user already has
+    cfg = config(tiny_models, sample_data, tmp_path / "a", max_train_steps=2, eval_num_inference_steps=2, datasets=[entry(folder)])
+    _, result = trained(cfg)
+    rendered = sorted(p.name for p in folder.iterdir())
+    assert rendered == ["class_00001.png", "class_00001.txt", "class_00002.png", "class_00002.txt", "mine.png"]
+    assert (folder / "class_00001.txt").read_text() == "a photo of a shape\n" and Image.open(folder / "class_00002.png").size == (32, 32)
+    assert result.steps == 2
+
+    other = tmp_path / "other"
+    trained(config(tiny_models, sample_data, tmp_path / "b", max_train_steps=1, eval_num_inference_steps=2,
+                   datasets=[{**entry(other), "num_class_images": 2}]))  # fmt: skip
+    assert not np.array_equal(np.asarray(Image.open(other / "class_00000.png")), np.asarray(Image.open(other / "class_00001.png")))
+    (other / "class_00000.png").unlink()
+    (other / "class_00000.txt").unlink()
+    trained(config(tiny_models, sample_data, tmp_path / "c", max_train_steps=1, eval_num_inference_steps=2, datasets=[entry(other)]))
+    assert np.array_equal(np.asarray(Image.open(other / "class_00001.png")), np.asarray(Image.open(folder / "class_00001.png")))
+
+    monkeypatch.setattr(class_images, "render_images", lambda *_: pytest.fail("rendered again"))
+    trained(config(tiny_models, sample_data, tmp_path / "d", max_train_steps=1, datasets=[entry(folder)]))
+
+
 # --- masked loss -------------------------------------------------------------------------------------------
 
 
@@ -295,6 +326,10 @@ def test_bad_dataset_settings_are_named_before_the_model_loads(tiny_models, kohy
         ({"datasets": [{"path": str(sample_data), "is_regularization": True}], "dataset_name": ""}, "every dataset is marked is_regularization"),
         ({"masked_loss": True, "mask_dir": str(masks)}, r"mask_dir: 7 of 8 images of dataset_name have no mask in .*: 0001.png, 0002.png"),
         ({"datasets": [{"path": str(tmp_path / "nowhere")}]}, r"datasets\[0\]: folder .*nowhere.* does not exist"),
+        ({"datasets": [{"path": "c", "num_class_images": 5, "is_regularization": True}]}, r"datasets\[0\].num_class_images: 5 class images need a class_prompt"),
+        ({"datasets": [{"path": "c", "class_prompt": "a dog"}]}, r"datasets\[0\]: class_prompt and num_class_images make regularisation images"),
+        ({"datasets": [{"path": str(sample_data), "class_prompt": "a dog", "num_class_images": 20, "is_regularization": True}]},
+         r"datasets\[0\]: .* has metadata.jsonl, which would leave the rendered class images out"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):

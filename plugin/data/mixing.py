@@ -44,6 +44,15 @@ class DatasetSpec:
     cfg: object
     field: str  # how messages name it: dataset_name, datasets[2], or a kohya subfolder of either
     missing_caption: str = ""  # a kohya subfolder's name, the caption of its images without one
+    class_prompt: str = ""  # with num_class_images: the base model renders the class images the folder lacks
+    num_class_images: int = 0
+
+    @property
+    def missing_class_images(self) -> int:
+        """How many class images the base model must render into this dataset's folder before it loads."""
+        folder = Path(self.path).expanduser()
+        have = sum(1 for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else 0
+        return max(0, self.num_class_images - have)
 
     @property
     def augment(self) -> AugmentOptions:
@@ -98,7 +107,8 @@ def _entry_spec(cfg, field: str, entry: dict) -> DatasetSpec:
         dataset_cfg = cfg.replace(**own) if own else cfg
     except ConfigError as error:
         raise ConfigError(f"{field}: {error}") from None
-    return DatasetSpec(entry["path"].strip(), entry.get("repeats", 1), entry.get("is_regularization", False), dataset_cfg, field)
+    return DatasetSpec(entry["path"].strip(), entry.get("repeats", 1), entry.get("is_regularization", False), dataset_cfg, field,
+                       class_prompt=entry.get("class_prompt", "").strip(), num_class_images=entry.get("num_class_images", 0))  # fmt: skip
 
 
 def _kohya_split(spec: DatasetSpec) -> list[DatasetSpec]:
@@ -126,9 +136,18 @@ def _kohya_split(spec: DatasetSpec) -> list[DatasetSpec]:
 # Loading, splitting and mixing
 
 
-def load_sources(cfg) -> list[Source]:
-    """Every dataset of the run loaded and checked (images, captions, masks) before any weights load."""
-    return [load_source(spec) for spec in dataset_specs(cfg)]
+def load_sources(cfg, make_class_images=None) -> list[Source]:
+    """Every dataset of the run loaded and checked (images, captions, masks) before any weights load; those
+    lacking class images load after `make_class_images(specs)` renders them, so that a mistake in any other
+    dataset is said before the base model loads to render."""
+    specs = dataset_specs(cfg)
+    pending = [spec for spec in specs if spec.missing_class_images]
+    if pending and make_class_images is None:
+        raise ConfigError(f"{pending[0].field}: {pending[0].missing_class_images} class images are missing and nothing here renders them")
+    loaded = {spec.field: load_source(spec) for spec in specs if spec not in pending}
+    if pending:
+        make_class_images(pending)
+    return [loaded.get(spec.field) or load_source(spec) for spec in specs]
 
 
 def load_source(spec: DatasetSpec) -> Source:
