@@ -102,6 +102,6 @@ def save_layers_atomic(family, layers: dict[str, dict], metadata: dict[str, dict
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if run_config is not None and "kohya" in parse_export_formats(run_config.get("export_formats", "diffusers")):
-        with atomic_path(folder / community_file_name(family, run_config["adaptor_name"])) as tmp:
+        with atomic_path(folder / community_file_name(family, run_config["adaptor_name"], run_config["lora_type"])) as tmp:
             save_file(community_state(family, layers, metadata), str(tmp), metadata=family.kohya_metadata(run_config, metadata))
     return folder / WEIGHTS_NAME

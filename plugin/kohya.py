@@ -1,5 +1,5 @@
-"""The adapter in the layout the community's tools load: kohya's for SD 1.x/2.x and SDXL (what A1111/Forge,
-ComfyUI and kohya's sd-scripts read), ComfyUI's for SD3 and Flux.
+"""The adapter in the layout the community's tools load: kohya's for SD 1.x/2.x, SDXL (what A1111/Forge, ComfyUI
+and kohya's sd-scripts read) and Flux's LoRA, ComfyUI's for the others.
 
 kohya (SD, SDXL): one module per key prefix, `lora_unet_<Diffusers module path with . as _>` and for text
 encoders `lora_te_` (SD) or `lora_te1_`/`lora_te2_` (SDXL) + `text_model_...`, each with `.lora_down.weight`
@@ -8,10 +8,14 @@ alpha / rank and by 1.0 when `.alpha` is missing, so it carries the run's scale 
 `model_lora_keys_unet` maps these Diffusers-path names to its own (`unet_to_diffusers`), and Diffusers'
 `load_lora_weights` converts them back (`_convert_non_diffusers_lora_to_diffusers`).
 
-ComfyUI (SD3, Flux): Diffusers' own keys (`transformer.<module>.lora_A/B.weight`), which ComfyUI maps
-(`mmdit_to_diffusers`, `flux_to_diffusers`), with the scale folded into lora_B and no alpha anywhere: ComfyUI
+kohya (Flux): its original (BFL) module names, q/k/v and a single block's MLP input fused into one module each
+(plugin/lora_layouts.py), as most Flux LoRAs are shared and ComfyUI, Forge and Diffusers read them; for a
+plain LoRA, as the fused modules cannot carry DoRA's magnitudes or a LyCORIS factorisation.
+
+ComfyUI (SD3 and the other families, and Flux's DoRA/LoKr/LoHa): Diffusers' own keys
+(`transformer.<module>.lora_A/B.weight`), which ComfyUI maps (`mmdit_to_diffusers`, `flux_to_diffusers`), with the scale folded into lora_B and no alpha anywhere: ComfyUI
 reads no alpha from file metadata and Diffusers rejects `.alpha` keys for these pipelines, while both apply
-a key set without alpha at scale 1. kohya's fused-qkv layout for Flux (BFL block names) is not written.
+a key set without alpha at scale 1.
 
 DoRA adds `.dora_scale`, the magnitude per output feature, which ComfyUI applies as PEFT does (the updated
 weight re-normalised per output row, times the magnitude). LoKr and LoHa keep PEFT's tensor names
@@ -25,6 +29,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .adapters import peft_type
+from .lora_layouts import LoraModule, written
 
 
 # PEFT's tensor names within an adapter module: LoRA, DoRA's magnitude, LoKr's and LoHa's factors.
@@ -58,9 +65,17 @@ def kohya_module_path(component: str, module: str) -> str:
     return module
 
 
-def community_file_name(family, adaptor_name: str) -> str:
-    """`<adaptor_name>_kohya.safetensors`, or `_comfyui` for the families without a kohya layout."""
-    return f"{adaptor_name}_{'kohya' if family.kohya_prefixes else 'comfyui'}.safetensors"
+def community_layout(family, lora_type: str) -> str:
+    """kohya where the family has a kohya layout for the adapter type (Flux's fuses modules, which only a plain
+    LoRA survives), ComfyUI's Diffusers-keyed layout otherwise."""
+    if family.original_lora_modules:
+        return "kohya" if lora_type == "lora" else "comfyui"
+    return "kohya" if family.kohya_prefixes else "comfyui"
+
+
+def community_file_name(family, adaptor_name: str, lora_type: str) -> str:
+    """`<adaptor_name>_kohya.safetensors`, or `_comfyui` (see `community_layout`)."""
+    return f"{adaptor_name}_{community_layout(family, lora_type)}.safetensors"
 
 
 def community_module(tensors: dict[str, torch.Tensor], scale: float, rank: int, kohya: bool) -> dict[str, torch.Tensor]:
@@ -84,17 +99,26 @@ def community_module(tensors: dict[str, torch.Tensor], scale: float, rank: int, 
 
 
 def community_state(family, layers: dict[str, dict], configs: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """The tensors of the community layout of `family` (its `kohya_prefixes`; see the module docstring) from
+    """The tensors of the community layout of `family` (`community_layout`; see the module docstring) from
     the adapter tensors per component (as `export.lora_state` gives them) and their PEFT configs."""
+    config = next(iter(configs.values()))
+    lora_type = "dora" if config.get("use_dora") else peft_type(config).lower()
+    kohya = community_layout(family, lora_type) == "kohya"
+    if kohya and family.original_lora_modules:  # Flux: its original modules, q/k/v fused (plugin/lora_layouts.py)
+        modules = {f"{component}.{module}": LoraModule(parts["lora_A.weight"], parts["lora_B.weight"],
+                                                       module_scale(configs[component], module, parts["lora_A.weight"].shape[0])
+                                                       * parts["lora_A.weight"].shape[0])
+                   for component, state in layers.items() for module, parts in adapter_modules(state).items()}  # fmt: skip
+        return written(family, "kohya", modules)
     tensors: dict[str, torch.Tensor] = {}
     for component, state in layers.items():
         for module, parts in adapter_modules(state).items():
             rank = parts["lora_A.weight"].shape[0] if "lora_A.weight" in parts else configs[component]["r"]
             scale = module_scale(configs[component], module, rank)
-            if family.kohya_prefixes:
+            if kohya:
                 name = f"{family.kohya_prefixes[component]}_{kohya_module_path(component, module).replace('.', '_')}"
             else:
                 name = f"{component}.{module}"
-            for suffix, value in community_module(parts, scale, rank, bool(family.kohya_prefixes)).items():
+            for suffix, value in community_module(parts, scale, rank, kohya).items():
                 tensors[f"{name}.{suffix}"] = value.contiguous()
     return tensors

@@ -1,9 +1,12 @@
-"""After training: look inside a LoRA file, re-factor it to a smaller rank, extract one from two models, merge
-LoRAs into their base (`plugin/main.py lora inspect|resize|extract|merge`).
+"""After training: look inside a LoRA file, convert it to another layout, re-factor it to a smaller rank, extract
+one from two models, merge LoRAs into their base or into one LoRA (`plugin/main.py lora
+inspect|convert|resize|extract|merge`).
 
-A file is read in the layout it was written in: Diffusers/PEFT (`<component>.<module>.lora_A/lora_B.weight`, the
-LoRA config in the `lora_adapter_metadata` header) or kohya (`lora_unet_…`/`lora_te…` with `.lora_down`/`.lora_up`
-and an `.alpha` per module). Every LoRA module stands for the weight update ΔW = (alpha / rank) · up @ down.
+A file is read in the layout it was written in (plugin/lora_layouts.py): Diffusers/PEFT
+(`<component>.<module>.lora_A/lora_B.weight`, the LoRA config in the `lora_adapter_metadata` header), ComfyUI's
+(the same keys, no config: alpha = rank), BFL's (`diffusion_model.<original module>`) or kohya's (`lora_unet_…`/
+`lora_te…` with `.lora_down`/`.lora_up` and an `.alpha` per module). Every LoRA module stands for the weight
+update ΔW = (alpha / rank) · up @ down. LoKr and LoHa files are inspected (`lycoris_modules`).
 """
 
 from __future__ import annotations
@@ -23,30 +26,10 @@ from safetensors.torch import save_file
 
 from .errors import ConfigError
 from .export import atomic_path
+from .lora_layouts import BFL_PREFIX, DIFFUSERS_SUFFIXES, KOHYA_SUFFIXES, LoraModule, canonical, layouts_of, written
 
-DIFFUSERS_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight")
 METADATA_KEY = "lora_adapter_metadata"
-@dataclass
-class LoraModule:
-    down: torch.Tensor  # (rank, inputs…)
-    up: torch.Tensor  # (outputs, rank, 1…)
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    def update_norm(self) -> float:
-        """‖ΔW‖_F from the rank × rank Gram matrices, without forming ΔW: ‖up·down‖² = tr((upᵀup)(down·downᵀ))."""
-        up, down = self.up.reshape(self.up.shape[0], -1).double(), self.down.reshape(self.rank, -1).double()
-        return float((self.alpha / self.rank) * torch.trace((up.T @ up) @ (down @ down.T)).clamp_min(0).sqrt())
-
-    def delta(self) -> torch.Tensor:
-        """ΔW as a matrix (outputs, inputs·kernel): what the module adds to its layer's weight."""
-        return (self.alpha / self.rank) * self.up.reshape(self.up.shape[0], -1).double() @ self.down.reshape(self.rank, -1).double()
-
-
+LAYOUT_SUFFIXES = (("diffusers", tuple(f".{s}" for s in DIFFUSERS_SUFFIXES)), ("kohya", tuple(f".{s}" for s in KOHYA_SUFFIXES)))
 @dataclass
 class AdapterFile:
     path: Path
@@ -57,31 +40,74 @@ class AdapterFile:
     dora: bool  # DoRA magnitudes beside the factors (Diffusers' lora_magnitude_vector, kohya's dora_scale)
 
 
-def read_adapter(path: Path) -> AdapterFile:
-    """A LoRA file's modules, in the file's own names and layout; another adapter type (LoKr, LoHa) or a file
-    that is not a LoRA is named with what was found."""
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def read_tensors(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A file's tensors and header: safetensors, or with `allow_pickle` a pickled state dict (read with
+    weights_only, PyTorch's restricted unpickler; refused otherwise, as a pickle can run code when loaded)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file (expected a LoRA .safetensors file)")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ConfigError(f"{path}: a pickle file, which can run code when loaded; convert it to safetensors, or pass "
+                              "--allow-pickle if you trust where it came from")  # fmt: skip
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ConfigError(f"{path}: not a readable PyTorch file ({str(error).splitlines()[0]})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError(f"{path}: holds no state dict of tensors")
+        return state, {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
     except Exception as error:
         raise ConfigError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0]})") from None
-    if any(".lokr_" in key or ".hada_" in key for key in tensors):
-        raise ConfigError(f"{path}: a LyCORIS (LoKr/LoHa) file; inspect and resize read LoRA and DoRA files")
-    for layout, (down_suffix, up_suffix) in (("diffusers", DIFFUSERS_SUFFIXES), ("kohya", KOHYA_SUFFIXES)):
+
+
+def is_lora_file(path: Path) -> bool:
+    """A safetensors file whose keys are a LoRA's (its header alone is read): how `lora merge` tells LoRA files
+    from a base model, a folder or a single-file checkpoint."""
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(key.endswith(suffix) for key in f.keys() for _, suffixes in LAYOUT_SUFFIXES for suffix in suffixes)
+    except Exception:  # not safetensors after all: read_adapter names the problem
+        return True
+
+
+def is_lycoris(tensors) -> bool:
+    return any(".lokr_" in key or ".hada_" in key for key in tensors)
+
+
+def read_adapter(path: Path, allow_pickle: bool = False) -> AdapterFile:
+    """A LoRA file's modules, in the file's own names and layout; another adapter type (LoKr, LoHa) or a file
+    that is not a LoRA is named with what was found."""
+    path = Path(path)
+    tensors, metadata = read_tensors(path, allow_pickle)
+    if is_lycoris(tensors):
+        raise ConfigError(f"{path}: a LyCORIS (LoKr/LoHa) file; inspect reads it, and convert, resize and merge read LoRA and DoRA files")
+    for layout, (down_suffix, up_suffix) in LAYOUT_SUFFIXES:
         names = sorted(key[: -len(down_suffix)] for key in tensors if key.endswith(down_suffix))
         if names:
+            if layout == "diffusers" and all(name.startswith(BFL_PREFIX) for name in names):
+                layout = "bfl"
+            elif layout == "diffusers" and METADATA_KEY not in metadata:
+                layout = "comfyui"  # Diffusers' keys, the scale folded in: alpha = rank, as Diffusers reads it
             alphas = _diffusers_alphas(metadata, names) if layout == "diffusers" else {}
             modules = {}
             for name in names:
                 down, up = tensors[name + down_suffix], tensors[name + up_suffix]
                 alpha = tensors[f"{name}.alpha"].item() if f"{name}.alpha" in tensors else alphas.get(name, float(down.shape[0]))
-                modules[name] = LoraModule(down, up, float(alpha))
-            dora = any("lora_magnitude_vector" in key or key.endswith(".dora_scale") for key in tensors)
+                magnitude = tensors.get(f"{name}.lora_magnitude_vector", tensors.get(f"{name}.dora_scale"))
+                modules[name] = LoraModule(down, up, float(alpha), None if magnitude is None else magnitude.reshape(-1))
+            dora = any(module.magnitude is not None for module in modules.values())
             return AdapterFile(path, layout, modules, metadata, next(iter(tensors.values())).dtype, dora)
-    raise ConfigError(f"{path}: no LoRA modules (expected keys ending in {DIFFUSERS_SUFFIXES[0]} or {KOHYA_SUFFIXES[0]})")
+    raise ConfigError(f"{path}: no LoRA modules (expected keys ending in .{DIFFUSERS_SUFFIXES[0]} or .{KOHYA_SUFFIXES[0]})")
 
 
 def _diffusers_alphas(metadata: dict[str, str], names: list[str]) -> dict[str, float]:
@@ -97,35 +123,104 @@ def _diffusers_alphas(metadata: dict[str, str], names: list[str]) -> dict[str, f
     return alphas
 
 
-def family_hint(names) -> str:
-    """The family whose `lora_key_pattern` the module names match, the most specific (latest added) first."""
+def family_of_names(names):
+    """The family whose `lora_key_pattern` the module names match, the most specific (latest added) first; None
+    when none does."""
     from .families import FAMILIES
 
     joined = "\n".join(names)
-    return next((family.title for family in reversed(FAMILIES) if re.search(family.lora_key_pattern, joined)), "unknown")
+    return next((family for family in reversed(FAMILIES) if re.search(family.lora_key_pattern, joined)), None)
 
 
-def inspect_adapter(path: Path) -> dict:
-    """What a file holds: layout, target model, ranks and alphas, modules per kind, text-encoder parts, metadata,
-    dtype and the size of each module's weight update (Frobenius norm of ΔW)."""
-    adapter = read_adapter(path)
-    names = list(adapter.modules)
-    norms = sorted(m.update_norm() for m in adapter.modules.values())
+def family_hint(names) -> str:
+    family = family_of_names(names)
+    return family.title if family else "unknown"
+
+
+def inspect_adapter(path: Path, allow_pickle: bool = False) -> dict:
+    """What a file holds: layout, target model, adapter type, ranks and alphas, modules per kind, text-encoder
+    parts, metadata, dtype and the size of each module's weight update (Frobenius norm of ΔW)."""
+    tensors, metadata = read_tensors(path, allow_pickle)
+    if is_lycoris(tensors):
+        layout, modules = lycoris_modules(tensors, metadata)
+        kinds = {module.kind for module in modules.values()}
+        dtype = next(iter(tensors.values())).dtype
+    else:
+        adapter = read_adapter(path, allow_pickle)
+        layout, modules, dtype = adapter.layout, adapter.modules, adapter.dtype
+        kinds = {"DoRA" if adapter.dora else "LoRA"}
+    names = list(modules)
+    norms = sorted(m.update_norm() for m in modules.values())
     kind = lambda name: re.sub(r"^.*[._]\d+[._](?=[a-zA-Z])", "", name)  # noqa: E731  (the name within its block: attn.to_q, ...)
     return {
-        "file": str(adapter.path),
-        "layout": adapter.layout,
+        "file": str(path),
+        "layout": layout,
         "model": family_hint(names),
-        "adapter": "DoRA" if adapter.dora else "LoRA",
+        "adapter": ", ".join(sorted(kinds)),
         "modules": len(names),
-        "ranks": dict(Counter(m.rank for m in adapter.modules.values())),
-        "alphas": dict(Counter(m.alpha for m in adapter.modules.values())),
+        "ranks": dict(Counter(m.rank for m in modules.values())),
+        "alphas": dict(Counter(m.alpha for m in modules.values())),
         "module_kinds": dict(Counter(kind(n) for n in names)),
         "text_encoder_modules": sum(1 for n in names if n.startswith(("text_encoder", "lora_te"))),
-        "dtype": str(adapter.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "update_norm": {"min": norms[0], "median": statistics.median(norms), "max": norms[-1]},
-        "metadata": {k: v for k, v in adapter.metadata.items() if k.startswith("ss_") and k != "ss_tag_frequency"},
+        "metadata": {k: v for k, v in metadata.items() if k.startswith("ss_") and k != "ss_tag_frequency"},
     }
+
+
+@dataclass
+class LycorisModule:
+    """A LoKr (ΔW = scale · w1 ⊗ w2, either factor whole or a low-rank product) or LoHa (ΔW = scale · (w1_a w1_b) ⊙
+    (w2_a w2_b)) module, as inspect reports it; rank "full" for a LoKr of whole factors."""
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    rank: int | str
+    alpha: float
+    scale: float
+
+    def factor(self, name: str) -> torch.Tensor:
+        if name in self.tensors:
+            return self.tensors[name].double()
+        return self.tensors[f"{name}_a"].double().flatten(1) @ self.tensors[f"{name}_b"].double().flatten(1)
+
+    def update_norm(self) -> float:
+        """‖ΔW‖_F: for LoKr ‖w1‖·‖w2‖ (the Kronecker product's norm is the product of its factors'); for LoHa formed."""
+        if self.kind == "LoKr":
+            return float(self.scale * self.factor("lokr_w1").norm() * self.factor("lokr_w2").norm())
+        return float(self.scale * (self.factor("hada_w1") * self.factor("hada_w2")).norm())
+
+
+LYCORIS_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "hada_w1_a", "hada_w1_b",
+                 "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha")  # fmt: skip
+
+
+def lycoris_modules(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, dict[str, LycorisModule]]:
+    """(layout, modules) of a LoKr/LoHa file: PEFT's names with the configs in the header (this trainer's Diffusers
+    layout: scale alpha / r) or LyCORIS's with an `.alpha` per module (kohya layout: scale alpha / rank for a
+    decomposed factor, 1 for whole ones)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, name = next(((key[: -len(n) - 1], n) for n in LYCORIS_NAMES if key.endswith("." + n)), (None, None))
+        if module is not None:
+            grouped.setdefault(module, {})[name] = value
+    configs = json.loads(metadata.get("lycoris_configs") or "{}")
+    modules = {}
+    for name, parts in grouped.items():
+        kind = "LoKr" if any(n.startswith("lokr") for n in parts) else "LoHa"
+        low_rank = next((parts[n] for n in ("lokr_w2_a", "lokr_w1_a", "hada_w1_b") if n in parts), None)
+        rank = (low_rank.shape[0] if kind == "LoHa" else low_rank.shape[1]) if low_rank is not None else "full"
+        if "alpha" in parts:
+            alpha = float(parts.pop("alpha"))
+            scale = alpha / rank if rank != "full" else 1.0
+        else:
+            component, _, module = name.partition(".")
+            config = configs.get(component, {})
+            alpha = float((config.get("alpha_pattern") or {}).get(module, config.get("alpha", rank if rank != "full" else 1)))
+            r = float((config.get("rank_pattern") or {}).get(module, config.get("r", rank if rank != "full" else 1)))
+            scale = alpha / r
+        modules[name] = LycorisModule(kind, parts, rank, alpha, scale)
+    return ("diffusers" if configs else "kohya"), modules
 
 
 def factorised(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -156,9 +251,7 @@ def resize_adapter(path: Path, out: Path, rank: int | None = None, energy: float
     adapter = read_adapter(path)
     if adapter.dora:
         raise ConfigError(f"{adapter.path}: a DoRA file; its magnitudes are fitted to its full-rank update, so a resized DoRA is not the same adapter")
-    out = Path(out)
-    if out.resolve() == adapter.path.resolve() or out.exists():
-        raise ConfigError(f"--out: {out} exists; resize writes a new file and never overwrites one")
+    out = _new_file(out, adapter.path)
     resized, report = {}, {}
     for name, module in adapter.modules.items():
         resized[name], kept = truncated(module, rank, energy)
@@ -169,11 +262,12 @@ def resize_adapter(path: Path, out: Path, rank: int | None = None, energy: float
 
 
 def _tensors(layout: str, modules: dict[str, LoraModule]) -> dict[str, torch.Tensor]:
-    down_suffix, up_suffix = DIFFUSERS_SUFFIXES if layout == "diffusers" else KOHYA_SUFFIXES
+    """Modules under the names a file wrote them with, in its layout's suffixes; `.alpha` where it has one."""
+    down_suffix, up_suffix = dict(LAYOUT_SUFFIXES)["kohya" if layout == "kohya" else "diffusers"]
     tensors = {}
     for name, module in modules.items():
         tensors[name + down_suffix], tensors[name + up_suffix] = module.down, module.up
-        if layout == "kohya":
+        if layout in ("kohya", "bfl"):
             tensors[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=module.down.dtype)
     return tensors
 
@@ -183,7 +277,7 @@ def _metadata(adapter: AdapterFile, modules: dict[str, LoraModule]) -> dict[str,
     the file), or Diffusers' PEFT config per component with a rank and alpha pattern for the modules that differ."""
     metadata = dict(adapter.metadata)
     top = max(m.rank for m in modules.values())
-    if adapter.layout == "kohya":
+    if adapter.layout != "diffusers":
         return {**metadata, "ss_network_dim": str(top), "ss_network_alpha": str(top)}
     config = json.loads(metadata.get(METADATA_KEY) or "{}")
     for component in {name.partition(".")[0] for name in modules}:
@@ -193,45 +287,145 @@ def _metadata(adapter: AdapterFile, modules: dict[str, LoraModule]) -> dict[str,
     return {**metadata, METADATA_KEY: json.dumps(config, indent=2)}
 
 
+def save_diffusers(family, modules: dict[str, LoraModule], out: Path) -> Path:
+    """Modules under their Diffusers names written as the family's pipeline saves a LoRA, `load_lora_weights`
+    ready: per component a PEFT config in the header (the largest rank and its alpha, patterns for the modules
+    that differ), DoRA's magnitudes included; atomically, through a sibling folder."""
+    from peft import LoraConfig
+
+    from .export import save_layers_atomic
+
+    layers, configs = {}, {}
+    for component in sorted({name.partition(".")[0] for name in modules}):
+        own = {name.partition(".")[2]: m for name, m in modules.items() if name.startswith(component + ".")}
+        top = max(m.rank for m in own.values())
+        alpha = next(m.alpha for m in own.values() if m.rank == top)
+        layers[component] = {key: value for module, m in own.items() for key, value in
+                             ((f"{module}.lora_A.weight", m.down), (f"{module}.lora_B.weight", m.up), (f"{module}.lora_magnitude_vector", m.magnitude))
+                             if value is not None}  # fmt: skip
+        configs[component] = LoraConfig(r=top, lora_alpha=alpha, target_modules=sorted(own), use_dora=any(m.magnitude is not None for m in own.values()),
+                                        rank_pattern={n: m.rank for n, m in own.items() if m.rank != top},
+                                        alpha_pattern={n: m.alpha for n, m in own.items() if m.alpha != alpha}).to_dict()  # fmt: skip
+    staging = out.parent / f".{out.name}.writing"
+    try:
+        save_layers_atomic(family, layers, configs, staging).replace(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _new_file(out: Path, *inputs: Path) -> Path:
+    """`out`, refused when it exists (an input included): the LoRA tools never overwrite a file."""
+    out = Path(out)
+    if out.exists() or any(Path(i).resolve() == out.resolve() for i in inputs):
+        raise ConfigError(f"--out: {out} exists; the LoRA tools write a new file and never overwrite one")
+    return out
+
+
 def extract_adapter(base: str, tuned: str, rank: int, out: Path, min_difference: float = 1e-6) -> dict[str, float]:
     """The LoRA of `rank` closest to the difference of two models of one family (kohya's extract_lora_from_models):
     per linear layer of the denoiser whose weights differ by more than `min_difference` (largest absolute
     difference), the truncated SVD of W_tuned − W_base, saved in the Diffusers layout with alpha = rank (scale 1).
     Returns layer -> the share of the difference's energy the rank keeps."""
-    from peft import LoraConfig
-
-    from .export import save_layers_atomic
     from .families import load_model
 
-    out = Path(out)
-    if rank < 1 or out.exists():
-        raise ConfigError(f"lora extract: --rank must be ≥ 1 and --out a new file ({out} exists)" if out.exists() else "lora extract: --rank must be ≥ 1")
+    out = _new_file(out)
+    if rank < 1:
+        raise ConfigError("lora extract: --rank must be ≥ 1")
     models = load_model(base, torch.float32), load_model(tuned, torch.float32)
     architecture = lambda model: {k: v for k, v in model.description.denoiser_config.items() if not k.startswith("_")}  # noqa: E731
     if type(models[0]) is not type(models[1]) or architecture(models[0]) != architecture(models[1]):
         raise ConfigError(f"lora extract: {base!r} and {tuned!r} are not two models of one architecture")
-    tuned_layers = dict(models[1].denoiser.named_modules())
-    layers, kept = {}, {}
-    for name, layer in models[0].denoiser.named_modules():
+    family, tuned_layers = models[0], dict(models[1].denoiser.named_modules())
+    modules, kept = {}, {}
+    for name, layer in family.denoiser.named_modules():
         if not isinstance(layer, torch.nn.Linear):
             continue
         difference = tuned_layers[name].weight.double() - layer.weight.double()
         if difference.abs().max() <= min_difference:
             continue
         up, down, kept[name] = factorised(difference, rank, None)
-        layers[f"{name}.lora_A.weight"], layers[f"{name}.lora_B.weight"] = down.float().contiguous(), up.float().contiguous()
-    if not layers:
+        modules[f"{family.denoiser_name}.{name}"] = LoraModule(down.float().contiguous(), up.float().contiguous(), float(down.shape[0]))
+    if not modules:
         raise ConfigError(f"lora extract: no linear layer of {tuned!r} differs from {base!r} by more than {min_difference}")
-    smaller = {name: layers[f"{name}.lora_A.weight"].shape[0] for name in kept if layers[f"{name}.lora_A.weight"].shape[0] < rank}
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(kept), rank_pattern=smaller, alpha_pattern=smaller).to_dict()
-    family = models[0]
-    staging = out.parent / f".{out.name}.extracting"
-    try:
-        written = save_layers_atomic(family, {family.denoiser_name: layers}, {family.denoiser_name: config}, staging)
-        written.replace(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    save_diffusers(family, modules, out)
     return kept
+
+
+def convert_adapter(path: Path, layout: str, out: Path, family_name: str | None = None, allow_pickle: bool = False) -> dict:
+    """The LoRA file in another layout (plugin/lora_layouts.py), every module's ΔW kept: alpha carried where the
+    layout has it (`.alpha`, the Diffusers header), folded into lora_B where it has not (comfyui). The model comes
+    from the module names (or `family_name`). Returns what was done."""
+    from .families import family_by_name
+
+    adapter = read_adapter(path, allow_pickle)
+    out = _new_file(out, adapter.path)
+    family = family_by_name(family_name) if family_name else family_of_names(adapter.modules)
+    if family is None:
+        raise ConfigError(f"{adapter.path}: its module names match no model family; name one with --family")
+    if layout not in layouts_of(family):
+        raise ConfigError(f"--to: {family.title} LoRAs have the layouts {', '.join(layouts_of(family))}; not {layout!r}")
+    try:
+        modules = canonical(family, adapter.layout, adapter.modules)
+        tensors = None if layout == "diffusers" else written(family, layout, modules)
+    except ValueError as error:
+        raise ConfigError(f"{adapter.path}: {error}") from None
+    if tensors is None:
+        save_diffusers(family, modules, out)
+    else:
+        with atomic_path(out) as tmp:
+            save_file(tensors, str(tmp), metadata={k: v for k, v in adapter.metadata.items() if k.startswith("ss_") or k == "format"})
+    return {"model": family.title, "from": adapter.layout, "to": layout, "modules": len(modules)}
+
+
+def merge_adapters(files: list[tuple[Path, float]], out: Path, svd_rank: int | None = None) -> dict[str, int]:
+    """One LoRA holding the weighted sum of several, in the first one's layout and names: per module the factors
+    stacked (ranks add up; each lora_up times its file's weight and alpha / rank; alpha = the new rank), so ΔW =
+    Σ wᵢ ΔWᵢ exactly; with `svd_rank`, each sum re-factored to that rank by SVD (kohya's svd_merge_lora).
+    Returns module -> its new rank."""
+    adapters = [read_adapter(path) for path, _ in files]
+    out = _new_file(out, *(adapter.path for adapter in adapters))
+    if len({a.layout for a in adapters}) > 1 or any(a.dora for a in adapters):
+        raise ConfigError("lora merge: the files must share one layout (convert them first) and be LoRA, not DoRA: "
+                          + ", ".join(f"{a.path.name} is {'DoRA, ' if a.dora else ''}{a.layout}" for a in adapters))  # fmt: skip
+    if svd_rank is not None and svd_rank < 1:
+        raise ConfigError("--svd-rank: must be ≥ 1")
+    merged = {}
+    for name in dict.fromkeys(n for adapter in adapters for n in adapter.modules):
+        parts = [(adapter.modules[name], weight) for adapter, (_, weight) in zip(adapters, files) if name in adapter.modules]
+        if len({(m.up.shape[0], *m.down.shape[1:]) for m, _ in parts}) > 1:
+            raise ConfigError(f"lora merge: {name} has other shapes in other files; are they LoRAs of one model?")
+        down = torch.cat([m.down.float() for m, _ in parts])
+        up = torch.cat([m.up.float() * (weight * m.alpha / m.rank) for m, weight in parts], dim=1)
+        module = LoraModule(down, up, float(down.shape[0]))
+        module = truncated(module, svd_rank, None)[0] if svd_rank else module
+        merged[name] = LoraModule(module.down.to(adapters[0].dtype), module.up.to(adapters[0].dtype), module.alpha)
+    with atomic_path(out) as tmp:
+        save_file(_tensors(adapters[0].layout, merged), str(tmp), metadata=_metadata(adapters[0], merged))
+    return {name: module.rank for name, module in merged.items()}
+
+
+def check_fits(family, adapter: AdapterFile) -> None:
+    """Every module of the LoRA names a layer of the loaded model of its shape; otherwise the file is for another
+    model, which is said with the layers that do not fit and the model the names suggest."""
+    try:
+        modules = canonical(type(family), adapter.layout, adapter.modules)
+    except ValueError:
+        modules = {}
+    misfits = []
+    for name, module in modules.items():
+        component, _, path = name.partition(".")
+        try:
+            weight = getattr(family.pipe, component).get_submodule(path).weight
+        except AttributeError:
+            misfits.append(name)
+            continue
+        if (weight.shape[0], *weight.shape[1:]) != (module.up.shape[0], *module.down.shape[1:]):
+            misfits.append(name)
+    if misfits or not modules:
+        raise ConfigError(f"{adapter.path}: a LoRA of {family_hint(adapter.modules)}, not of this {family.title} model: "
+                          + (", ".join(misfits[:3]) + (" ..." if len(misfits) > 3 else "") + " do not fit its layers" if misfits else
+                             "its module names are none of this model's"))  # fmt: skip
 
 
 def merge_into_base(base: str, files: list[tuple[Path, float]], out: Path) -> Path:
@@ -246,7 +440,7 @@ def merge_into_base(base: str, files: list[tuple[Path, float]], out: Path) -> Pa
     pipe = family.pipe
     names = [f"merged_{k}" for k in range(len(files))]
     for name, (path, _) in zip(names, files):
-        read_adapter(path)  # a clear error for a file that is not a LoRA
+        check_fits(family, read_adapter(path))
         pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=name)
     pipe.set_adapters(names, adapter_weights=[weight for _, weight in files])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)

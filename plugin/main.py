@@ -126,13 +126,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def lora_command(argv: list[str]) -> int:
-    """`plugin/main.py lora inspect FILE [--json]`, `lora resize FILE (--rank R | --energy E) --out FILE`,
-    `lora extract BASE TUNED --rank R --out FILE` and `lora merge BASE FILE [FILE ...] [--weights W ...] --out DIR`."""
-    parser = argparse.ArgumentParser(prog="plugin/main.py lora", description="Inspect, resize, extract and merge LoRA files.")
+    """`plugin/main.py lora inspect FILE [--json]`, `lora convert FILE --to LAYOUT --out FILE`, `lora resize FILE
+    (--rank R | --energy E) --out FILE`, `lora extract BASE TUNED --rank R --out FILE`, `lora merge BASE FILE [FILE
+    ...] [--weights W ...] --out DIR` (into a model) and `lora merge FILE FILE [...] [--svd-rank R] --out FILE` (one LoRA)."""
+    parser = argparse.ArgumentParser(prog="plugin/main.py lora", description="Inspect, convert, resize, extract and merge LoRA files.")
     verbs = parser.add_subparsers(dest="verb", required=True)
-    inspect = verbs.add_parser("inspect", help="layout, target model, ranks, alphas, modules, metadata, update norms")
+    inspect = verbs.add_parser("inspect", help="layout, target model, adapter type, ranks, alphas, modules, metadata, update norms")
     inspect.add_argument("file", type=Path)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    convert = verbs.add_parser("convert", help="the file in another layout, every module's weight update kept")
+    convert.add_argument("file", type=Path)
+    convert.add_argument("--to", required=True, choices=("diffusers", "kohya", "comfyui", "bfl"))
+    convert.add_argument("--family", help="the model family, when the module names do not tell (sd, sdxl, flux, ...)")
+    convert.add_argument("--out", type=Path, required=True, help="the new file (never an existing one)")
     resize = verbs.add_parser("resize", help="SVD re-factorisation of every module, the effective weight kept")
     resize.add_argument("file", type=Path)
     resize.add_argument("--rank", type=int, help="the new rank (modules of lower rank keep theirs)")
@@ -144,20 +150,25 @@ def lora_command(argv: list[str]) -> int:
     extract.add_argument("--rank", type=int, required=True)
     extract.add_argument("--min-difference", type=float, default=1e-6, help="layers differing by no more than this are left out")
     extract.add_argument("--out", type=Path, required=True, help="the new LoRA file (Diffusers layout)")
-    merge = verbs.add_parser("merge", help="fold LoRA files into their base model; a Diffusers folder out")
-    merge.add_argument("base")
-    merge.add_argument("files", type=Path, nargs="+")
-    merge.add_argument("--weights", type=float, nargs="+", help="one per file (default 1)")
-    merge.add_argument("--out", type=Path, required=True, help="the new model folder (never an existing one)")
+    merge = verbs.add_parser("merge", help="LoRA files folded into their base model (a Diffusers folder out), or into one LoRA file")
+    merge.add_argument("inputs", nargs="+", help="BASE FILE [FILE ...] into the model, or FILE FILE [...] into one LoRA")
+    merge.add_argument("--weights", type=float, nargs="+", help="one per LoRA file (default 1)")
+    merge.add_argument("--svd-rank", type=int, help="LoRA into LoRA: re-factor each merged module to this rank (else exact, ranks added)")
+    merge.add_argument("--out", type=Path, required=True, help="the new model folder or LoRA file (never an existing one)")
+    for verb in (inspect, convert):
+        verb.add_argument("--allow-pickle", action="store_true", help="read a .ckpt/.pt/.bin file (only one you trust)")
     args = parser.parse_args(argv)
     quiet_libraries()
     from plugin import lora_tools
 
     if args.verb == "inspect":
-        facts = lora_tools.inspect_adapter(args.file)
+        facts = lora_tools.inspect_adapter(args.file, args.allow_pickle)
         print(json.dumps(facts, indent=2) if args.json else "\n".join(f"{key:>22}  {value}" for key, value in facts.items()))
         return 0
-    if args.verb == "resize":
+    if args.verb == "convert":
+        done = lora_tools.convert_adapter(args.file, args.to, args.out, args.family, args.allow_pickle)
+        print(f"wrote {args.out}: {done['modules']} {done['model']} modules, {done['from']} layout to {done['to']}")
+    elif args.verb == "resize":
         report = lora_tools.resize_adapter(args.file, args.out, args.rank, args.energy)
         for name, (old, new, kept) in report.items():
             print(f"{name}: rank {old} -> {new}, {100 * kept:.2f} % of the update's energy kept")
@@ -166,10 +177,18 @@ def lora_command(argv: list[str]) -> int:
         kept = lora_tools.extract_adapter(args.base, args.tuned, args.rank, args.out, args.min_difference)
         print(f"wrote {args.out}: {len(kept)} layers, {100 * min(kept.values()):.2f} to {100 * max(kept.values()):.2f} % of each difference's energy kept")
     else:
-        weights = args.weights or [1.0] * len(args.files)
-        if len(weights) != len(args.files):
-            raise ConfigError(f"--weights: {len(weights)} given for {len(args.files)} files; give one per file")
-        print(f"wrote {lora_tools.merge_into_base(args.base, list(zip(args.files, weights)), args.out)}")
+        into_lora = all(lora_tools.is_lora_file(Path(i)) for i in args.inputs)
+        files = [Path(i) for i in (args.inputs if into_lora else args.inputs[1:])]
+        weights = args.weights or [1.0] * len(files)
+        if len(weights) != len(files) or not files:
+            raise ConfigError(f"--weights: {len(weights)} given for {len(files)} LoRA files; give one per file")
+        if into_lora:
+            ranks = lora_tools.merge_adapters(list(zip(files, weights)), args.out, args.svd_rank)
+            print(f"wrote {args.out}: {len(ranks)} modules, ranks {min(ranks.values())} to {max(ranks.values())}")
+        else:
+            if args.svd_rank:
+                raise ConfigError("--svd-rank: merges LoRA files into one LoRA; into a model every update is folded whole")
+            print(f"wrote {lora_tools.merge_into_base(args.inputs[0], list(zip(files, weights)), args.out)}")
     return 0
 
 

@@ -242,7 +242,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
                         resumed_step=position.step if resume_from is not None else None)  # fmt: skip
     exports = {"diffusers": WEIGHTS_NAME}  # the files the model card names
     if "kohya" in parse_export_formats(cfg.export_formats):
-        exports["kohya"] = community_file_name(family, cfg.adaptor_name)
+        exports["kohya"] = community_file_name(family, cfg.adaptor_name, cfg.lora_type)
     card_facts = {"images": examples.row_count, "datasets": datasets_used, "processes": processes, "family_title": family.title, "hub_tag": family.hub_tag,
                   "steps_per_epoch": steps_per_epoch, **family.loading_code(str(weight_dtype))}  # fmt: skip
     log(

@@ -17,7 +17,7 @@ from plugin.config import parse_parameters
 from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME, lora_state
 from plugin.families import load_model
-from plugin.kohya import community_state
+from plugin.kohya import community_layout, community_state
 from plugin.trainer import RunPaths, train
 from plugin.tiny import FAMILIES
 
@@ -101,7 +101,8 @@ def test_the_community_file_changes_each_weight_as_peft_does(lora_type, extra, f
     for module_name, layer in denoiser.named_modules():
         if not hasattr(layer, "get_delta_weight"):
             continue
-        name = f"lora_unet_{module_name.replace('.', '_')}" if model.kohya_prefixes else f"{model.denoiser_name}.{module_name}"
+        kohya = community_layout(model, lora_type) == "kohya"
+        name = f"lora_unet_{module_name.replace('.', '_')}" if kohya else f"{model.denoiser_name}.{module_name}"
         assert any(key.startswith(name + ".") for key in tensors), name
         base = layer.get_base_layer().weight.detach()
         base = base.clone()

@@ -1,5 +1,6 @@
-"""The community layout of the adapter: kohya's for SD 1.x/2.x and SDXL, ComfyUI's for SD3 and Flux. Each loads
-through Diffusers' own conversion to the images of the Diffusers-format file, and its names and alphas follow
+"""The community layout of the adapter: kohya's for SD 1.x/2.x, SDXL and Flux (its original modules, q/k/v fused),
+ComfyUI's for the others. Each loads through Diffusers' own conversion (Flux's, at the tiny width, through ours) to
+the images of the Diffusers-format file, and its names and alphas follow
 the rules of the tools that read it (ComfyUI's comfy/lora.py mapping, kohya's alpha / rank scale)."""
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from plugin.config import parse_parameters
 from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME
 from plugin.families import family_by_name
+from plugin.kohya import community_layout
+from plugin.lora_tools import convert_adapter
 from plugin.main import main
 from plugin.posthoc import SNAPSHOT_FOLDER
 from plugin.tiny import FAMILIES
@@ -27,8 +30,7 @@ TEXT_PREFIXES = {"sd": {"lora_te"}, "sdxl": {"lora_te1", "lora_te2"}}
 
 
 def community_file(paths, family: str):
-    layout = "kohya" if family_by_name(family).kohya_prefixes else "comfyui"
-    return paths.adapter_dir / f"test-adapter_{layout}.safetensors"
+    return paths.adapter_dir / f"test-adapter_{community_layout(family_by_name(family), 'lora')}.safetensors"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -37,7 +39,9 @@ def test_the_community_file_renders_as_the_diffusers_file(family, run_training, 
     _, _, paths = run_training(family, lora_r=R, lora_alpha=ALPHA, train_text_encoder=text, max_train_steps=6, eval_prompt="",
                                trigger_word="shapes")  # fmt: skip
     path = community_file(paths, family)
-    kwargs = dict(num_inference_steps=2, height=32, width=32)
+    if family_by_name(family).original_lora_modules:  # Flux's fused layout: Diffusers' conversion of it assumes Flux.1's
+        path = convert_adapter(path, "diffusers", paths.adapter_dir / "back.safetensors") and paths.adapter_dir / "back.safetensors"
+    kwargs = dict(num_inference_steps=2, height=32, width=32)  # width (tests/test_lora_layouts.py checks it at that width)
     images = []
     for weight_name in (None, WEIGHTS_NAME, path.name):
         pipe = load_fresh(tiny_models[family])
@@ -50,7 +54,7 @@ def test_the_community_file_renders_as_the_diffusers_file(family, run_training, 
     if text:  # the text-encoder LoRA came through Diffusers' kohya conversion too
         assert all(any("lora_A" in n for n, _ in getattr(pipe, c).named_parameters()) for c in ("text_encoder", "text_encoder_2")[: len(TEXT_PREFIXES[family])])
 
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(community_file(paths, family)), framework="pt") as f:
         metadata = f.metadata()
     assert metadata["ss_network_dim"] == str(R) and metadata["ss_network_alpha"] == "16"
     assert metadata["ss_base_model_version"] == {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1", "chroma": "chroma", "zimage": "zimage", "qwen_image": "qwen_image", "flux2": "flux2"}[family]
@@ -79,7 +83,7 @@ def test_kohya_names_are_those_comfyui_maps_and_alpha_is_the_scale_times_rank(fa
         assert tensors[f"{name}.lora_down.weight"].shape[0] == R
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "zimage"])
 def test_comfyui_layout_folds_the_scale_into_lora_up(family, run_training):
     _, _, paths = run_training(family, lora_r=R, lora_alpha=ALPHA, max_train_steps=2, eval_prompt="")
     ours, folded = load_file(str(paths.adapter_dir / WEIGHTS_NAME)), load_file(str(community_file(paths, family)))

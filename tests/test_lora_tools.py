@@ -97,7 +97,7 @@ def test_the_command_prints_json_and_never_overwrites(sd_run, tmp_path, capsys):
     assert main(["lora", "inspect", str(sd_run[1]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["layout"] == "kohya"
     assert main(["lora", "resize", str(sd_run[0]), "--rank", "2", "--out", str(sd_run[0])]) == 2
-    assert "exists; resize writes a new file and never overwrites one" in capsys.readouterr().err
+    assert "exists; the LoRA tools write a new file and never overwrite one" in capsys.readouterr().err
     assert main(["lora", "resize", str(sd_run[0]), "--rank", "2", "--energy", "0.9", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "give --rank R (R ≥ 1) or --energy E" in capsys.readouterr().err
     assert main(["lora", "inspect", str(tmp_path / "missing.safetensors")]) == 2
@@ -141,3 +141,86 @@ def test_merge_folds_the_adapter_into_a_model_that_renders_as_base_plus_adapter(
     reference.set_adapters(["a"], adapter_weights=[weight])
     assert np.abs(render(merged, "a red circle", 0, **kwargs) - render(reference, "a red circle", 0, **kwargs)).max() <= 1
     assert main(["lora", "merge", str(tiny_models["sd"]), str(sd_run[0]), "--out", str(tmp_path / "merged")]) == 2
+
+
+# --- LoRA into LoRA, LyCORIS, bad input ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def second_sd_run(tiny_models, sample_data, tmp_path_factory):
+    """Another SD adapter, of rank 4 and alpha 2, on more modules (the feed-forward too)."""
+    from conftest import base_parameters
+    from plugin.config import parse_parameters
+    from plugin.trainer import RunPaths, train
+
+    cfg = parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path_factory.mktemp("second"), lora_r=4, lora_alpha=2,
+                                           max_train_steps=4, eval_prompt="", seed=7, lora_target_modules="to_q,to_k,to_v,to_out.0,proj_in"))  # fmt: skip
+    paths = RunPaths.for_config(cfg)
+    train(cfg, paths, log=lambda *_: None)
+    return paths.adapter_dir / WEIGHTS_NAME, paths.adapter_dir / "test-adapter_kohya.safetensors"
+
+
+@pytest.mark.parametrize("layout", [0, 1], ids=["diffusers", "kohya"])
+def test_merged_loras_stack_their_ranks_exactly_and_svd_keeps_the_closest_rank(layout, sd_run, second_sd_run, tmp_path):
+    first, second = read_adapter(sd_run[layout]), read_adapter(second_sd_run[layout])
+    assert main(["lora", "merge", str(sd_run[layout]), str(second_sd_run[layout]), "--weights", "0.7", "-0.4", "--out", str(tmp_path / "m.safetensors")]) == 0
+    merged = read_adapter(tmp_path / "m.safetensors")
+    assert merged.layout == first.layout and merged.modules.keys() == first.modules.keys() | second.modules.keys()
+    for name, module in merged.modules.items():
+        expected = sum(weight * adapter.modules[name].delta() for adapter, weight in ((first, 0.7), (second, -0.4)) if name in adapter.modules)
+        assert module.rank == sum(adapter.modules[name].rank for adapter in (first, second) if name in adapter.modules)
+        torch.testing.assert_close(module.delta(), expected, rtol=1e-5, atol=1e-7)
+    assert main(["lora", "merge", str(sd_run[layout]), str(second_sd_run[layout]), "--svd-rank", "3", "--out", str(tmp_path / "s.safetensors")]) == 0
+    for name, module in read_adapter(tmp_path / "s.safetensors").modules.items():
+        total = sum(adapter.modules[name].delta() for adapter in (first, second) if name in adapter.modules)
+        singular = torch.linalg.svdvals(total)
+        assert module.rank == min(3, len(singular))  # Eckart–Young: the error is the norm of the dropped singular values
+        assert float((module.delta() - total).norm()) == pytest.approx(float(singular[3:].norm()), rel=1e-4, abs=1e-9)
+
+
+def test_a_merged_lora_renders_as_both_adapters_at_their_weights(sd_run, second_sd_run, tiny_models, tmp_path):
+    kwargs = dict(num_inference_steps=2, height=32, width=32)
+    assert main(["lora", "merge", str(sd_run[0]), str(second_sd_run[0]), "--weights", "0.8", "0.6", "--out", str(tmp_path / "m.safetensors")]) == 0
+    merged = load_fresh(tiny_models["sd"])
+    merged.load_lora_weights(str(tmp_path / "m.safetensors"))
+    both = load_fresh(tiny_models["sd"])
+    both.load_lora_weights(str(sd_run[0]), adapter_name="a")
+    both.load_lora_weights(str(second_sd_run[0]), adapter_name="b")
+    both.set_adapters(["a", "b"], adapter_weights=[0.8, 0.6])
+    assert np.abs(render(merged, "a red circle", 0, **kwargs) - render(both, "a red circle", 0, **kwargs)).max() <= 1
+
+
+@pytest.mark.parametrize("lora_type, extra", [("lokr", {"lokr_decompose_both": True}), ("lokr", {}), ("loha", {})],
+                         ids=["lokr-decomposed", "lokr-whole", "loha"])  # fmt: skip
+def test_inspect_reads_lycoris_files_in_both_layouts_alike(lora_type, extra, run_training):
+    _, _, paths = run_training("sd", lora_type=lora_type, lora_r=4, lora_alpha=6, max_train_steps=2, eval_prompt="", **extra)
+    ours, kohya = inspect_adapter(paths.adapter_dir / WEIGHTS_NAME), inspect_adapter(paths.adapter_dir / "test-adapter_kohya.safetensors")
+    assert (ours["layout"], kohya["layout"]) == ("diffusers", "kohya") and ours["adapter"] == kohya["adapter"] == {"lokr": "LoKr", "loha": "LoHa"}[lora_type]
+    assert ours["modules"] == kohya["modules"] > 0 and ours["ranks"] == kohya["ranks"]
+    assert set(ours["ranks"]) == {4} if lora_type == "loha" else set(ours["ranks"]) <= {4, "full"}  # LoKr: "full" for whole factors
+    for statistic in ("min", "median", "max"):  # the same updates: PEFT's scale alpha / r, LyCORIS's .alpha or folded factor
+        assert ours["update_norm"][statistic] == pytest.approx(kohya["update_norm"][statistic], rel=1e-5)
+
+
+def test_files_the_tools_cannot_use_are_named(sd_run, run_training, tiny_models, tmp_path):
+    from safetensors.torch import save_file
+
+    from plugin.errors import ConfigError
+    from plugin.lora_tools import merge_into_base
+
+    save_file({"conv_in.weight": torch.zeros(4, 4)}, str(tmp_path / "model.safetensors"))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(sd_run[0].read_bytes()[:1000])
+    torch.save(load_file(str(sd_run[1])), tmp_path / "lora.pt")
+    cases = [
+        (lambda: inspect_adapter(tmp_path / "model.safetensors"), r"no LoRA modules \(expected keys ending in .lora_A.weight"),
+        (lambda: inspect_adapter(truncated), "not a readable safetensors file"),
+        (lambda: inspect_adapter(tmp_path / "lora.pt"), "a pickle file, which can run code when loaded; .* --allow-pickle"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            call()
+    assert inspect_adapter(tmp_path / "lora.pt", allow_pickle=True)["modules"] == inspect_adapter(sd_run[1])["modules"]
+    flux_file = run_training("flux", max_train_steps=1, eval_prompt="")[2].adapter_dir / WEIGHTS_NAME
+    with pytest.raises(ConfigError, match=r"a LoRA of Flux, not of this Stable Diffusion 1.x/2.x model"):
+        merge_into_base(str(tiny_models["sd"]), [(flux_file, 1.0)], tmp_path / "merged")

@@ -50,6 +50,12 @@ class ModelFamily(ABC):
     # ComfyUI's layout of Diffusers keys with the scale folded in; kohya's ss_base_model_version.
     kohya_prefixes: ClassVar[dict[str, str] | None] = None
     kohya_base_model_version: ClassVar[str]
+    # A family with an original (BFL) layout (plugin/lora_layouts.py): each original module ("{i}" the block) with
+    # the Diffusers modules of the denoiser it holds, fused in that order; their widths in units of the first's
+    # where they differ; and the modules whose two output halves Diffusers orders the other way.
+    original_lora_modules: ClassVar[dict[str, tuple[str, ...]]] = {}
+    fused_lora_widths: ClassVar[dict[str, tuple[int, ...]]] = {}
+    swapped_lora_modules: ClassVar[tuple[str, ...]] = ()
     lora_key_pattern: ClassVar[str]  # a regex that LoRA module names of this family match (lora inspect)
     # Single-file checkpoints (plugin/families/single_file.py): key names (bare or under a prefix) that all
     # appear in this family's files, and the key prefix under which each other component sits in the file.
