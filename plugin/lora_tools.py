@@ -223,42 +223,63 @@ def lycoris_modules(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) 
     return ("diffusers" if configs else "kohya"), modules
 
 
-def factorised(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """up (outputs, k) and down (k, inputs) with up @ down the closest matrix to `delta` of rank k = `rank` (or the
-    smallest k keeping `energy` of Σσ²), the singular values split evenly between them; and the share kept."""
+def factorised(delta: torch.Tensor, rank: int | None, energy: float | None, ratio: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """up (outputs, k) and down (k, inputs) with up @ down the closest matrix to `delta` of rank k = `rank`, or the
+    smallest k keeping `energy` of Σσ², or the k singular values within `ratio` of the largest (σᵢ ≥ σ₁ / ratio);
+    the singular values split evenly between the factors; and the share of Σσ² kept."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     share = torch.cumsum(s**2, 0) / (s**2).sum().clamp_min(1e-30)
-    keep = min(rank, len(s)) if rank else int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype))) + 1
+    if rank:
+        keep = rank
+    elif energy is not None:
+        keep = int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype))) + 1
+    else:
+        keep = max(1, int((s >= s[0] / ratio).sum()))
     keep = min(keep, len(s))
     root = s[:keep].sqrt()
     return u[:, :keep] * root, root[:, None] * vh[:keep], float(share[keep - 1])
 
 
-def truncated(module: LoraModule, rank: int | None, energy: float | None) -> tuple[LoraModule, float]:
+def truncated(module: LoraModule, rank: int | None, energy: float | None, ratio: float | None = None) -> tuple[LoraModule, float]:
     """The module re-factored by `factorised`, as a LoRA of alpha = its rank (scale 1: the factors carry ΔW)."""
-    up, down, kept = factorised(module.delta(), rank, energy)
+    up, down, kept = factorised(module.delta(), rank, energy, ratio)
     keep, dtype = down.shape[0], module.down.dtype
     up, down = up.reshape(module.up.shape[0], keep, *module.up.shape[2:]), down.reshape(keep, *module.down.shape[1:])
     return LoraModule(down.to(dtype).contiguous(), up.to(dtype).contiguous(), float(keep)), kept
 
 
-def resize_adapter(path: Path, out: Path, rank: int | None = None, energy: float | None = None) -> dict[str, tuple[int, int, float]]:
-    """Re-factor every module by SVD to `rank` or to the rank that keeps `energy` of its ΔW (kohya's resize_lora
-    "fixed rank" and "cumulative energy"); writes `out` in the input's layout. Returns module -> (old rank, new
-    rank, share of Σσ² kept)."""
-    if (rank is None) == (energy is None) or (rank is not None and rank < 1) or (energy is not None and not 0 < energy <= 1):
-        raise ConfigError("lora resize: give --rank R (R ≥ 1) or --energy E (0 < E ≤ 1)")
+def resize_adapter(path: Path, out: Path, rank: int | None = None, energy: float | None = None, ratio: float | None = None,
+                   dtype: str | None = None) -> dict[str, tuple[int, int, float]]:  # fmt: skip
+    """Re-factor every module by SVD to `rank`, to the rank that keeps `energy` of its ΔW, or to the singular values
+    within `ratio` of the largest (kohya's resize_lora "fixed rank", "cumulative energy" and "sv_ratio"); writes
+    `out` in the input's layout (in `dtype`, default the input's). Returns module -> (old rank, new rank, share of
+    Σσ² kept)."""
+    given = [value for value in (rank, energy, ratio) if value is not None]
+    if len(given) != 1 or (rank is not None and rank < 1) or (energy is not None and not 0 < energy <= 1) or (ratio is not None and ratio < 1):
+        raise ConfigError("lora resize: give one of --rank R (R ≥ 1), --energy E (0 < E ≤ 1) or --ratio Q (Q ≥ 1)")
     adapter = read_adapter(path)
     if adapter.dora:
         raise ConfigError(f"{adapter.path}: a DoRA file; its magnitudes are fitted to its full-rank update, so a resized DoRA is not the same adapter")
     out = _new_file(out, adapter.path)
     resized, report = {}, {}
     for name, module in adapter.modules.items():
-        resized[name], kept = truncated(module, rank, energy)
+        resized[name], kept = truncated(module, rank, energy, ratio)
+        resized[name] = cast(resized[name], dtype)
         report[name] = (module.rank, resized[name].rank, kept)
     with atomic_path(out) as tmp:
         save_file(_tensors(adapter.layout, resized), str(tmp), metadata=_metadata(adapter, resized))
     return report
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cast(module: LoraModule, dtype: str | None) -> LoraModule:
+    """The module's tensors in `dtype` (fp32, fp16, bf16); as they are for None."""
+    if dtype is None:
+        return module
+    to = lambda t: None if t is None else t.to(DTYPES[dtype]).contiguous()  # noqa: E731
+    return LoraModule(to(module.down), to(module.up), module.alpha, to(module.magnitude))
 
 
 def _tensors(layout: str, modules: dict[str, LoraModule]) -> dict[str, torch.Tensor]:
@@ -352,7 +373,8 @@ def extract_adapter(base: str, tuned: str, rank: int, out: Path, min_difference:
     return kept
 
 
-def convert_adapter(path: Path, layout: str, out: Path, family_name: str | None = None, allow_pickle: bool = False) -> dict:
+def convert_adapter(path: Path, layout: str, out: Path, family_name: str | None = None, allow_pickle: bool = False,
+                    dtype: str | None = None) -> dict:  # fmt: skip
     """The LoRA file in another layout (plugin/lora_layouts.py), every module's ΔW kept: alpha carried where the
     layout has it (`.alpha`, the Diffusers header), folded into lora_B where it has not (comfyui). The model comes
     from the module names (or `family_name`). Returns what was done."""
@@ -366,7 +388,7 @@ def convert_adapter(path: Path, layout: str, out: Path, family_name: str | None 
     if layout not in layouts_of(family):
         raise ConfigError(f"--to: {family.title} LoRAs have the layouts {', '.join(layouts_of(family))}; not {layout!r}")
     try:
-        modules = canonical(family, adapter.layout, adapter.modules)
+        modules = {name: cast(module, dtype) for name, module in canonical(family, adapter.layout, adapter.modules).items()}
         tensors = None if layout == "diffusers" else written(family, layout, modules)
     except ValueError as error:
         raise ConfigError(f"{adapter.path}: {error}") from None
@@ -378,7 +400,7 @@ def convert_adapter(path: Path, layout: str, out: Path, family_name: str | None 
     return {"model": family.title, "from": adapter.layout, "to": layout, "modules": len(modules)}
 
 
-def merge_adapters(files: list[tuple[Path, float]], out: Path, svd_rank: int | None = None) -> dict[str, int]:
+def merge_adapters(files: list[tuple[Path, float]], out: Path, svd_rank: int | None = None, dtype: str | None = None) -> dict[str, int]:
     """One LoRA holding the weighted sum of several, in the first one's layout and names: per module the factors
     stacked (ranks add up; each lora_up times its file's weight and alpha / rank; alpha = the new rank), so ΔW =
     Σ wᵢ ΔWᵢ exactly; with `svd_rank`, each sum re-factored to that rank by SVD (kohya's svd_merge_lora).
@@ -399,7 +421,7 @@ def merge_adapters(files: list[tuple[Path, float]], out: Path, svd_rank: int | N
         up = torch.cat([m.up.float() * (weight * m.alpha / m.rank) for m, weight in parts], dim=1)
         module = LoraModule(down, up, float(down.shape[0]))
         module = truncated(module, svd_rank, None)[0] if svd_rank else module
-        merged[name] = LoraModule(module.down.to(adapters[0].dtype), module.up.to(adapters[0].dtype), module.alpha)
+        merged[name] = cast(module, dtype or next(k for k, v in DTYPES.items() if v == adapters[0].dtype))
     with atomic_path(out) as tmp:
         save_file(_tensors(adapters[0].layout, merged), str(tmp), metadata=_metadata(adapters[0], merged))
     return {name: module.rank for name, module in merged.items()}
@@ -428,14 +450,27 @@ def check_fits(family, adapter: AdapterFile) -> None:
                              "its module names are none of this model's"))  # fmt: skip
 
 
-def merge_into_base(base: str, files: list[tuple[Path, float]], out: Path) -> Path:
-    """The base model with LoRA files folded into its weights (each at its weight), saved as a Diffusers pipeline
-    folder in the base's precision: loads like any model, no adapter needed."""
-    from .families import load_model
+def stored_dtype(model_name: str, denoiser_name: str) -> str:
+    """The precision a model's denoiser weights are stored in (a local folder or single file), fp32 if unknown."""
+    path = Path(model_name).expanduser()
+    files = [path] if path.is_file() else sorted((path / denoiser_name).glob("*.safetensors")) if path.is_dir() else []
+    names = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if f.get_slice(key).get_dtype() in names:
+                    return names[f.get_slice(key).get_dtype()]
+    return "fp32"
 
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(f"--out: {out} exists; merge writes a new folder and never overwrites one")
+
+def merge_into_base(base: str, files: list[tuple[Path, float]], out: Path, dtype: str | None = None) -> Path:
+    """The base model with LoRA files folded into its weights (each at its weight, in fp32), saved in `dtype`
+    (default: the precision the base is stored in) as a Diffusers pipeline folder, or, for an `out` ending in
+    .safetensors, as one original-layout single file (what A1111 and ComfyUI load): no adapter needed."""
+    from .families import load_model
+    from .families.original_layout import original_state_dict
+
+    out = _new_file(out)
     family = load_model(base, torch.float32)
     pipe = family.pipe
     names = [f"merged_{k}" for k in range(len(files))]
@@ -445,6 +480,11 @@ def merge_into_base(base: str, files: list[tuple[Path, float]], out: Path) -> Pa
     pipe.set_adapters(names, adapter_weights=[weight for _, weight in files])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
+    pipe.to(DTYPES[dtype or stored_dtype(base, family.denoiser_name)])
+    if out.suffix == ".safetensors":
+        with atomic_path(out) as tmp:
+            save_file({key: value.contiguous() for key, value in original_state_dict(pipe).items()}, str(tmp))
+        return out
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
     try:
         pipe.save_pretrained(staging)

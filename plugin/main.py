@@ -143,6 +143,7 @@ def lora_command(argv: list[str]) -> int:
     resize.add_argument("file", type=Path)
     resize.add_argument("--rank", type=int, help="the new rank (modules of lower rank keep theirs)")
     resize.add_argument("--energy", type=float, help="per module, the smallest rank keeping this share of Σσ² (e.g. 0.95)")
+    resize.add_argument("--ratio", type=float, help="per module, the singular values at least the largest / RATIO (kohya's sv_ratio)")
     resize.add_argument("--out", type=Path, required=True, help="the new file (never an existing one)")
     extract = verbs.add_parser("extract", help="the LoRA closest to the difference of two models of one family")
     extract.add_argument("base")
@@ -154,9 +155,12 @@ def lora_command(argv: list[str]) -> int:
     merge.add_argument("inputs", nargs="+", help="BASE FILE [FILE ...] into the model, or FILE FILE [...] into one LoRA")
     merge.add_argument("--weights", type=float, nargs="+", help="one per LoRA file (default 1)")
     merge.add_argument("--svd-rank", type=int, help="LoRA into LoRA: re-factor each merged module to this rank (else exact, ranks added)")
-    merge.add_argument("--out", type=Path, required=True, help="the new model folder or LoRA file (never an existing one)")
+    merge.add_argument("--out", type=Path, required=True, help="the new model folder, model file (.safetensors: the original single-file "
+                       "layout) or LoRA file (never an existing one)")
     for verb in (inspect, convert):
         verb.add_argument("--allow-pickle", action="store_true", help="read a .ckpt/.pt/.bin file (only one you trust)")
+    for verb in (convert, resize, merge):
+        verb.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="of what is written (default: the input's; merged models: the base's)")
     args = parser.parse_args(argv)
     quiet_libraries()
     from plugin import lora_tools
@@ -166,10 +170,10 @@ def lora_command(argv: list[str]) -> int:
         print(json.dumps(facts, indent=2) if args.json else "\n".join(f"{key:>22}  {value}" for key, value in facts.items()))
         return 0
     if args.verb == "convert":
-        done = lora_tools.convert_adapter(args.file, args.to, args.out, args.family, args.allow_pickle)
+        done = lora_tools.convert_adapter(args.file, args.to, args.out, args.family, args.allow_pickle, args.dtype)
         print(f"wrote {args.out}: {done['modules']} {done['model']} modules, {done['from']} layout to {done['to']}")
     elif args.verb == "resize":
-        report = lora_tools.resize_adapter(args.file, args.out, args.rank, args.energy)
+        report = lora_tools.resize_adapter(args.file, args.out, args.rank, args.energy, args.ratio, args.dtype)
         for name, (old, new, kept) in report.items():
             print(f"{name}: rank {old} -> {new}, {100 * kept:.2f} % of the update's energy kept")
         print(f"wrote {args.out}: {len(report)} modules")
@@ -183,12 +187,12 @@ def lora_command(argv: list[str]) -> int:
         if len(weights) != len(files) or not files:
             raise ConfigError(f"--weights: {len(weights)} given for {len(files)} LoRA files; give one per file")
         if into_lora:
-            ranks = lora_tools.merge_adapters(list(zip(files, weights)), args.out, args.svd_rank)
+            ranks = lora_tools.merge_adapters(list(zip(files, weights)), args.out, args.svd_rank, args.dtype)
             print(f"wrote {args.out}: {len(ranks)} modules, ranks {min(ranks.values())} to {max(ranks.values())}")
         else:
             if args.svd_rank:
                 raise ConfigError("--svd-rank: merges LoRA files into one LoRA; into a model every update is folded whole")
-            print(f"wrote {lora_tools.merge_into_base(args.inputs[0], list(zip(files, weights)), args.out)}")
+            print(f"wrote {lora_tools.merge_into_base(args.inputs[0], list(zip(files, weights)), args.out, args.dtype)}")
     return 0
 
 

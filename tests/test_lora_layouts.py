@@ -72,7 +72,7 @@ def test_flux_kohya_names_are_comfyuis_original_modules_with_q_k_v_fused(run_tra
     """ComfyUI's model_lora_keys_unet maps `lora_unet_<original key with . as _>` (and `diffusion_model.<key>`) for
     every weight of the original model; the community file of a Flux run is that layout, q/k/v (and a single
     block's MLP input, absent here, as zeros) block-diagonal."""
-    from original_layout import original_state_dict
+    from plugin.families.original_layout import original_state_dict
 
     source = trained_file(run_training, "flux", export_formats="diffusers,kohya")
     community = source.parent / "test-adapter_kohya.safetensors"

@@ -99,7 +99,7 @@ def test_the_command_prints_json_and_never_overwrites(sd_run, tmp_path, capsys):
     assert main(["lora", "resize", str(sd_run[0]), "--rank", "2", "--out", str(sd_run[0])]) == 2
     assert "exists; the LoRA tools write a new file and never overwrite one" in capsys.readouterr().err
     assert main(["lora", "resize", str(sd_run[0]), "--rank", "2", "--energy", "0.9", "--out", str(tmp_path / "x.safetensors")]) == 2
-    assert "give --rank R (R ≥ 1) or --energy E" in capsys.readouterr().err
+    assert "give one of --rank R (R ≥ 1), --energy E" in capsys.readouterr().err
     assert main(["lora", "inspect", str(tmp_path / "missing.safetensors")]) == 2
     assert main(["lora", "resize", str(sd_run[1]), "--rank", "2", "--out", str(tmp_path / "k.safetensors")]) == 0
     assert "rank 8 -> 2" in capsys.readouterr().out and not (tmp_path / "x.safetensors").exists()
@@ -224,3 +224,23 @@ def test_files_the_tools_cannot_use_are_named(sd_run, run_training, tiny_models,
     flux_file = run_training("flux", max_train_steps=1, eval_prompt="")[2].adapter_dir / WEIGHTS_NAME
     with pytest.raises(ConfigError, match=r"a LoRA of Flux, not of this Stable Diffusion 1.x/2.x model"):
         merge_into_base(str(tiny_models["sd"]), [(flux_file, 1.0)], tmp_path / "merged")
+
+
+def test_resize_by_ratio_keeps_the_singular_values_within_it(sd_run, tmp_path):
+    report = resize_adapter(sd_run[0], tmp_path / "q.safetensors", ratio=4.0, dtype="fp16")
+    resized = read_adapter(tmp_path / "q.safetensors")
+    assert resized.dtype == torch.float16
+    for name, module in read_adapter(sd_run[0]).modules.items():
+        singular = torch.linalg.svdvals(module.delta())
+        assert report[name][1] == resized.modules[name].rank == int((singular >= singular[0] / 4.0).sum())
+
+
+def test_a_merged_model_is_written_as_one_original_layout_file_in_the_chosen_precision(sd_run, tiny_models, tmp_path):
+    from plugin.families.original_layout import original_state_dict
+
+    assert main(["lora", "merge", str(tiny_models["sd"]), str(sd_run[0]), "--out", str(tmp_path / "folder")]) == 0
+    assert main(["lora", "merge", str(tiny_models["sd"]), str(sd_run[0]), "--dtype", "fp16", "--out", str(tmp_path / "merged.safetensors")]) == 0
+    single, folder = load_file(str(tmp_path / "merged.safetensors")), original_state_dict(load_fresh(tmp_path / "folder"))
+    assert single.keys() == folder.keys() and "model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.weight" in single
+    assert all(value.dtype == torch.float16 and torch.equal(value, folder[key].half()) for key, value in single.items() if value.is_floating_point())
+    assert load_fresh(tmp_path / "folder").unet.dtype == torch.float32, "by default the precision the base is stored in"

@@ -13,7 +13,7 @@ from diffusers import (
 from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 from safetensors.torch import load_file
 
-from original_layout import original_state_dict, save_single_file
+from plugin.families.original_layout import original_state_dict, save_single_file
 from plugin.families import open_model
 from plugin.tiny import build_tiny_pipeline
 

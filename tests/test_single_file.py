@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import base_parameters, load_fresh, render
-from original_layout import LDM_UNET_KEY, original_state_dict, save_single_file
+from plugin.families.original_layout import LDM_UNET_KEY, original_state_dict, save_single_file
 from plugin.config import parse_parameters
 from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME

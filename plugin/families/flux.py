@@ -8,6 +8,7 @@ import torch
 from diffusers import FluxPipeline
 
 from .base import FlowFamily
+from .original_layout import FLUX_LORA_MODULES
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -53,22 +54,8 @@ class Flux(FlowFamily):
     single_file_markers = ("double_blocks.0.img_attn.qkv.weight",)
     single_file_components = {}  # Flux files hold the transformer; the rest comes from text_encoder_source
     diffusers_flux_width = 3072  # the inner width Diffusers' conversion of BFL files assumes (Flux.1's)
-    kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1"}  # the transformer by its original names:
-    original_lora_modules = {
-        "img_in": ("x_embedder",), "txt_in": ("context_embedder",), "final_layer.linear": ("proj_out",),
-        "final_layer.adaLN_modulation.1": ("norm_out.linear",),
-        **{f"{name}_in.{layer}_layer": (f"time_text_embed.{embedder}_embedder.linear_{n}",) for name, embedder in
-           (("time", "timestep"), ("vector", "text"), ("guidance", "guidance")) for n, layer in ((1, "in"), (2, "out"))},
-        **{f"double_blocks.{{i}}.{stream}_{original}": tuple(f"transformer_blocks.{{i}}.{m}" for m in modules)
-           for stream, table in (("img", {"mod.lin": ("norm1.linear",), "attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-                                          "attn.proj": ("attn.to_out.0",), "mlp.0": ("ff.net.0.proj",), "mlp.2": ("ff.net.2",)}),
-                                 ("txt", {"mod.lin": ("norm1_context.linear",), "attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-                                          "attn.proj": ("attn.to_add_out",), "mlp.0": ("ff_context.net.0.proj",), "mlp.2": ("ff_context.net.2",)}))
-           for original, modules in table.items()},
-        "single_blocks.{i}.linear1": tuple(f"single_transformer_blocks.{{i}}.{m}" for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
-        "single_blocks.{i}.linear2": ("single_transformer_blocks.{i}.proj_out",),
-        "single_blocks.{i}.modulation.lin": ("single_transformer_blocks.{i}.norm.linear",),
-    }  # fmt: skip
+    kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1"}  # the transformer by its original names
+    original_lora_modules = FLUX_LORA_MODULES
     fused_lora_widths = {"single_blocks.{i}.linear1": (1, 1, 1, 4)}  # the MLP is 4 times as wide
     swapped_lora_modules = ("final_layer.adaLN_modulation.1",)
 

@@ -1,6 +1,6 @@
 """Saves a Diffusers pipeline as an original-layout single-file checkpoint: the one `.safetensors` file A1111,
-ComfyUI and model sites distribute, and that Diffusers' `from_single_file` converts from. Tests use it to make
-such files from the tiny pipelines, since no real one fits in a test.
+ComfyUI and model sites distribute, and that Diffusers' `from_single_file` converts from. `lora merge` writes a
+merged model this way; the tests make such files from the tiny pipelines, since no real one fits in a test.
 
 Every mapping here is the inverse of Diffusers' forward conversion in `diffusers.loaders.single_file_utils`
 (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_open_clip_checkpoint`,
@@ -125,6 +125,19 @@ _CHROMA = {**{k: v for k, v in _FLUX.items() if k in ("img_in", "txt_in", "final
 _CHROMA_APPROXIMATOR_LAYER = {"in_layer": "linear_1", "out_layer": "linear_2"}
 _CHROMA_DOUBLE_BLOCK = {k: v for k, v in _FLUX_DOUBLE_BLOCK.items() if not k.endswith("_mod.lin")}  # no modulation: the approximator's
 _CHROMA_SINGLE_BLOCK = {k: v for k, v in _FLUX_SINGLE_BLOCK.items() if k != "modulation.lin"}
+
+
+def lora_modules(whole: dict, double: dict, single: dict) -> dict[str, tuple[str, ...]]:
+    """A BFL layout's modules a LoRA adapts (its linear layers; the norms' scales left out), "{i}" standing for the
+    block number, each with the Diffusers modules it holds, fused in that order (plugin/lora_layouts.py)."""
+    parts = lambda value: (value,) if isinstance(value, str) else value  # noqa: E731
+    modules = {original: parts(value) for original, value in whole.items()}
+    for block, diffusers_block, table in (("double_blocks", "transformer_blocks", double), ("single_blocks", "single_transformer_blocks", single)):
+        modules |= {f"{block}.{{i}}.{original}": tuple(f"{diffusers_block}.{{i}}.{p}" for p in parts(value)) for original, value in table.items()}
+    return {original: value for original, value in modules.items() if not original.endswith(".scale")}
+
+
+FLUX_LORA_MODULES = lora_modules(_FLUX, _FLUX_DOUBLE_BLOCK, _FLUX_SINGLE_BLOCK)
 
 
 def _gather(state_dict: dict[str, torch.Tensor], sources: _Sources, what: str) -> dict[str, torch.Tensor]:
