@@ -380,6 +380,9 @@ def convert_adapter(path: Path, layout: str, out: Path, family_name: str | None 
     from the module names (or `family_name`). Returns what was done."""
     from .families import family_by_name
 
+    tensors, metadata = read_tensors(path, allow_pickle)
+    if is_lycoris(tensors):
+        return _convert_lycoris(Path(path), tensors, metadata, layout, _new_file(out, path), family_name)
     adapter = read_adapter(path, allow_pickle)
     out = _new_file(out, adapter.path)
     family = family_by_name(family_name) if family_name else family_of_names(adapter.modules)
@@ -398,6 +401,30 @@ def convert_adapter(path: Path, layout: str, out: Path, family_name: str | None 
         with atomic_path(out) as tmp:
             save_file(tensors, str(tmp), metadata={k: v for k, v in adapter.metadata.items() if k.startswith("ss_") or k == "format"})
     return {"model": family.title, "from": adapter.layout, "to": layout, "modules": len(modules)}
+
+
+def _convert_lycoris(path: Path, tensors: dict, metadata: dict, layout: str, out: Path, family_name: str | None) -> dict:
+    """A LoKr/LoHa file of this trainer's (PEFT's names, the configs in the header) in its family's community layout:
+    the file the run writes beside it (plugin/kohya.py). The other way is refused: PEFT rebuilds a LoKr's factor
+    shapes from its config, which the factorisation of a file written elsewhere need not match."""
+    from .adapters import LYCORIS_METADATA
+    from .families import family_by_name
+    from .kohya import community_layout, community_state
+
+    configs = json.loads(metadata.get(LYCORIS_METADATA) or "null")
+    if configs is None:
+        raise ConfigError(f"{path}: a LoKr/LoHa file in LyCORIS's names; convert reads LoKr and LoHa from this trainer's Diffusers-layout "
+                          "file only (PEFT rebuilds their factors from its config, which another file's need not match)")  # fmt: skip
+    family = family_by_name(family_name) if family_name else family_of_names(tensors)
+    kind = next(iter(configs.values()))["peft_type"].lower()
+    target = community_layout(family, kind)
+    if layout != target:
+        raise ConfigError(f"--to: a {kind} adapter of {family.title} converts to the {target} layout only (not {layout!r})")
+    layers = {component: {key[len(component) + 1 :]: value for key, value in tensors.items() if key.startswith(component + ".")}
+              for component in configs}  # fmt: skip
+    with atomic_path(out) as tmp:
+        save_file(community_state(family, layers, configs), str(tmp), metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    return {"model": family.title, "from": "diffusers", "to": layout, "modules": len({k.rsplit(".", 1)[0] for k in tensors})}
 
 
 def merge_adapters(files: list[tuple[Path, float]], out: Path, svd_rank: int | None = None, dtype: str | None = None) -> dict[str, int]:

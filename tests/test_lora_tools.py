@@ -244,3 +244,19 @@ def test_a_merged_model_is_written_as_one_original_layout_file_in_the_chosen_pre
     assert single.keys() == folder.keys() and "model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.weight" in single
     assert all(value.dtype == torch.float16 and torch.equal(value, folder[key].half()) for key, value in single.items() if value.is_floating_point())
     assert load_fresh(tmp_path / "folder").unet.dtype == torch.float32, "by default the precision the base is stored in"
+
+
+@pytest.mark.parametrize("family, layout", [("sd", "kohya"), ("flux", "comfyui")])
+def test_a_lokr_file_converts_to_the_community_file_the_run_writes(family, layout, run_training, tmp_path):
+    from plugin.errors import ConfigError
+    from plugin.lora_tools import convert_adapter
+
+    _, _, paths = run_training(family, lora_type="lokr", lora_r=4, lora_alpha=6, max_train_steps=2, eval_prompt="")
+    convert_adapter(paths.adapter_dir / WEIGHTS_NAME, layout, tmp_path / "converted.safetensors")
+    ours, community = load_file(str(tmp_path / "converted.safetensors")), load_file(str(paths.adapter_dir / f"test-adapter_{layout}.safetensors"))
+    assert ours.keys() == community.keys() and all(torch.equal(ours[k], community[k]) for k in ours)
+    with pytest.raises(ConfigError, match="convert reads LoKr and LoHa from this trainer's Diffusers-layout file only"):
+        convert_adapter(tmp_path / "converted.safetensors", "diffusers", tmp_path / "back.safetensors", family_name=family)
+    other = "diffusers" if layout == "kohya" else "kohya"
+    with pytest.raises(ConfigError, match=f"converts to the {layout} layout only"):
+        convert_adapter(paths.adapter_dir / WEIGHTS_NAME, other, tmp_path / "other.safetensors")
