@@ -8,7 +8,7 @@ to exit; `bench/step_clock.py` records every optimizer step of both in the same 
 (median, first two steps excluded), whole-process wall time and peak RSS, and the ratios.
 
     .venv/bin/python bench/vs_reference.py --reference PATH/TO/train_text_to_image_lora.py \\
-        [--precisions no bf16] [--repeats 2] [--epochs 3] 2>/dev/null
+        [--precisions no bf16] [--repeats 2] [--epochs 3] [--torch-compile blocks] 2>/dev/null
 
 On machines where torchvision does not load, pass the copy that sits beside `run_with_shim.py` (its
 torchvision stand-in); the script is run through that shim whenever it is present.
@@ -52,14 +52,14 @@ def reference_command(script: Path, model: Path, data: Path, out: Path, precisio
     ]  # fmt: skip
 
 
-def our_command(model: Path, data: Path, out: Path, precision: str, epochs: int) -> list[str]:
+def our_command(model: Path, data: Path, out: Path, precision: str, epochs: int, compile_mode: str = "none") -> list[str]:
     config = out.with_suffix(".json")
     config.write_text(json.dumps({
         "model_name": str(model), "dataset_name": str(data), "output_dir": str(out), "adaptor_name": "bench",
         "resolution": RESOLUTION, "center_crop": True, "train_batch_size": 1, "lora_r": RANK, "lora_alpha": RANK,
         "learning_rate": LEARNING_RATE, "lr_scheduler": "constant", "lr_warmup_steps": 0,
         "num_train_epochs": epochs, "mixed_precision": precision, "seed": SEED, "max_grad_norm": 1.0,
-        "eval_prompt": "", "log_to_tensorboard": True,
+        "eval_prompt": "", "log_to_tensorboard": True, "torch_compile": compile_mode,
     }))  # fmt: skip
     return [str(ROOT / "plugin" / "main.py"), "--config", str(config)]
 
@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--torch-compile", default="none", choices=["none", "blocks", "full"],
+                        help="our trainer's torch_compile (inductor); its compile time is in the whole-process time, not in s/step")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         root = Path(workdir)
@@ -94,13 +96,14 @@ def main() -> None:
                     out = root / f"{name}-{precision}-{repeat}"
                     command = (
                         reference_command(args.reference.resolve(), model, data, out, precision, args.epochs)
-                        if name == "reference" else our_command(model, data, out, precision, args.epochs)
+                        if name == "reference" else our_command(model, data, out, precision, args.epochs, args.torch_compile)
                     )  # fmt: skip
                     run = timed_run(command, out.with_suffix(".clock.json"))
                     results.setdefault((precision, name), []).append(run)
                     print(f"{precision:>4} {name:<9} run {repeat + 1}: {run['steps']} steps, {run['step']:.2f} s/step, "
                           f"{run['wall']:.0f} s whole process, peak RSS {run['rss']:.2f} GiB", flush=True)  # fmt: skip
-        print(f"\nSD 1.5-sized, {RESOLUTION} px, batch 1, rank {RANK}, {IMAGES} images x {args.epochs} epochs; "
+        print(f"\nSD 1.5-sized, {RESOLUTION} px, batch 1, rank {RANK}, {IMAGES} images x {args.epochs} epochs, ours with torch_compile "
+              f"{args.torch_compile}; "
               f"medians over {args.repeats} alternating runs")  # fmt: skip
         for precision in args.precisions:
             ref, ours = ({k: statistics.median(r[k] for r in results[(precision, name)]) for k in ("step", "wall", "rss")}

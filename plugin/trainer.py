@@ -25,6 +25,7 @@ from .buckets import BucketBatchSampler, BucketLayout
 from .cache import build_conditioning, resolve_caching
 from .card import write_model_card
 from .class_images import make_class_images
+from .compilation import check_compilation, compile_denoiser
 from .checkpoints import (
     INPUT_CONFIG, RESOLVED_CONFIG, Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder,
     check_run_folder, load_checkpoint, resolve_resume, try_save_checkpoint,
@@ -89,6 +90,7 @@ def check_settings(cfg) -> None:
     check_quantization(cfg)
     check_optimizer(cfg)
     check_sharding(cfg)
+    check_compilation(cfg)
 
 
 def new_accelerator(cfg) -> Accelerator:
@@ -188,6 +190,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
         family.enable_gradient_checkpointing(modules)
     if cfg.enable_xformers_memory_efficient_attention:
         family.enable_xformers()
+    compiled = compile_denoiser(family.denoiser, cfg.torch_compile, cfg.torch_compile_backend)
     lora_parameters = {
         f"{component}.{name}": p for component, module in modules.items() for name, p in module.named_parameters() if p.requires_grad
     }
@@ -248,6 +251,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     log(
         f"{examples.row_count} images, {len(examples)} examples per epoch, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
         f"epochs; {trainable:,} trainable parameters on {accelerator.device}"
+        + (f"; {compiled} modules compiled ({cfg.torch_compile}, {cfg.torch_compile_backend}): the first step of each bucket shape compiles" if compiled else "")
     )
 
     def checkpoint(epoch: int, batches_done: int) -> None:
