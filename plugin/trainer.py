@@ -131,6 +131,20 @@ def bucket_layout(family, sources: list[Source], log=print) -> BucketLayout:
     return layout
 
 
+def training_data(cfg, family, accelerator, weight_dtype, log=print) -> tuple[TrainingExamples, BucketLayout, list[Source] | None, list[dict]]:
+    """The run's datasets loaded and checked (missing class images rendered first), their buckets and examples,
+    the held-out images (None without a validation set) and the datasets table; the captions checked against the
+    text encoders' limits."""
+    render_class_images = partial(make_class_images, cfg, accelerator=accelerator, dtype=weight_dtype, log=log)
+    sources, held_out = training_and_validation_data(cfg, load_sources(cfg, render_class_images))
+    layout = bucket_layout(family, sources, log)
+    examples = build_examples(cfg, sources, layout)
+    table = dataset_table(sources, examples.slot_rows)
+    log(format_dataset_table(table))
+    family.check_caption_lengths(examples.caption_texts(), cfg.trigger_word)
+    return examples, layout, held_out, table
+
+
 def accumulation_groups(loader, size: int):
     """Micro-batches grouped per optimizer step; the last group of an epoch may be shorter."""
     group = []
@@ -162,15 +176,9 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     processes, is_main = accelerator.num_processes, accelerator.is_main_process
     log = log if is_main else (lambda *_: None)  # one process speaks and writes files; all of them train
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
-    render_class_images = partial(make_class_images, cfg, accelerator=accelerator, dtype=weight_dtype, log=log)
-    sources, held_out_sources = training_and_validation_data(cfg, load_sources(cfg, render_class_images))
     job = job if job is not None and is_main else JobRecord()
     log(f"{family.title} model; defaults applied: " + (", ".join(f"{k}={v}" for k, v in filled.items()) or "none"))
-    layout = bucket_layout(family, sources, log)
-    examples = build_examples(cfg, sources, layout)
-    datasets_used = dataset_table(sources, examples.slot_rows)
-    log(format_dataset_table(datasets_used))
-    family.check_caption_lengths(examples.caption_texts(), cfg.trigger_word)
+    examples, layout, held_out_sources, datasets_used = training_data(cfg, family, accelerator, weight_dtype, log)
     if is_main:  # last of the checks, as overwrite_output deletes the old run's checkpoints
         claim_run_folder(paths.run_dir, cfg, log)
     accelerator.wait_for_everyone()

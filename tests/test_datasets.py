@@ -314,6 +314,9 @@ def test_bad_dataset_settings_are_named_before_the_model_loads(tiny_models, kohy
     masks = tmp_path / "masks"
     masks.mkdir()
     Image.new("L", (64, 64), 255).save(masks / "0000.png")
+    idle = tmp_path / "idle"
+    shutil.copytree(kohya_parent, idle)
+    (idle / "1_shapes").rename(idle / "0_unused")
     cases = [
         ({"datasets": [{"path": str(sample_data), "repeat": 3}]}, r"datasets\[0\]: unknown key 'repeat'; did you mean repeats"),
         ({"datasets": [{"path": str(sample_data), "repeats": 0}]}, r"datasets\[0\].repeats: got 0; expected a whole number of at least 1"),
@@ -326,6 +329,7 @@ def test_bad_dataset_settings_are_named_before_the_model_loads(tiny_models, kohy
         ({"datasets": [{"path": str(sample_data), "is_regularization": True}], "dataset_name": ""}, "every dataset is marked is_regularization"),
         ({"masked_loss": True, "mask_dir": str(masks)}, r"mask_dir: 7 of 8 images of dataset_name have no mask in .*: 0001.png, 0002.png"),
         ({"datasets": [{"path": str(tmp_path / "nowhere")}]}, r"datasets\[0\]: folder .*nowhere.* does not exist"),
+        ({"datasets": [{"path": str(idle)}], "dataset_name": ""}, r"datasets\[0\]: subfolders \['0_unused'\] of .* repeat their images 0 times"),
         ({"datasets": [{"path": "c", "num_class_images": 5, "is_regularization": True}]}, r"datasets\[0\].num_class_images: 5 class images need a class_prompt"),
         ({"datasets": [{"path": "c", "class_prompt": "a dog"}]}, r"datasets\[0\]: class_prompt and num_class_images make regularisation images"),
         ({"datasets": [{"path": str(sample_data), "class_prompt": "a dog", "num_class_images": 20, "is_regularization": True}]},

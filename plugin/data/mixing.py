@@ -51,6 +51,8 @@ class DatasetSpec:
     def missing_class_images(self) -> int:
         """How many class images the base model must render into this dataset's folder before it loads."""
         folder = Path(self.path).expanduser()
+        if not self.num_class_images:
+            return 0
         have = sum(1 for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else 0
         return max(0, self.num_class_images - have)
 
@@ -124,6 +126,10 @@ def _kohya_split(spec: DatasetSpec) -> list[DatasetSpec]:
     kohya = [(path, match) for path, match in named if match]
     if not kohya:
         return [spec]
+    idle = [path.name for path, match in kohya if int(match[1]) < 1]
+    if idle:
+        raise ConfigError(f"{spec.field}: subfolders {idle} of {spec.path!r} repeat their images 0 times an epoch; expected "
+                          "<repeats>_<name> with repeats of at least 1 (move a folder out to leave it out)")  # fmt: skip
     skipped = [path.name for path, match in named if not match]
     if skipped:
         warnings.warn(f"{spec.field}: subfolders {skipped} of {spec.path!r} are not named <repeats>_<name> like its others; left out",
