@@ -31,7 +31,7 @@ import math
 import torch
 
 from .adapters import peft_type
-from .lora_layouts import LoraModule, written
+from .lora_layouts import LoraModule, kohya_name, written
 
 
 # PEFT's tensor names within an adapter module: LoRA, DoRA's magnitude, LoKr's and LoHa's factors.
@@ -55,14 +55,6 @@ def adapter_modules(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
         module, name = next((key[: -len(n) - 1], n) for n in TENSOR_NAMES if key.endswith("." + n))
         modules.setdefault(module, {})[name] = value
     return modules
-
-
-def kohya_module_path(component: str, module: str) -> str:
-    """A module's path as kohya names it: CLIP text encoders under `text_model.`, which transformers 5 no longer
-    has in its module tree (its state dict does) but every kohya-format tool expects."""
-    if component.startswith("text_encoder") and not module.startswith("text_model."):
-        return f"text_model.{module}"
-    return module
 
 
 def community_layout(family, lora_type: str) -> str:
@@ -116,7 +108,7 @@ def community_state(family, layers: dict[str, dict], configs: dict[str, dict]) -
             rank = parts["lora_A.weight"].shape[0] if "lora_A.weight" in parts else configs[component]["r"]
             scale = module_scale(configs[component], module, rank)
             if kohya:
-                name = f"{family.kohya_prefixes[component]}_{kohya_module_path(component, module).replace('.', '_')}"
+                name = kohya_name(family, component, module)
             else:
                 name = f"{component}.{module}"
             for suffix, value in community_module(parts, scale, rank, kohya).items():

@@ -77,14 +77,13 @@ def dotted(name: str) -> str:
     return ".".join(words)
 
 
-def _text_module(component: str, module: str, write: bool) -> str:
-    """A CLIP text encoder's module path as kohya names it, under `text_model.` (which transformers 5 leaves out of
-    the module tree, but every kohya-format tool expects), or back."""
-    if not component.startswith("text_encoder"):
-        return module
-    if write:
-        return module if module.startswith("text_model.") else f"text_model.{module}"
-    return module.removeprefix("text_model.")
+def kohya_name(family, component: str, module: str) -> str:
+    """A module's kohya name: the component's prefix, then its path with `.` as `_`; CLIP text encoders under
+    `text_model.`, which transformers 5 no longer has in its module tree (its state dict does) but every
+    kohya-format tool expects."""
+    if component.startswith("text_encoder") and not module.startswith("text_model."):
+        module = f"text_model.{module}"
+    return f"{family.kohya_prefixes[component]}_{module.replace('.', '_')}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,7 +194,7 @@ def canonical(family, layout: str, modules: dict) -> dict:
         if component is None:
             raise ValueError(f"{written}: not a module name of a {family.title} LoRA in the {layout} layout")
         module_path = dotted(written[len(family.kohya_prefixes[component]) + 1 :])
-        result[f"{component}.{_text_module(component, module_path, write=False)}"] = module
+        result[f"{component}.{module_path.removeprefix('text_model.') if component.startswith('text_encoder') else module_path}"] = module
     return result
 
 
@@ -226,7 +225,7 @@ def written(family, layout: str, modules: dict) -> dict[str, torch.Tensor]:
         component, _, path = name.partition(".")
         if component not in (family.kohya_prefixes or {}) or (fused_layout and component == family.denoiser_name):
             raise ValueError(f"{name}: the {layout} layout of a {family.title} LoRA has no name for this module")
-        key = f"{family.kohya_prefixes[component]}_{_text_module(component, path, write=True).replace('.', '_')}"
+        key = kohya_name(family, component, path)
         tensors |= {f"{key}.{down_suffix}": module.down, f"{key}.{up_suffix}": module.up, f"{key}.alpha": torch.tensor(module.alpha)}
         tensors |= {key + k.removeprefix(name): v for k, v in _magnitude(name, module).items()}
     return {key: value.contiguous() for key, value in tensors.items()}
