@@ -8,14 +8,15 @@ alpha / rank and by 1.0 when `.alpha` is missing, so it carries the run's scale 
 `model_lora_keys_unet` maps these Diffusers-path names to its own (`unet_to_diffusers`), and Diffusers'
 `load_lora_weights` converts them back (`_convert_non_diffusers_lora_to_diffusers`).
 
-kohya (Flux): its original (BFL) module names, q/k/v and a single block's MLP input fused into one module each
-(plugin/lora_layouts.py), as most Flux LoRAs are shared and ComfyUI, Forge and Diffusers read them; for a
-plain LoRA, as the fused modules cannot carry DoRA's magnitudes or a LyCORIS factorisation.
+kohya (Flux, Flux.2): their original (BFL) module names, q/k/v (and Flux.1's single-block MLP input) fused into
+one module each (plugin/lora_layouts.py), as most Flux LoRAs are shared and ComfyUI, Forge and Diffusers read
+them; for a plain LoRA, as the fused modules cannot carry DoRA's magnitudes or a LyCORIS factorisation.
 
-ComfyUI (SD3 and the other families, and Flux's DoRA/LoKr/LoHa): Diffusers' own keys
-(`transformer.<module>.lora_A/B.weight`), which ComfyUI maps (`mmdit_to_diffusers`, `flux_to_diffusers`), with the scale folded into lora_B and no alpha anywhere: ComfyUI
-reads no alpha from file metadata and Diffusers rejects `.alpha` keys for these pipelines, while both apply
-a key set without alpha at scale 1.
+ComfyUI (SD3, Chroma, Z-Image, Qwen-Image, and the DoRA/LoKr/LoHa of Flux's): Diffusers' module names, which
+ComfyUI maps to its own (`mmdit_to_diffusers`, `flux_to_diffusers`, `z_image_to_diffusers`; Qwen-Image's are
+its own), under `diffusion_model.` for Z-Image and Qwen-Image as their peers write them, and with `.alpha` where
+Diffusers' loader reads it; SD3's and Flux's have the scale folded into lora_B, as Diffusers refuses `.alpha` keys
+for their pipelines and both tools apply a module without alpha at scale 1 (`lora_layouts.written`).
 
 DoRA adds `.dora_scale`, the magnitude per output feature, which ComfyUI applies as PEFT does (the updated
 weight re-normalised per output row, times the magnitude). LoKr and LoHa keep PEFT's tensor names
@@ -31,7 +32,7 @@ import math
 import torch
 
 from .adapters import peft_type
-from .lora_layouts import LoraModule, kohya_name, written
+from .lora_layouts import LoraModule, comfyui_name, kohya_name, written
 
 
 # PEFT's tensor names within an adapter module: LoRA, DoRA's magnitude, LoKr's and LoHa's factors.
@@ -70,20 +71,10 @@ def community_file_name(family, adaptor_name: str, lora_type: str) -> str:
     return f"{adaptor_name}_{community_layout(family, lora_type)}.safetensors"
 
 
-def community_module(tensors: dict[str, torch.Tensor], scale: float, rank: int, kohya: bool) -> dict[str, torch.Tensor]:
-    """One module's tensors in the community layout, by suffix. These tools scale a LoRA (DoRA) module by
-    `.alpha` / rank and a LoKr/LoHa module by `.alpha` / (its decomposed factor's rank), both by 1.0 without
-    `.alpha`. So: kohya LoRA and every decomposed LyCORIS module carry `.alpha` = scale x rank; ComfyUI's
-    Diffusers-keyed LoRA and a LoKr with both factors whole fold the scale into one factor instead."""
-    if "lora_A.weight" in tensors:
-        down, up = tensors["lora_A.weight"], tensors["lora_B.weight"]
-        out = {"lora_down.weight": down, "lora_up.weight": up} if kohya else {"lora_A.weight": down, "lora_B.weight": up * scale}
-        if kohya:
-            out["alpha"] = torch.tensor(scale * rank, dtype=torch.float32)
-        if "lora_magnitude_vector" in tensors:  # DoRA: ComfyUI's dora_scale, the magnitude per output feature
-            magnitude = tensors["lora_magnitude_vector"]
-            out["dora_scale"] = magnitude.reshape(magnitude.shape[0], *[1] * (down.dim() - 1))
-        return out
+def lycoris_module(tensors: dict[str, torch.Tensor], scale: float, rank: int) -> dict[str, torch.Tensor]:
+    """One LoKr/LoHa module's tensors in the community layout, by suffix (PEFT's names, LyCORIS's). These tools
+    scale it by `.alpha` / (its decomposed factor's rank), by 1.0 without `.alpha`: a decomposed module carries
+    `.alpha` = scale x rank, a LoKr with both factors whole has the scale folded into w1."""
     decomposed = any(name.endswith("_a") for name in tensors)
     if decomposed:
         return {**tensors, "alpha": torch.tensor(scale * rank, dtype=torch.float32)}
@@ -92,25 +83,22 @@ def community_module(tensors: dict[str, torch.Tensor], scale: float, rank: int, 
 
 def community_state(family, layers: dict[str, dict], configs: dict[str, dict]) -> dict[str, torch.Tensor]:
     """The tensors of the community layout of `family` (`community_layout`; see the module docstring) from
-    the adapter tensors per component (as `export.lora_state` gives them) and their PEFT configs."""
+    the adapter tensors per component (as `export.lora_state` gives them) and their PEFT configs: a LoRA (DoRA)
+    written as `lora convert` writes one (plugin/lora_layouts.py), a LoKr/LoHa under the same module names."""
     config = next(iter(configs.values()))
     lora_type = "dora" if config.get("use_dora") else peft_type(config).lower()
-    kohya = community_layout(family, lora_type) == "kohya"
-    if kohya and family.original_lora_modules:  # Flux: its original modules, q/k/v fused (plugin/lora_layouts.py)
-        modules = {f"{component}.{module}": LoraModule(parts["lora_A.weight"], parts["lora_B.weight"],
-                                                       module_scale(configs[component], module, parts["lora_A.weight"].shape[0])
-                                                       * parts["lora_A.weight"].shape[0])
-                   for component, state in layers.items() for module, parts in adapter_modules(state).items()}  # fmt: skip
-        return written(family, "kohya", modules)
+    layout = community_layout(family, lora_type)
+    modules = {f"{component}.{module}": parts for component, state in layers.items() for module, parts in adapter_modules(state).items()}
+    if lora_type in ("lora", "dora"):
+        return written(family, layout, {name: LoraModule(parts["lora_A.weight"], parts["lora_B.weight"],
+                                                         module_scale(configs[name.partition(".")[0]], name.partition(".")[2], parts["lora_A.weight"].shape[0])
+                                                         * parts["lora_A.weight"].shape[0], parts.get("lora_magnitude_vector"))
+                                        for name, parts in modules.items()})  # fmt: skip
     tensors: dict[str, torch.Tensor] = {}
-    for component, state in layers.items():
-        for module, parts in adapter_modules(state).items():
-            rank = parts["lora_A.weight"].shape[0] if "lora_A.weight" in parts else configs[component]["r"]
-            scale = module_scale(configs[component], module, rank)
-            if kohya:
-                name = kohya_name(family, component, module)
-            else:
-                name = f"{component}.{module}"
-            for suffix, value in community_module(parts, scale, rank, kohya).items():
-                tensors[f"{name}.{suffix}"] = value.contiguous()
+    for name, parts in modules.items():
+        component, _, module = name.partition(".")
+        rank = configs[component]["r"]
+        key = kohya_name(family, component, module) if layout == "kohya" else comfyui_name(family, name)
+        for suffix, value in lycoris_module(parts, module_scale(configs[component], module, rank), rank).items():
+            tensors[f"{key}.{suffix}"] = value.contiguous()
     return tensors

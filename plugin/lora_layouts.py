@@ -7,8 +7,10 @@ its Diffusers name, `<component>.<module path>` (`lora_tools.LoraModule`; ΔW = 
   sd-scripts, A1111/Forge, ComfyUI). SD and SDXL name Diffusers' modules under `lora_unet`/`lora_te…`; a family
   with an original (BFL) layout, Flux, names its original modules (`family.original_lora_modules`), several
   Diffusers modules fused into one (q, k and v; a single block's q, k, v and MLP input).
-- comfyui: Diffusers' keys with the scale folded into lora_B and no alpha: ComfyUI maps them to its modules and
-  Diffusers loads them (it refuses `.alpha` keys for these pipelines).
+- comfyui: Diffusers' module names, which ComfyUI maps to its own, under the denoiser's component name or, for
+  Z-Image and Qwen-Image, `diffusion_model.` (`family.comfyui_prefix`: musubi-tuner's and ai-toolkit's files,
+  which Diffusers' converters read); with `.alpha` where Diffusers' loader for the family reads it
+  (`family.comfyui_alpha`: Chroma, Z-Image, Qwen-Image), else the scale folded into lora_B (SD3, Flux's DoRA).
 - bfl: the original module names under `diffusion_model.`, `.lora_A/.lora_B.weight` and `.alpha`: the generic
   form ComfyUI reads.
 
@@ -56,6 +58,12 @@ class LoraModule:
         """ΔW as a matrix (outputs, inputs·kernel): what the module adds to its layer's weight."""
         return (self.alpha / self.rank) * self.up.reshape(self.up.shape[0], -1).double() @ self.down.reshape(self.rank, -1).double()
 
+
+
+def comfyui_name(family, name: str) -> str:
+    """A module's name in ComfyUI's layout: its Diffusers name, the denoiser's under `family.comfyui_prefix`."""
+    component, _, path = name.partition(".")
+    return f"{family.comfyui_prefix}.{path}" if family.comfyui_prefix and component == family.denoiser_name else name
 
 
 def layouts_of(family) -> tuple[str, ...]:
@@ -173,8 +181,9 @@ def split(module, widths: tuple[int, ...]) -> list:
 
 def canonical(family, layout: str, modules: dict) -> dict:
     """A file's modules (as `lora_tools.read_adapter` names them) under their Diffusers names."""
-    if layout in ("diffusers", "comfyui"):
-        return dict(modules)
+    if layout in ("diffusers", "comfyui") or (layout == "bfl" and not family.original_lora_modules):  # bfl: diffusion_model.-prefixed
+        return {(f"{family.denoiser_name}.{name.removeprefix(BFL_PREFIX)}" if name.startswith(BFL_PREFIX) else name): module
+                for name, module in modules.items()}  # fmt: skip
     separator, prefix = ("_", "lora_unet_") if layout == "kohya" else (".", BFL_PREFIX)
     result = {}
     for written, module in modules.items():
@@ -208,9 +217,13 @@ def written(family, layout: str, modules: dict) -> dict[str, torch.Tensor]:
                          "convert it to diffusers or comfyui")  # fmt: skip
     if layout == "comfyui":
         for name, module in modules.items():
-            tensors |= {f"{name}.lora_A.weight": module.down, f"{name}.lora_B.weight": module.up * (module.alpha / module.rank)}
-            tensors |= _magnitude(name, module)
-        return tensors
+            key = comfyui_name(family, name)
+            if family.comfyui_alpha:
+                tensors |= {f"{key}.lora_A.weight": module.down, f"{key}.lora_B.weight": module.up, f"{key}.alpha": torch.tensor(float(module.alpha))}
+            else:
+                tensors |= {f"{key}.lora_A.weight": module.down, f"{key}.lora_B.weight": module.up * (module.alpha / module.rank)}
+            tensors |= {key + k.removeprefix(name): v for k, v in _magnitude(name, module).items()}
+        return {key: value.contiguous() for key, value in tensors.items()}
     down_suffix, up_suffix = KOHYA_SUFFIXES if layout == "kohya" else DIFFUSERS_SUFFIXES
     remaining = dict(modules)
     for original, names in original_modules(family, set(modules)).items():

@@ -94,10 +94,11 @@ def read_adapter(path: Path, allow_pickle: bool = False) -> AdapterFile:
     for layout, (down_suffix, up_suffix) in LAYOUT_SUFFIXES:
         names = sorted(key[: -len(down_suffix)] for key in tensors if key.endswith(down_suffix))
         if names:
-            if layout == "diffusers" and all(name.startswith(BFL_PREFIX) for name in names):
-                layout = "bfl"
+            if layout == "diffusers" and all(name.startswith(BFL_PREFIX) for name in names):  # BFL's names, or Z-Image's comfyui
+                family = family_of_names(names, metadata)
+                layout = "bfl" if family is None or family.original_lora_modules else "comfyui"
             elif layout == "diffusers" and METADATA_KEY not in metadata:
-                layout = "comfyui"  # Diffusers' keys, the scale folded in: alpha = rank, as Diffusers reads it
+                layout = "comfyui"  # Diffusers' keys with `.alpha`, or the scale folded in: alpha = rank, as Diffusers reads it
             alphas = _diffusers_alphas(metadata, names) if layout == "diffusers" else {}
             modules = {}
             for name in names:
@@ -123,17 +124,22 @@ def _diffusers_alphas(metadata: dict[str, str], names: list[str]) -> dict[str, f
     return alphas
 
 
-def family_of_names(names):
-    """The family whose `lora_key_pattern` the module names match, the most specific (latest added) first; None
-    when none does."""
+def family_of_names(names, metadata: dict[str, str] | None = None):
+    """The family kohya's `ss_base_model_version` in the header names (Flux.1's and Flux.2's kohya names are
+    alike), else the one whose `lora_key_pattern` the module names match, the most specific (latest added)
+    first; None when none does."""
     from .families import FAMILIES
 
+    version = (metadata or {}).get("ss_base_model_version", "")
+    named = next((family for family in FAMILIES if version == family.kohya_base_model_version), None)
+    if named:
+        return named
     joined = "\n".join(names)
     return next((family for family in reversed(FAMILIES) if re.search(family.lora_key_pattern, joined)), None)
 
 
-def family_hint(names) -> str:
-    family = family_of_names(names)
+def family_hint(names, metadata: dict[str, str] | None = None) -> str:
+    family = family_of_names(names, metadata)
     return family.title if family else "unknown"
 
 
@@ -155,7 +161,7 @@ def inspect_adapter(path: Path, allow_pickle: bool = False) -> dict:
     return {
         "file": str(path),
         "layout": layout,
-        "model": family_hint(names),
+        "model": family_hint(names, metadata),
         "adapter": ", ".join(sorted(kinds)),
         "modules": len(names),
         "ranks": dict(Counter(m.rank for m in modules.values())),
@@ -376,7 +382,7 @@ def extract_adapter(base: str, tuned: str, rank: int, out: Path, min_difference:
 def convert_adapter(path: Path, layout: str, out: Path, family_name: str | None = None, allow_pickle: bool = False,
                     dtype: str | None = None) -> dict:  # fmt: skip
     """The LoRA file in another layout (plugin/lora_layouts.py), every module's ΔW kept: alpha carried where the
-    layout has it (`.alpha`, the Diffusers header), folded into lora_B where it has not (comfyui). The model comes
+    layout has it (`.alpha`, the Diffusers header), folded into lora_B where it has not (SD3's, Flux's comfyui). The model comes
     from the module names (or `family_name`). Returns what was done."""
     from .families import family_by_name
 
@@ -385,7 +391,7 @@ def convert_adapter(path: Path, layout: str, out: Path, family_name: str | None 
         return _convert_lycoris(Path(path), tensors, metadata, layout, _new_file(out, path), family_name)
     adapter = read_adapter(path, allow_pickle)
     out = _new_file(out, adapter.path)
-    family = family_by_name(family_name) if family_name else family_of_names(adapter.modules)
+    family = family_by_name(family_name) if family_name else family_of_names(adapter.modules, adapter.metadata)
     if family is None:
         raise ConfigError(f"{adapter.path}: its module names match no model family; name one with --family")
     if layout not in layouts_of(family):
@@ -399,7 +405,8 @@ def convert_adapter(path: Path, layout: str, out: Path, family_name: str | None 
         save_diffusers(family, modules, out)
     else:
         with atomic_path(out) as tmp:
-            save_file(tensors, str(tmp), metadata={k: v for k, v in adapter.metadata.items() if k.startswith("ss_") or k == "format"})
+            kept = {k: v for k, v in adapter.metadata.items() if k.startswith("ss_") or k == "format"}
+            save_file(tensors, str(tmp), metadata={"ss_base_model_version": family.kohya_base_model_version, **kept})
     return {"model": family.title, "from": adapter.layout, "to": layout, "modules": len(modules)}
 
 
@@ -415,7 +422,7 @@ def _convert_lycoris(path: Path, tensors: dict, metadata: dict, layout: str, out
     if configs is None:
         raise ConfigError(f"{path}: a LoKr/LoHa file in LyCORIS's names; convert reads LoKr and LoHa from this trainer's Diffusers-layout "
                           "file only (PEFT rebuilds their factors from its config, which another file's need not match)")  # fmt: skip
-    family = family_by_name(family_name) if family_name else family_of_names(tensors)
+    family = family_by_name(family_name) if family_name else family_of_names(tensors, metadata)
     kind = next(iter(configs.values()))["peft_type"].lower()
     target = community_layout(family, kind)
     if layout != target:
@@ -472,7 +479,7 @@ def check_fits(family, adapter: AdapterFile) -> None:
         if (weight.shape[0], *weight.shape[1:]) != (module.up.shape[0], *module.down.shape[1:]):
             misfits.append(name)
     if misfits or not modules:
-        raise ConfigError(f"{adapter.path}: a LoRA of {family_hint(adapter.modules)}, not of this {family.title} model: "
+        raise ConfigError(f"{adapter.path}: a LoRA of {family_hint(adapter.modules, adapter.metadata)}, not of this {family.title} model: "
                           + (", ".join(misfits[:3]) + (" ..." if len(misfits) > 3 else "") + " do not fit its layers" if misfits else
                              "its module names are none of this model's"))  # fmt: skip
 

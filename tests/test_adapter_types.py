@@ -18,6 +18,7 @@ from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME, lora_state
 from plugin.families import load_model
 from plugin.kohya import community_layout, community_state
+from plugin.lora_layouts import comfyui_name
 from plugin.trainer import RunPaths, train
 from plugin.tiny import FAMILIES
 
@@ -80,9 +81,15 @@ def comfyui_weight(weight: torch.Tensor, tensors: dict, name: str) -> torch.Tens
     return updated
 
 
-@pytest.mark.parametrize("family", ["sd", "flux"])  # kohya's layout and ComfyUI's Diffusers-keyed one
-@pytest.mark.parametrize("lora_type, extra", [("dora", {}), ("lokr", {}), ("lokr", {"lokr_decompose_both": True, "lora_r": 2}), ("loha", {})],
-                         ids=["dora", "lokr-whole-factors", "lokr-decomposed", "loha"])  # fmt: skip
+ADAPTER_TYPES = {"dora": ("dora", {}), "lokr-whole-factors": ("lokr", {}), "lokr-decomposed": ("lokr", {"lokr_decompose_both": True, "lora_r": 2}),
+                 "loha": ("loha", {})}  # fmt: skip
+COMMUNITY_CASES = {f"{family}-{kind}": (family, *ADAPTER_TYPES[kind]) for family in ("sd", "flux") for kind in ADAPTER_TYPES}
+# kohya's layout, ComfyUI's Diffusers-keyed one folded (Flux's) and with alphas under diffusion_model. (Z-Image's)
+COMMUNITY_CASES |= {"zimage-lora": ("zimage", "lora", {}), "zimage-lokr-decomposed": ("zimage", *ADAPTER_TYPES["lokr-decomposed"]),
+                    "chroma-dora": ("chroma", "dora", {})}  # fmt: skip
+
+
+@pytest.mark.parametrize("family, lora_type, extra", list(COMMUNITY_CASES.values()), ids=list(COMMUNITY_CASES))
 def test_the_community_file_changes_each_weight_as_peft_does(lora_type, extra, family, tiny_models, sample_data, tmp_path):
     settings = {"lora_type": lora_type, "lora_r": 4, "lora_alpha": 6, **extra}
     cfg = parse_parameters(base_parameters(tiny_models[family], sample_data, tmp_path, **settings))
@@ -102,7 +109,7 @@ def test_the_community_file_changes_each_weight_as_peft_does(lora_type, extra, f
         if not hasattr(layer, "get_delta_weight"):
             continue
         kohya = community_layout(model, lora_type) == "kohya"
-        name = f"lora_unet_{module_name.replace('.', '_')}" if kohya else f"{model.denoiser_name}.{module_name}"
+        name = f"lora_unet_{module_name.replace('.', '_')}" if kohya else comfyui_name(model, f"{model.denoiser_name}.{module_name}")
         assert any(key.startswith(name + ".") for key in tensors), name
         base = layer.get_base_layer().weight.detach()
         base = base.clone()

@@ -19,6 +19,7 @@ from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME
 from plugin.families import family_by_name
 from plugin.kohya import community_layout
+from plugin.lora_layouts import comfyui_name
 from plugin.lora_tools import convert_adapter
 from plugin.main import main
 from plugin.posthoc import SNAPSHOT_FOLDER
@@ -39,7 +40,7 @@ def test_the_community_file_renders_as_the_diffusers_file(family, run_training, 
     _, _, paths = run_training(family, lora_r=R, lora_alpha=ALPHA, train_text_encoder=text, max_train_steps=6, eval_prompt="",
                                trigger_word="shapes")  # fmt: skip
     path = community_file(paths, family)
-    if family_by_name(family).original_lora_modules:  # Flux's fused layout: Diffusers' conversion of it assumes Flux.1's
+    if family == "flux":  # Flux's fused layout: Diffusers' conversion of it assumes Flux.1's width (Flux.2's reads any)
         path = convert_adapter(path, "diffusers", paths.adapter_dir / "back.safetensors") and paths.adapter_dir / "back.safetensors"
     kwargs = dict(num_inference_steps=2, height=32, width=32)  # width (tests/test_lora_layouts.py checks it at that width)
     images = []
@@ -84,12 +85,21 @@ def test_kohya_names_are_those_comfyui_maps_and_alpha_is_the_scale_times_rank(fa
 
 
 @pytest.mark.parametrize("family", ["sd3", "zimage"])
-def test_comfyui_layout_folds_the_scale_into_lora_up(family, run_training):
+def test_comfyui_layout_names_and_scales_modules_as_its_readers_expect(family, run_training):
+    """Z-Image's (and Qwen-Image's) under `diffusion_model.` with `.alpha`, as musubi-tuner and ai-toolkit write them;
+    SD3's under `transformer.` with the scale folded into lora_B, as Diffusers refuses `.alpha` for its pipeline."""
     _, _, paths = run_training(family, lora_r=R, lora_alpha=ALPHA, max_train_steps=2, eval_prompt="")
-    ours, folded = load_file(str(paths.adapter_dir / WEIGHTS_NAME)), load_file(str(community_file(paths, family)))
-    assert folded.keys() == ours.keys() and all(k.startswith("transformer.") for k in folded), "Diffusers keys, no alpha"
+    ours, community = load_file(str(paths.adapter_dir / WEIGHTS_NAME)), load_file(str(community_file(paths, family)))
+    model = family_by_name(family)
+    prefix = {"sd3": "transformer.", "zimage": "diffusion_model."}[family]
+    assert all(key.startswith(prefix) for key in community) and len(community) == len(ours) * (1.5 if model.comfyui_alpha else 1)
     for key, value in ours.items():
-        torch.testing.assert_close(folded[key], value * (ALPHA / R) if ".lora_B." in key else value)
+        module, part = key.split(".lora_")
+        name = comfyui_name(model, module)
+        if model.comfyui_alpha:
+            assert torch.equal(community[f"{name}.lora_{part}"], value) and community[f"{name}.alpha"].item() == ALPHA
+        else:
+            torch.testing.assert_close(community[f"{name}.lora_{part}"], value * (ALPHA / R) if part.startswith("B") else value)
 
 
 def test_export_formats_are_honoured_and_checked_before_loading(run_training, tiny_models, sample_data, tmp_path, monkeypatch):

@@ -92,6 +92,23 @@ def test_flux_kohya_names_are_comfyuis_original_modules_with_q_k_v_fused(run_tra
     assert set(read_adapter(tmp_path / "bfl.safetensors").modules) <= {f"diffusion_model.{key}" for key in originals}
 
 
+def test_flux2_community_file_names_its_original_modules(run_training):
+    """Flux.2's community file is kohya's by BFL's Flux.2 names (what ComfyUI maps for every weight of its model
+    and Diffusers' Flux.2 kohya converter reads): q/k/v block-diagonal in one module, the single blocks' fused input
+    projection and the MLPs one module each; the header names the model, which Flux.1's alike names could not."""
+    from plugin.families.original_layout import original_state_dict
+
+    source = trained_file(run_training, "flux2")
+    originals = {key.removesuffix(".weight") for key in original_state_dict(build_tiny_pipeline("flux2"), ["transformer"], prefix="")}
+    adapter = read_adapter(source.parent / "test-adapter_kohya.safetensors")
+    assert set(adapter.modules) <= {f"lora_unet_{key.replace('.', '_')}" for key in originals}
+    assert {"lora_unet_single_blocks_0_linear1", "lora_unet_double_blocks_0_img_mlp_0", "lora_unet_double_blocks_0_txt_attn_qkv"} <= set(adapter.modules)
+    qkv = adapter.modules["lora_unet_double_blocks_0_img_attn_qkv"]
+    width = qkv.up.shape[0] // 3
+    assert qkv.rank == 12 and all(not qkv.up[j * width : (j + 1) * width, k * 4 : (k + 1) * 4].any() for j in range(3) for k in range(3) if j != k)
+    assert inspect_adapter(adapter.path)["model"] == "Flux.2"
+
+
 def test_diffusers_own_conversion_splits_the_fused_layout_exactly_at_full_width(tmp_path):
     """At Flux.1's width (its converter's fixed split of a single block's linear1), with every fused part, one
     part missing and a swapped final modulation: Diffusers' FluxPipeline.lora_state_dict gives back each module's

@@ -49,6 +49,11 @@ class ModelFamily(ABC):
     # The community layout of the adapter (plugin/kohya.py): kohya's key prefix per component, or None for
     # ComfyUI's layout of Diffusers keys with the scale folded in; kohya's ss_base_model_version.
     kohya_prefixes: ClassVar[dict[str, str] | None] = None
+    # ComfyUI's layout (families without a kohya one): the key prefix of the denoiser's modules (its Diffusers
+    # component name, or `diffusion_model` where the peers' files and Diffusers' converter use that), and whether
+    # LoRA modules carry `.alpha` (scale x rank) or the scale folded into lora_B (where Diffusers refuses `.alpha`).
+    comfyui_prefix: ClassVar[str | None] = None
+    comfyui_alpha: ClassVar[bool] = False
     kohya_base_model_version: ClassVar[str]
     # A family with an original (BFL) layout (plugin/lora_layouts.py): each original module ("{i}" the block) with
     # the Diffusers modules of the denoiser it holds, fused in that order; their widths in units of the first's

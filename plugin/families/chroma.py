@@ -19,7 +19,8 @@ class Chroma(Flux):
     eval_negative_prompts = True  # ChromaPipeline guides with a negative prompt (empty by default)
     lora_key_pattern = r"distilled_guidance_layer"  # otherwise its LoRAs read as Flux's
     kohya_base_model_version = "chroma"
-    kohya_prefixes = None  # its community file is ComfyUI's Diffusers-keyed one
+    kohya_prefixes = None  # its community file is ComfyUI's Diffusers-keyed one, with alphas (Flux's loader reads them)
+    comfyui_alpha = True
     original_lora_modules = {}
     # Chroma files have Flux's block names plus the approximator, so the more specific Chroma wins.
     single_file_markers = ("double_blocks.0.img_attn.qkv.weight", "distilled_guidance_layer.in_proj.weight")

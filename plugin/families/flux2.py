@@ -14,6 +14,7 @@ import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
 from .base import FlowFamily
+from .original_layout import FLUX2_LORA_MODULES
 
 
 class Flux2(FlowFamily):
@@ -29,6 +30,10 @@ class Flux2(FlowFamily):
     eval_negative_prompts = False  # the pipelines guide against an empty prompt, or by distilled guidance
     lora_key_pattern = r"single_stream_modulation|to_qkv_mlp_proj"
     kohya_base_model_version = "flux2"
+    # Its community file is kohya's, by BFL's module names (q/k/v fused), which ComfyUI and Diffusers read.
+    kohya_prefixes = {"transformer": "lora_unet"}
+    original_lora_modules = FLUX2_LORA_MODULES
+    swapped_lora_modules = ("final_layer.adaLN_modulation.1",)
     # Flux.2 files share Flux.1's double-block names; the shared single-stream modulation is its own.
     single_file_markers = ("double_blocks.0.img_attn.qkv.weight", "single_stream_modulation.lin.weight")
     single_file_components = {}  # Flux.2 files hold the transformer; the rest comes from text_encoder_source

@@ -331,6 +331,9 @@ _FLUX2_SINGLE_BLOCK = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_ou
                        "norm.key_norm.scale": "attn.norm_k.weight"}  # fmt: skip
 
 
+FLUX2_LORA_MODULES = lora_modules(_FLUX2, _FLUX2_DOUBLE_BLOCK, _FLUX2_SINGLE_BLOCK)
+
+
 def _flux2(transformer) -> dict[str, torch.Tensor]:
     """BFL's Flux.2: modulations shared by all blocks of a stream, fused q/k/v in the double blocks, one fused
     input projection per single block."""

@@ -24,6 +24,7 @@ class QwenImage(FlowFamily):
     eval_negative_prompts = True  # with eval_guidance_scale above 1 it guides with a negative prompt (true CFG)
     lora_key_pattern = r"img_mlp|txt_mlp"
     kohya_base_model_version = "qwen_image"
+    comfyui_prefix, comfyui_alpha = "diffusion_model", True  # as musubi-tuner and ai-toolkit write, ComfyUI and Diffusers read
     single_file_markers = ("transformer_blocks.0.img_mod.1.weight", "txt_norm.weight")
     single_file_components = {}  # Qwen-Image files hold the transformer; the rest comes from text_encoder_source
     max_sequence_length = 512  # what QwenImagePipeline.__call__ passes to encode_prompt (the method allows 1024)

@@ -24,6 +24,7 @@ class ZImage(FlowFamily):
     hub_tag = "z-image"
     lora_key_pattern = r"noise_refiner|context_refiner|feed_forward[._]w[123]"
     kohya_base_model_version = "zimage"
+    comfyui_prefix, comfyui_alpha = "diffusion_model", True  # as musubi-tuner and ai-toolkit write, ComfyUI and Diffusers read
     single_file_markers = ("layers.0.adaLN_modulation.0.weight", "cap_embedder.1.weight")
     single_file_components = {}  # Z-Image files hold the transformer; the rest comes from text_encoder_source
 
