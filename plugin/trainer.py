@@ -25,7 +25,7 @@ from .buckets import BucketBatchSampler, BucketLayout
 from .cache import build_conditioning, resolve_caching
 from .card import write_model_card
 from .class_images import make_class_images
-from .compilation import check_compilation, compile_denoiser
+from .compilation import check_compilation
 from .checkpoints import (
     INPUT_CONFIG, RESOLVED_CONFIG, Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder,
     check_run_folder, load_checkpoint, resolve_resume, try_save_checkpoint,
@@ -43,11 +43,13 @@ from .families import open_model
 from .kohya import community_file_name
 from .optimizers import build_optimizer, check_optimizer
 from .posthoc import discard_snapshots_after, write_snapshot
-from .quantization import check_quantization, quantization_plan, quantization_summary
+from .offloading import check_block_count, check_offloading
+from .placement import place_model
+from .quantization import check_quantization
 from .reporting import METRICS_FILE, SETUP_PERCENT, JobRecord, Reporter
 from .run_lock import launch_main_process
 from .settings import parse_eval_prompts, parse_export_formats
-from .sharding import check_sharding, in_turn, shard_frozen_base
+from .sharding import check_sharding
 from .stopping import StopRequest
 from .validation import ValidationHistory, ValidationSet, training_and_validation_data
 
@@ -91,6 +93,7 @@ def check_settings(cfg) -> None:
     check_optimizer(cfg)
     check_sharding(cfg)
     check_compilation(cfg)
+    check_offloading(cfg)
 
 
 def new_accelerator(cfg) -> Accelerator:
@@ -170,6 +173,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     input_config = cfg.as_dict()
     family = open_model(cfg.model_name, cfg.model_config, cfg.text_encoder_source, cfg.allow_pickle_checkpoints)  # configs, no weights yet
     cfg, filled = family.configure(resolve_caching(cfg, log))
+    check_block_count(cfg, family.description)
     resolved_config = {**cfg.as_dict(), "model_family": family.name}
     prompts = parse_eval_prompts(cfg.eval_prompt)
     accelerator = new_accelerator(cfg)
@@ -185,20 +189,9 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     job.setup(1)
 
     set_seed(cfg.seed)
-    with in_turn(accelerator, enabled=cfg.shard_base_model):  # sharded, one whole base at a time in host memory
-        family.load(weight_dtype, quantization_plan(cfg, family, weight_dtype))
-        if cfg.base_quantization != "none":
-            log(quantization_summary(family.pipe, cfg.base_quantization))
-        modules = family.attach_lora()  # before anything moves, so that sharding can leave the LoRA weights out
-        if cfg.shard_base_model:
-            log(shard_frozen_base(family.denoiser, processes, accelerator.device))
-        family.to(accelerator.device, text_encoders=cfg.cache_text_embeddings or not cfg.offload_text_encoders)  # cached: they leave after
+    placed = place_model(cfg, family, accelerator, weight_dtype, log)  # loaded, LoRA on, sharded or offloaded, moved, compiled
+    modules = placed.modules
     job.setup(2)
-    if cfg.gradient_checkpointing:
-        family.enable_gradient_checkpointing(modules)
-    if cfg.enable_xformers_memory_efficient_attention:
-        family.enable_xformers()
-    compiled = compile_denoiser(family.denoiser, cfg.torch_compile, cfg.torch_compile_backend)
     lora_parameters = {
         f"{component}.{name}": p for component, module in modules.items() for name, p in module.named_parameters() if p.requires_grad
     }
@@ -259,7 +252,8 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     log(
         f"{examples.row_count} images, {len(examples)} examples per epoch, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
         f"epochs; {trainable:,} trainable parameters on {accelerator.device}"
-        + (f"; {compiled} modules compiled ({cfg.torch_compile}, {cfg.torch_compile_backend}): the first step of each bucket shape compiles" if compiled else "")
+        + (f"; {placed.compiled} modules compiled ({cfg.torch_compile}, {cfg.torch_compile_backend}): the first step of each bucket shape compiles"
+           if placed.compiled else "")
     )
 
     def checkpoint(epoch: int, batches_done: int) -> None:

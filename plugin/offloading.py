@@ -1,0 +1,205 @@
+"""Block offloading of the frozen denoiser (`offload_blocks`): the last N of its repeated blocks (the blocks
+regional compilation compiles) keep their frozen weights in host memory, pinned where the accelerator is a CUDA
+GPU: the stored copy. A block gets a compute copy on the accelerator only while it runs, forward and backward,
+and the next block's copy streams in on a side stream while the current one computes (a prefetch window of
+one block). LoRA weights, their optimizer state and everything outside the offloaded blocks stay where they are.
+
+Why not Diffusers' group offloading: its hooks drop a block's weights after its forward, which serves inference;
+a training step's backward needs them again, in reverse block order (kohya's `--blocks_to_swap` swaps for this
+reason). Here a block's weights come back when the gradient of its output arrives (a hook on the output tensors,
+before the block's backward or its gradient-checkpointing recompute runs), the block after it in the forward
+order leaves then (its backward is done), and the block before it is prefetched. At the end of backward every
+offloaded block is back to its stored copy only.
+
+A frozen weight is never written, so leaving is free: the compute copy is dropped and the parameter points at the
+stored copy again; coming back copies the stored values (on a CPU-only run a real copy too, so what a step computes
+with is always what the stored copy held when the block came in). `counts` and `peak_resident` instrument it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .compilation import repeated_blocks
+from .errors import ConfigError
+
+
+def check_offloading(cfg) -> None:
+    """The combinations offloading cannot do, refused by name before any weights load."""
+    if cfg.offload_blocks == 0:
+        return
+    if cfg.shard_base_model:
+        raise ConfigError("offload_blocks: a sharded base (shard_base_model) already spreads the frozen weights over the processes; "
+                          "use one of the two")  # fmt: skip
+    if cfg.torch_compile != "none":
+        raise ConfigError("offload_blocks: a compiled block holds its weights as graph inputs that offloading swaps under it; "
+                          "set torch_compile to none or offload_blocks to 0")  # fmt: skip
+    if cfg.base_quantization == "nf4":
+        raise ConfigError("offload_blocks: bitsandbytes' nf4 weights cannot be moved block by block; use base_quantization int8 or fp8, or none")
+
+
+def check_block_count(cfg, description) -> None:
+    """`offload_blocks` within the denoiser's repeated blocks, counted in its description (no weights read)."""
+    count = len(description.denoiser_block_parameters)
+    if cfg.offload_blocks > count:
+        raise ConfigError(f"offload_blocks: {cfg.offload_blocks} is more than the {count} blocks this denoiser has; use at most {count}")
+
+
+@dataclass
+class OffloadCounts:
+    """Per offloaded block (forward order), how many times its compute copy came in and left."""
+
+    onloads: list[int] = field(default_factory=list)
+    offloads: list[int] = field(default_factory=list)
+
+
+class BlockOffloader:
+    """Keeps `blocks` (the offloaded ones, in forward order) in their stored copies, bringing each to `device` only
+    while it computes; see the module docstring."""
+
+    def __init__(self, blocks: list[torch.nn.Module], device: torch.device):
+        self.blocks, self.device = blocks, torch.device(device)
+        pin = self.device.type == "cuda"
+        self.stored: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []
+        for block in blocks:
+            frozen = [p for p in block.parameters() if not p.requires_grad]
+            self.stored.append([(p, p.data.to("cpu").pin_memory() if pin else p.data.to("cpu")) for p in frozen])
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.ready: dict[int, torch.cuda.Event | None] = {}  # resident blocks: the event their copy-in completes
+        self.order: list[int] = []  # the blocks in the order the first forward ran them (a UNet's differs from its modules')
+        self.in_backward: set[int] = set()
+        self.counts = OffloadCounts([0] * len(blocks), [0] * len(blocks))
+        self.peak_resident = 0
+        self._hooks = []
+        for index, block in enumerate(blocks):
+            self._hooks.append(block.register_forward_pre_hook(lambda module, args, i=index: self._before_forward(i)))
+            self._hooks.append(block.register_forward_hook(lambda module, args, output, i=index: self._after_forward(i, output)))
+        self._leave_all()
+
+    # ----- moving one block ---------------------------------------------------------------------------
+    def _onload(self, index: int) -> None:
+        """Start copying block `index`'s stored weights to the device (on the side stream where there is one)."""
+        if index in self.ready:
+            return
+        stream = self.stream
+        with torch.cuda.stream(stream) if stream is not None else _nothing():
+            for parameter, stored in self.stored[index]:
+                parameter.data = stored.to(self.device, non_blocking=True, copy=True)
+        event = None
+        if stream is not None:
+            event = torch.cuda.Event()
+            event.record(stream)
+        self.ready[index] = event
+        self.counts.onloads[index] += 1
+        self.peak_resident = max(self.peak_resident, len(self.ready))
+
+    def _wait(self, index: int) -> None:
+        """Block `index` on the device, its copy finished before the compute stream reads it."""
+        self._onload(index)
+        event = self.ready[index]
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            for parameter, _ in self.stored[index]:
+                parameter.data.record_stream(torch.cuda.current_stream(self.device))
+            self.ready[index] = None
+
+    def _offload(self, index: int) -> None:
+        """Drop block `index`'s compute copy: its parameters point at the stored copy again."""
+        if index not in self.ready:
+            return
+        for parameter, stored in self.stored[index]:
+            parameter.data = stored
+        del self.ready[index]
+        self.counts.offloads[index] += 1
+
+    def _leave_all(self) -> None:
+        for index in list(self.ready):
+            self._offload(index)
+        for stored in self.stored:  # and the blocks never brought in since the stored copies were made
+            for parameter, copy in stored:
+                parameter.data = copy
+        self.in_backward.clear()
+
+    # ----- the hooks ------------------------------------------------------------------------------------
+    def _neighbour(self, index: int, step: int) -> int | None:
+        """The block run after (step 1) or before (step -1) block `index` in the forward order, once known."""
+        if len(self.order) < len(self.blocks):
+            return None
+        position = self.order.index(index) + step
+        return self.order[position] if 0 <= position < len(self.order) else None
+
+    def _before_forward(self, index: int) -> None:
+        if index in self.in_backward:  # gradient checkpointing's recompute inside the block's backward
+            self._wait(index)
+            return
+        if index not in self.order:
+            self.order.append(index)
+        following = self._neighbour(index, 1)
+        for other in [i for i in self.ready if i not in (index, following)]:  # a previous pass's left over
+            self._offload(other)
+        self._wait(index)
+        if following is not None:
+            self._onload(following)
+
+    def _after_forward(self, index: int, output) -> None:
+        if index in self.in_backward:
+            return
+        tensors = [t for t in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if torch.is_grad_enabled() and tensors:
+            hooked = False
+
+            def backward_reaches_block(grad, i=index):
+                nonlocal hooked
+                if not hooked:
+                    hooked = True
+                    self._before_backward(i)
+                return grad
+
+            for tensor in tensors:
+                tensor.register_hook(backward_reaches_block)
+        self._offload(index)
+
+    def _before_backward(self, index: int) -> None:
+        """The gradient of block `index`'s output is here: the blocks after it are done; it comes in, the one
+        before it is prefetched."""
+        if not self.in_backward:  # the first offloaded block of this backward: tidy up when the pass ends
+            torch.autograd.Variable._execution_engine.queue_callback(self._leave_all)
+        self.in_backward.add(index)
+        for done in [i for i in self.ready if i in self.in_backward and i != index]:
+            self._offload(done)
+        self._wait(index)
+        preceding = self._neighbour(index, -1)
+        if preceding is not None:
+            self._onload(preceding)
+
+    # ----- placement --------------------------------------------------------------------------------------
+    @contextmanager
+    def held_back(self):
+        """While the rest of the model moves to the device (`family.to`), the offloaded weights stay in host memory:
+        they are empty stand-ins meanwhile, so the move neither copies nor allocates them."""
+        for stored in self.stored:
+            for parameter, _ in stored:
+                parameter.data = torch.empty(0, dtype=parameter.dtype)
+        try:
+            yield
+        finally:
+            self._leave_all()
+
+    def stored_bytes(self) -> int:
+        return sum(copy.numel() * copy.element_size() for stored in self.stored for _, copy in stored)
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def offload_denoiser(denoiser: torch.nn.Module, count: int, device: torch.device) -> BlockOffloader | None:
+    """The last `count` repeated blocks of the denoiser offloaded (None for 0)."""
+    if count == 0:
+        return None
+    blocks = repeated_blocks(denoiser)
+    return BlockOffloader(blocks[len(blocks) - count :], device)
