@@ -1,15 +1,19 @@
-"""Block offloading of the frozen denoiser (`offload_blocks`): the last N of its repeated blocks (the blocks
-regional compilation compiles) keep their frozen weights in host memory, pinned where the accelerator is a CUDA
-GPU: the stored copy. A block gets a compute copy on the accelerator only while it runs, forward and backward,
-and the next block's copy streams in on a side stream while the current one computes (a prefetch window of
-one block). LoRA weights, their optimizer state and everything outside the offloaded blocks stay where they are.
+"""Where the frozen denoiser's blocks keep their weights between uses, and how they come to compute.
 
-Why not Diffusers' group offloading: its hooks drop a block's weights after its forward, which serves inference;
-a training step's backward needs them again, in reverse block order (kohya's `--blocks_to_swap` swaps for this
-reason). Here a block's weights come back when the gradient of its output arrives (a hook on the output tensors,
-before the block's backward or its gradient-checkpointing recompute runs), the block after it in the forward
-order leaves then (its backward is done), and the block before it is prefetched. At the end of backward every
-offloaded block is back to its stored copy only.
+`offload_blocks: N`: the last N of its repeated blocks (the blocks regional compilation compiles) keep their
+frozen weights in host memory, pinned where the accelerator is a CUDA GPU. `base_storage_dtype: fp8_e4m3`: every
+repeated block keeps them in float8 (on the accelerator, or in host memory for the offloaded ones), computed in
+the run's dtype. Either way a block's weights as stored are its stored copy, and the block gets a compute copy
+(on the accelerator, in the compute dtype) only while it runs, forward and backward; the next block's copy comes
+in on a side stream while the current one computes (a prefetch window of one block). LoRA weights, their
+optimizer state and everything outside the blocks stay as they are.
+
+Why not Diffusers' group offloading or layerwise casting: their hooks drop a block's (or layer's) compute weights
+after its forward, which serves inference; a training step's backward needs them again, in reverse block order
+(kohya's `--blocks_to_swap` swaps for this reason). Here a block's compute copy comes back when the gradient of
+its output arrives (a hook on the output tensors, before the block's backward or its gradient-checkpointing
+recompute runs); the blocks whose backward began before it are done then and leave, and the block before it is
+prefetched. At the end of backward every block is back to its stored copy only.
 
 A frozen weight is never written, so leaving is free: the compute copy is dropped and the parameter points at the
 stored copy again; coming back copies the stored values (on a CPU-only run a real copy too, so what a step computes
@@ -27,18 +31,23 @@ from .compilation import repeated_blocks
 from .errors import ConfigError
 
 
+STORAGE_DTYPES = {"none": None, "fp8_e4m3": torch.float8_e4m3fn}
+
+
 def check_offloading(cfg) -> None:
-    """The combinations offloading cannot do, refused by name before any weights load."""
-    if cfg.offload_blocks == 0:
-        return
-    if cfg.shard_base_model:
-        raise ConfigError("offload_blocks: a sharded base (shard_base_model) already spreads the frozen weights over the processes; "
-                          "use one of the two")  # fmt: skip
-    if cfg.torch_compile != "none":
-        raise ConfigError("offload_blocks: a compiled block holds its weights as graph inputs that offloading swaps under it; "
-                          "set torch_compile to none or offload_blocks to 0")  # fmt: skip
-    if cfg.base_quantization == "nf4":
+    """The combinations block storage cannot do, refused by name before any weights load."""
+    for setting, active in (("offload_blocks", cfg.offload_blocks != 0), ("base_storage_dtype", cfg.base_storage_dtype != "none")):
+        if not active:
+            continue
+        if cfg.shard_base_model:
+            raise ConfigError(f"{setting}: a sharded base (shard_base_model) already spreads the frozen weights over the processes; use one of the two")
+        if cfg.torch_compile != "none":
+            raise ConfigError(f"{setting}: a compiled block holds its weights as graph inputs that are swapped under it here; set torch_compile "
+                              f"to none or turn {setting} off")  # fmt: skip
+    if cfg.offload_blocks and cfg.base_quantization == "nf4":
         raise ConfigError("offload_blocks: bitsandbytes' nf4 weights cannot be moved block by block; use base_quantization int8 or fp8, or none")
+    if cfg.base_storage_dtype != "none" and cfg.base_quantization != "none":
+        raise ConfigError(f"base_storage_dtype: the base is already stored quantised (base_quantization {cfg.base_quantization!r}); use one of the two")
 
 
 def check_block_count(cfg, description) -> None:
@@ -57,16 +66,18 @@ class OffloadCounts:
 
 
 class BlockOffloader:
-    """Keeps `blocks` (the offloaded ones, in forward order) in their stored copies, bringing each to `device` only
-    while it computes; see the module docstring."""
+    """Keeps `blocks` in their stored copies (in host memory where `on_host`, in `storage_dtype` where given),
+    bringing each to `device`, in its own dtype, only while it computes; see the module docstring."""
 
-    def __init__(self, blocks: list[torch.nn.Module], device: torch.device):
-        self.blocks, self.device = blocks, torch.device(device)
-        pin = self.device.type == "cuda"
+    def __init__(self, blocks: list[torch.nn.Module], device: torch.device, on_host: list[bool], storage_dtype: torch.dtype | None = None):
+        self.blocks, self.device, self.on_host = blocks, torch.device(device), on_host
         self.stored: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []
-        for block in blocks:
+        self.compute_dtypes: dict[int, torch.dtype] = {}  # id(parameter) -> its dtype as the model computes with it
+        for block, host in zip(blocks, on_host):
             frozen = [p for p in block.parameters() if not p.requires_grad]
-            self.stored.append([(p, p.data.to("cpu").pin_memory() if pin else p.data.to("cpu")) for p in frozen])
+            self.compute_dtypes |= {id(p): p.dtype for p in frozen}
+            where = torch.device("cpu") if host else self.device
+            self.stored.append([(p, _stored_copy(p.data, where, storage_dtype, pin=host and self.device.type == "cuda")) for p in frozen])
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.ready: dict[int, torch.cuda.Event | None] = {}  # resident blocks: the event their copy-in completes
         self.order: list[int] = []  # the blocks in the order the first forward ran them (a UNet's differs from its modules')
@@ -87,7 +98,7 @@ class BlockOffloader:
         stream = self.stream
         with torch.cuda.stream(stream) if stream is not None else _nothing():
             for parameter, stored in self.stored[index]:
-                parameter.data = stored.to(self.device, non_blocking=True, copy=True)
+                parameter.data = stored.to(self.device, dtype=self.compute_dtypes[id(parameter)], non_blocking=True, copy=True)
         event = None
         if stream is not None:
             event = torch.cuda.Event()
@@ -188,8 +199,21 @@ class BlockOffloader:
         finally:
             self._leave_all()
 
-    def stored_bytes(self) -> int:
-        return sum(copy.numel() * copy.element_size() for stored in self.stored for _, copy in stored)
+    def summary(self) -> str:
+        """What is stored where, for the log."""
+        sizes = [sum(copy.numel() * copy.element_size() for _, copy in stored) for stored in self.stored]
+        host = [size for size, on_host in zip(sizes, self.on_host) if on_host]
+        dtype = next((copy.dtype for stored in self.stored for _, copy in stored), None)
+        parts = [f"the denoiser's last {len(host)} blocks offloaded, {sum(host) / 2**30:.2f} GiB of frozen weights in host memory"] if host else []
+        if dtype is not None and dtype.itemsize == 1:
+            parts.append(f"{len(self.blocks)} blocks' weights stored in {str(dtype).removeprefix('torch.')} ({sum(sizes) / 2**30:.2f} GiB)")
+        return "; ".join(parts) + f"; a block is on {self.device} in its compute dtype only while it runs"
+
+
+def _stored_copy(weight: torch.Tensor, where: torch.device, dtype: torch.dtype | None, pin: bool) -> torch.Tensor:
+    """A weight as stored: moved to `where` (`pin`ned host memory: copies to a CUDA GPU run asynchronously), cast to `dtype`."""
+    copy = weight.to(where, dtype=dtype or weight.dtype)
+    return copy.pin_memory() if pin else copy
 
 
 @contextmanager
@@ -197,9 +221,13 @@ def _nothing():
     yield
 
 
-def offload_denoiser(denoiser: torch.nn.Module, count: int, device: torch.device) -> BlockOffloader | None:
-    """The last `count` repeated blocks of the denoiser offloaded (None for 0)."""
-    if count == 0:
+def store_blocks(denoiser: torch.nn.Module, offload_count: int, storage_dtype: str, device: torch.device) -> BlockOffloader | None:
+    """The denoiser's repeated blocks under block storage: the last `offload_count` in host memory, every one in
+    `storage_dtype` (a STORAGE_DTYPES name) where it is not "none"; None when neither is asked for."""
+    dtype = STORAGE_DTYPES[storage_dtype]
+    if offload_count == 0 and dtype is None:
         return None
     blocks = repeated_blocks(denoiser)
-    return BlockOffloader(blocks[len(blocks) - count :], device)
+    first_offloaded = len(blocks) - offload_count
+    stored = blocks if dtype is not None else blocks[first_offloaded:]
+    return BlockOffloader(stored, device, [blocks.index(block) >= first_offloaded for block in stored], dtype)

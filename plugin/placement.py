@@ -1,5 +1,5 @@
 """The model made ready to train, in one call from the loop: loaded (quantised where asked), LoRA attached,
-the frozen base sharded over the processes or its last blocks offloaded to host memory, moved to the accelerator,
+the frozen base sharded over the processes or its blocks stored apart (offloaded, fp8), moved to the accelerator,
 gradient checkpointing and attention kernels set, compiled. The order matters and lives here: LoRA goes on before
 anything moves, so sharding and offloading leave its weights alone, and compilation comes last, over the model as
 it will run."""
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .compilation import compile_denoiser
-from .offloading import BlockOffloader, offload_denoiser
+from .offloading import BlockOffloader, store_blocks
 from .quantization import quantization_plan, quantization_summary
 from .sharding import in_turn, shard_frozen_base
 
@@ -33,12 +33,11 @@ def place_model(cfg, family, accelerator, weight_dtype: torch.dtype, log=print) 
         modules = family.attach_lora()  # before anything moves, so that sharding and offloading leave the LoRA weights out
         if cfg.shard_base_model:
             log(shard_frozen_base(family.denoiser, accelerator.num_processes, accelerator.device))
-        offloader = offload_denoiser(family.denoiser, cfg.offload_blocks, accelerator.device)
+        offloader = store_blocks(family.denoiser, cfg.offload_blocks, cfg.base_storage_dtype, accelerator.device)
         with offloader.held_back() if offloader is not None else nullcontext():
             family.to(accelerator.device, text_encoders=cfg.cache_text_embeddings or not cfg.offload_text_encoders)  # cached: they leave after
     if offloader is not None:
-        log(f"offloaded the last {len(offloader.blocks)} of the {type(family.denoiser).__name__}'s blocks: "
-            f"{offloader.stored_bytes() / 2**30:.2f} GiB of frozen weights in host memory, each block on {accelerator.device} only while it runs")  # fmt: skip
+        log(offloader.summary())
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(modules)
     if cfg.enable_xformers_memory_efficient_attention:

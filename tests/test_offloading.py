@@ -51,7 +51,7 @@ def test_offloaded_blocks_come_in_only_to_compute_and_compute_with_the_stored_co
     reference, unet = lora_unet(tiny_models, checkpointing), lora_unet(tiny_models, checkpointing)
     blocks = repeated_blocks(unet)
     offloaded = blocks[-3:]
-    offloader = BlockOffloader(offloaded, torch.device("cpu"))
+    offloader = BlockOffloader(offloaded, torch.device("cpu"), [True] * 3)
     stored = {id(p): copy for pairs in offloader.stored for p, copy in pairs}
     frozen = lambda block: [p for p in block.parameters() if not p.requires_grad]  # noqa: E731
     holding = lambda block: any(p.data_ptr() != stored[id(p)].data_ptr() for p in frozen(block))  # noqa: E731
@@ -91,7 +91,7 @@ def test_offloaded_blocks_come_in_only_to_compute_and_compute_with_the_stored_co
 
 def test_no_grad_forwards_bring_each_block_in_once(tiny_models):
     unet = lora_unet(tiny_models, False).eval()
-    offloader = BlockOffloader(repeated_blocks(unet)[-2:], torch.device("cpu"))
+    offloader = BlockOffloader(repeated_blocks(unet)[-2:], torch.device("cpu"), [True] * 2)
     with torch.no_grad():
         unet(torch.randn(1, 4, 8, 8), torch.tensor([3]), encoder_hidden_states=torch.randn(1, 5, unet.config.cross_attention_dim))
     assert offloader.counts.onloads == offloader.counts.offloads == [1, 1] and not offloader.ready
@@ -116,7 +116,7 @@ def test_an_offloaded_run_trains_the_same_adapter(family, settings, tiny_models,
     plain, plain_losses, _ = trained(tiny_models, sample_data, tmp_path / "plain", family, **settings)
     adapter, losses, logged = trained(tiny_models, sample_data, tmp_path / "offloaded", family, offload_blocks=max(blocks - 1, 1), **settings)
     assert losses == plain_losses and adapter.keys() == plain.keys() and all(torch.equal(adapter[k], plain[k]) for k in plain)
-    assert any(line.startswith(f"offloaded the last {max(blocks - 1, 1)} of the") for line in logged)
+    assert any(line.startswith(f"the denoiser's last {max(blocks - 1, 1)} blocks offloaded") for line in logged)
 
 
 def test_an_offloaded_run_resumes_to_the_unbroken_adapter(tiny_models, sample_data, tmp_path):
@@ -134,10 +134,48 @@ def test_what_offloading_cannot_do_is_refused_before_loading(tiny_models, sample
     monkeypatch.setattr(ModelFamily, "load", lambda *_: pytest.fail("weights loaded before the check"))
     cases = [({"offload_blocks": blocks + 1}, f"offload_blocks: {blocks + 1} is more than the {blocks} blocks this denoiser has"),
              ({"offload_blocks": 1, "torch_compile": "blocks"}, "offload_blocks: a compiled block"),
-             ({"offload_blocks": 1, "shard_base_model": True}, "offload_blocks: a sharded base")]  # fmt: skip
+             ({"offload_blocks": 1, "shard_base_model": True}, "offload_blocks: a sharded base"),
+             ({"base_storage_dtype": "fp8_e4m3", "base_quantization": "int8"}, "base_storage_dtype: the base is already stored quantised"),
+             ({"base_storage_dtype": "fp8_e4m3", "torch_compile": "blocks"}, "base_storage_dtype: a compiled block")]  # fmt: skip
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             cfg = parse_parameters(base_parameters(tiny_models["flux"], sample_data, tmp_path, **overrides))
             train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
     with pytest.raises(ConfigError, match="offload_blocks: bitsandbytes' nf4"):  # nf4 needs CUDA: checked alone
         check_offloading(parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path, offload_blocks=1, base_quantization="nf4")))
+
+
+def rounded_through_fp8(blocks) -> None:
+    with torch.no_grad():
+        for block in blocks:
+            for p in block.parameters():
+                if not p.requires_grad:
+                    p.copy_(p.to(torch.float8_e4m3fn).to(p.dtype))
+
+
+def test_fp8_storage_keeps_blocks_in_fp8_and_computes_with_their_rounded_values(tiny_models):
+    reference, unet = lora_unet(tiny_models, False), lora_unet(tiny_models, False)
+    rounded_through_fp8(repeated_blocks(reference))
+    blocks = repeated_blocks(unet)
+    offloader = BlockOffloader(blocks, torch.device("cpu"), [False] * (len(blocks) - 1) + [True], torch.float8_e4m3fn)
+    frozen = [p for block in blocks for p in block.parameters() if not p.requires_grad]
+    for number in range(2):
+        assert frozen and all(p.dtype == torch.float8_e4m3fn for p in frozen), "stored in fp8 between steps"
+        out, grads = step(unet, number)
+        expected_out, expected_grads = step(reference, number)
+        assert torch.equal(out, expected_out) and all(torch.equal(grads[n], expected_grads[n]) for n in grads)
+    assert offloader.counts.onloads == [4] * len(blocks)
+    assert offloader.summary().startswith(f"the denoiser's last 1 blocks offloaded, 0.00 GiB of frozen weights in host memory; {len(blocks)} blocks' weights stored in float8_e4m3fn")
+
+
+def test_an_fp8_stored_run_trains_the_adapter_of_its_rounded_base(tiny_models, sample_data, tmp_path):
+    """The run with every block stored in fp8 equals an ordinary run on a copy of the model whose block weights
+    were rounded through fp8 (and two of them offloaded as well)."""
+    pipe = load_model(str(tiny_models["flux"]), torch.float32).pipe
+    rounded_through_fp8(repeated_blocks(pipe.transformer))
+    pipe.save_pretrained(tmp_path / "rounded")
+    models = {**tiny_models, "rounded": tmp_path / "rounded"}
+    stored, stored_losses, logged = trained(tiny_models, sample_data, tmp_path / "fp8", "flux", base_storage_dtype="fp8_e4m3", offload_blocks=2)
+    plain, plain_losses, _ = trained(models, sample_data, tmp_path / "plain", "rounded")
+    assert stored_losses == plain_losses and all(torch.equal(stored[k], plain[k]) for k in plain)
+    assert any("blocks' weights stored in float8_e4m3fn" in line for line in logged)
