@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from .presets import NONE as NO_PRESET, preset_values
 from .errors import ConfigError
 from .settings import combination_problems, dependency_problems
 
@@ -165,20 +166,21 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed, validated like user input."""
-        return parse_parameters({**self._values, **changes}, warn=False)
+        return parse_parameters({**self._values, **changes}, warn=False, apply_preset=False)
 
     def __repr__(self) -> str:
         return f"Config({self._values!r})"
 
 
 def parse_parameters(raw: Mapping[str, Any], *, ignore: frozenset = frozenset(), manifest: Mapping | None = None,
-                     warn: bool = True) -> Config:
+                     warn: bool = True, apply_preset: bool = True) -> Config:
     """Coerce and validate user parameters against the manifest; missing ones take the manifest default.
 
     Keys starting with '_' are comments; keys in `ignore` (a launcher's own) are skipped; any other key the
     manifest lacks is an error listing near matches, so a typo never silently falls back to a default. Every
     problem is reported at once, in one ConfigError: each field's, then the combinations' (plugin/settings.py).
-    With `warn`, a field set while the switch it acts under is off is said in a warning.
+    With `warn`, a field set while the switch it acts under is off is said in a warning. With `apply_preset`, the
+    `preset` named fills the fields left at their defaults (plugin/presets).
     """
     manifest = load_manifest() if manifest is None else manifest
     parameters = manifest_parameters(manifest)
@@ -215,6 +217,8 @@ def parse_parameters(raw: Mapping[str, Any], *, ignore: frozenset = frozenset(),
                 problems.append(f"{name} is required: set it in the parameter file or form")
             else:
                 values[name] = defaults[name]
+    if apply_preset and values.get("preset", NO_PRESET) != NO_PRESET:
+        values |= {name: parameters[name].coerce(value) for name, value in preset_values(values["preset"], values, defaults).items()}
     if "adaptor_name" in values:
         problems += _adaptor_name_problems(values["adaptor_name"])
     problems += combination_problems(values)

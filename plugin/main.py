@@ -3,7 +3,8 @@ plugin-era launcher) or `--job` (a task of today's app: parameters from the job 
 `--demo [--demo-family sd|sdxl|sd3|flux|chroma|zimage|qwen_image|flux2]` (or `--demo-family F` alone) trains on a tiny built-in model and
 sample data; `--save-tiny-model DIR [--family F]` saves such a model, to rehearse a real run on your own images;
 `--posthoc-ema RUN_DIR --sigma-rel 0.07 [0.12 ...] [--at-step N]` writes post-hoc EMA adapters of a finished run;
-with `--sweep` it scores σ_rel by the run's validation loss, plots the curve and saves the best. `lora inspect`,
+with `--sweep` it scores σ_rel by the run's validation loss, plots the curve and saves the best; `--presets` lists the
+presets. `lora inspect`,
 `lora resize`, `lora extract` and `lora merge` work on LoRA files after training (plugin/lora_tools.py).
 
 The parameter file is read and validated before PyTorch and Diffusers are imported, so a mistake in it is
@@ -110,6 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--demo-family", help="model family of the demo: sd (the default), sdxl, sd3, flux, chroma, zimage, qwen_image or "
                         "flux2; alone, it means --demo")
     parser.add_argument("--family", help="with --save-tiny-model: a family as for --demo-family")
+    parser.add_argument("--presets", action="store_true", help="list the presets (preset: a family's settings for a GPU size) and exit")
     parser.add_argument("--experiment_name", help="the Transformer Lab experiment of the job (its launcher sets it)")
     args, extra = parser.parse_known_args(argv)
     if args.demo_family and not args.demo:
@@ -118,8 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.demo = True
     if args.family and not args.save_tiny_model:
         parser.error("--family: only with --save-tiny-model")
-    if not (args.config or args.input_file or args.job or args.demo or args.posthoc_ema or args.save_tiny_model):
-        parser.error("one of --config, --input_file, --job, --demo, --posthoc-ema or --save-tiny-model is required")
+    if not (args.config or args.input_file or args.job or args.demo or args.posthoc_ema or args.save_tiny_model or args.presets):
+        parser.error("one of --config, --input_file, --job, --demo, --posthoc-ema, --save-tiny-model or --presets is required")
     if extra:  # Transformer Lab's harness adds --plugin_dir; nothing here needs it
         print(f"ignoring arguments: {' '.join(extra)}", file=sys.stderr)
     return args
@@ -242,6 +244,11 @@ def run(args: argparse.Namespace, raw: dict | None, job: JobRecord, startup: Sta
 
         with run_folder_lock(Path(args.posthoc_ema), "--posthoc-ema --sweep" if args.sweep else "--posthoc-ema", create=False):
             (sweep if args.sweep else reconstruct)(Path(args.posthoc_ema), args.sigma_rel, args.at_step)
+        return 0
+    if args.presets:
+        from plugin.presets import preset_listing
+
+        print(preset_listing())
         return 0
     if args.save_tiny_model:
         import_training_stack(startup)

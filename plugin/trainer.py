@@ -43,6 +43,7 @@ from .families import open_model
 from .kohya import community_file_name
 from .optimizers import build_optimizer, check_optimizer
 from .posthoc import discard_snapshots_after, write_snapshot
+from .presets import check_preset_family
 from .offloading import check_block_count, check_offloading
 from .placement import place_model
 from .quantization import check_quantization
@@ -172,6 +173,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
         check_resumable(resume_from, cfg, log)
     input_config = cfg.as_dict()
     family = open_model(cfg.model_name, cfg.model_config, cfg.text_encoder_source, cfg.allow_pickle_checkpoints)  # configs, no weights yet
+    check_preset_family(cfg.preset, family)
     cfg, filled = family.configure(resolve_caching(cfg, log))
     check_block_count(cfg, family.description)
     resolved_config = {**cfg.as_dict(), "model_family": family.name}
