@@ -35,7 +35,7 @@ def place_model(cfg, family, accelerator, weight_dtype: torch.dtype, log=print) 
             log(shard_frozen_base(family.denoiser, accelerator.num_processes, accelerator.device))
         offloader = store_blocks(family.denoiser, cfg.offload_blocks, cfg.base_storage_dtype, accelerator.device)
         with offloader.held_back() if offloader is not None else nullcontext():
-            family.to(accelerator.device, text_encoders=cfg.cache_text_embeddings or not cfg.offload_text_encoders)  # cached: they leave after
+            family.to(accelerator.device, text_encoders=not cfg.offload_text_encoders)  # cached: they leave after; offloaded: they encode on the CPU
     if offloader is not None:
         log(offloader.summary())
     if cfg.gradient_checkpointing:

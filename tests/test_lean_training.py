@@ -150,3 +150,15 @@ def test_an_evaluation_leaves_the_base_in_its_dtype_and_the_pipeline_settings_as
     assert pipe.components[model.denoiser_name] is model.denoiser
     kept = lambda config: {k: v for k, v in config.items() if k not in ("scheduler", "_name_or_path")}  # noqa: E731
     assert kept(pipe.config) == kept(model.pipe.config)
+
+
+def test_offloaded_text_encoders_build_the_text_cache_on_the_cpu(run_training, monkeypatch):
+    """offload_text_encoders with the text cache: the encoders never go to the accelerator (they would sit there
+    beside the whole denoiser while the cache is built)."""
+    from plugin.families.base import ModelFamily
+
+    placed = []
+    original = ModelFamily.to
+    monkeypatch.setattr(ModelFamily, "to", lambda self, device, text_encoders=True: placed.append(text_encoders) or original(self, device, text_encoders))
+    _, result, _ = run_training("sd", offload_text_encoders=True, cache_text_embeddings=True, max_train_steps=2, eval_prompt="")
+    assert placed == [False] and result.cache_counts["text"][0] > 0
