@@ -8,7 +8,7 @@ to exit; `bench/step_clock.py` records every optimizer step of both in the same 
 (median, first two steps excluded), whole-process wall time and peak RSS, and the ratios.
 
     .venv/bin/python bench/vs_reference.py --reference PATH/TO/train_text_to_image_lora.py \\
-        [--precisions no bf16] [--repeats 2] [--epochs 3] [--torch-compile blocks] 2>/dev/null
+        [--precisions no bf16] [--repeats 2] [--epochs 3] [--torch-compile none blocks] 2>/dev/null
 
 On machines where torchvision does not load, pass the copy that sits beside `run_with_shim.py` (its
 torchvision stand-in); the script is run through that shim whenever it is present.
@@ -81,8 +81,9 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--torch-compile", default="none", choices=["none", "blocks", "full"],
-                        help="our trainer's torch_compile (inductor); its compile time is in the whole-process time, not in s/step")
+    parser.add_argument("--torch-compile", nargs="+", default=["none"], choices=["none", "blocks", "full"],
+                        help="our trainer's torch_compile (inductor), one or several: each runs in the alternation; compile time is in "
+                             "the whole-process time, not in s/step")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         root = Path(workdir)
@@ -90,27 +91,28 @@ def main() -> None:
         sd15_sized_pipeline().save_pretrained(model)
         write_sample_dataset(data, n=IMAGES, size=RESOLUTION)
         results: dict[tuple[str, str], list[dict]] = {}
+        names = ["reference"] + [f"ours-{mode}" if len(args.torch_compile) > 1 else "ours" for mode in args.torch_compile]
         for precision in args.precisions:
             for repeat in range(args.repeats):
-                for name in ("reference", "ours"):
+                for name, mode in zip(names, [None, *args.torch_compile]):
                     out = root / f"{name}-{precision}-{repeat}"
                     command = (
                         reference_command(args.reference.resolve(), model, data, out, precision, args.epochs)
-                        if name == "reference" else our_command(model, data, out, precision, args.epochs, args.torch_compile)
+                        if mode is None else our_command(model, data, out, precision, args.epochs, mode)
                     )  # fmt: skip
                     run = timed_run(command, out.with_suffix(".clock.json"))
                     results.setdefault((precision, name), []).append(run)
-                    print(f"{precision:>4} {name:<9} run {repeat + 1}: {run['steps']} steps, {run['step']:.2f} s/step, "
+                    print(f"{precision:>4} {name:<13} run {repeat + 1}: {run['steps']} steps, {run['step']:.2f} s/step, "
                           f"{run['wall']:.0f} s whole process, peak RSS {run['rss']:.2f} GiB", flush=True)  # fmt: skip
         print(f"\nSD 1.5-sized, {RESOLUTION} px, batch 1, rank {RANK}, {IMAGES} images x {args.epochs} epochs, ours with torch_compile "
-              f"{args.torch_compile}; "
-              f"medians over {args.repeats} alternating runs")  # fmt: skip
+              f"{', '.join(args.torch_compile)}; medians over {args.repeats} alternating runs")  # fmt: skip
         for precision in args.precisions:
-            ref, ours = ({k: statistics.median(r[k] for r in results[(precision, name)]) for k in ("step", "wall", "rss")}
-                         for name in ("reference", "ours"))  # fmt: skip
-            print(f"{precision:>4}: s/step reference {ref['step']:.2f}, ours {ours['step']:.2f} -> {ref['step'] / ours['step']:.2f}x steps/s; "
-                  f"whole process {ref['wall']:.0f} s vs {ours['wall']:.0f} s -> {ref['wall'] / ours['wall']:.2f}x; "
-                  f"peak RSS {ref['rss']:.2f} vs {ours['rss']:.2f} GiB ({ours['rss'] / ref['rss']:.2f}x)")  # fmt: skip
+            ref = {k: statistics.median(r[k] for r in results[(precision, "reference")]) for k in ("step", "wall", "rss")}
+            for name in names[1:]:
+                ours = {k: statistics.median(r[k] for r in results[(precision, name)]) for k in ("step", "wall", "rss")}
+                print(f"{precision:>4} {name}: s/step reference {ref['step']:.2f}, ours {ours['step']:.2f} -> {ref['step'] / ours['step']:.2f}x steps/s; "
+                      f"whole process {ref['wall']:.0f} s vs {ours['wall']:.0f} s -> {ref['wall'] / ours['wall']:.2f}x; "
+                      f"peak RSS {ref['rss']:.2f} vs {ours['rss']:.2f} GiB ({ours['rss'] / ref['rss']:.2f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

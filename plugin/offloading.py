@@ -69,8 +69,14 @@ class BlockOffloader:
     """Keeps `blocks` in their stored copies (in host memory where `on_host`, in `storage_dtype` where given),
     bringing each to `device`, in its own dtype, only while it computes; see the module docstring."""
 
-    def __init__(self, blocks: list[torch.nn.Module], device: torch.device, on_host: list[bool], storage_dtype: torch.dtype | None = None):
+    def __init__(self, blocks: list[torch.nn.Module], device: torch.device, on_host: list[bool], storage_dtype: torch.dtype | None = None,
+                 checkpointing: bool = False):  # fmt: skip
         self.blocks, self.device, self.on_host = blocks, torch.device(device), on_host
+        # Without gradient checkpointing, autograd would keep views of the compute copies (F.linear saves weight.t())
+        # until backward; a block's forward then saves its weights by reference to their parameters instead. With it,
+        # checkpointing's own saved-tensor hooks must stay the innermost, and save no weights anyway.
+        self.by_reference = not checkpointing
+        self._saving: torch.autograd.graph.saved_tensors_hooks | None = None
         self.stored: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []
         self.compute_dtypes: dict[int, torch.dtype] = {}  # id(parameter) -> its dtype as the model computes with it
         for block, host in zip(blocks, on_host):
@@ -87,7 +93,7 @@ class BlockOffloader:
         self._hooks = []
         for index, block in enumerate(blocks):
             self._hooks.append(block.register_forward_pre_hook(lambda module, args, i=index: self._before_forward(i)))
-            self._hooks.append(block.register_forward_hook(lambda module, args, output, i=index: self._after_forward(i, output)))
+            self._hooks.append(block.register_forward_hook(lambda module, args, output, i=index: self._after_forward(i, output), always_call=True))
         self._leave_all()
 
     # ----- moving one block ---------------------------------------------------------------------------
@@ -143,9 +149,12 @@ class BlockOffloader:
         return self.order[position] if 0 <= position < len(self.order) else None
 
     def _before_forward(self, index: int) -> None:
-        if index in self.in_backward:  # gradient checkpointing's recompute inside the block's backward
+        in_backward_pass = torch._C._current_graph_task_id() != -1
+        if in_backward_pass and index in self.in_backward:  # gradient checkpointing's recompute inside the block's backward
             self._wait(index)
             return
+        if self.in_backward and not in_backward_pass:  # a backward that failed midway never ran its end callback
+            self._leave_all()
         if index not in self.order:
             self.order.append(index)
         following = self._neighbour(index, 1)
@@ -154,23 +163,36 @@ class BlockOffloader:
         self._wait(index)
         if following is not None:
             self._onload(following)
+        if self.by_reference and torch.is_grad_enabled():
+            self._saving = self._saved_by_reference(index)
+            self._saving.__enter__()
+
+    def _saved_by_reference(self, index: int) -> torch.autograd.graph.saved_tensors_hooks:
+        """Saved-tensor hooks under which a tensor sharing a compute copy's memory (the weight, or a view of it such
+        as F.linear's weight.t()) is saved as its parameter and view geometry, and read back as that view of
+        whatever the parameter holds when backward needs it (the compute copy brought back by then)."""
+        owners = {_storage_address(parameter.data): parameter for parameter, _ in self.stored[index]}
+        owners.pop(None, None)
+
+        def pack(tensor):
+            owner = owners.get(_storage_address(tensor))
+            return tensor if owner is None else (owner, tensor.size(), tensor.stride(), tensor.storage_offset())
+
+        def unpack(saved):
+            return saved if isinstance(saved, torch.Tensor) else saved[0].data.as_strided(*saved[1:])
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
     def _after_forward(self, index: int, output) -> None:
-        if index in self.in_backward:
+        if self._saving is not None:
+            self._saving.__exit__(None, None, None)
+            self._saving = None
+        if torch._C._current_graph_task_id() != -1 and index in self.in_backward:
             return
         tensors = [t for t in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(t, torch.Tensor) and t.requires_grad]
-        if torch.is_grad_enabled() and tensors:
-            hooked = False
-
-            def backward_reaches_block(grad, i=index):
-                nonlocal hooked
-                if not hooked:
-                    hooked = True
-                    self._before_backward(i)
-                return grad
-
+        if torch.is_grad_enabled():
             for tensor in tensors:
-                tensor.register_hook(backward_reaches_block)
+                tensor.register_hook(lambda grad, i=index: None if i in self.in_backward else self._before_backward(i))
         self._offload(index)
 
     def _before_backward(self, index: int) -> None:
@@ -210,6 +232,15 @@ class BlockOffloader:
         return "; ".join(parts) + f"; a block is on {self.device} in its compute dtype only while it runs"
 
 
+def _storage_address(tensor: torch.Tensor) -> int | None:
+    """The address of a tensor's memory; None for a tensor subclass without plain storage (a quantised weight, whose
+    saved copies are then kept by autograd as they are)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
 def _stored_copy(weight: torch.Tensor, where: torch.device, dtype: torch.dtype | None, pin: bool) -> torch.Tensor:
     """A weight as stored: moved to `where` (`pin`ned host memory: copies to a CUDA GPU run asynchronously), cast to `dtype`."""
     copy = weight.to(where, dtype=dtype or weight.dtype)
@@ -221,7 +252,7 @@ def _nothing():
     yield
 
 
-def store_blocks(denoiser: torch.nn.Module, offload_count: int, storage_dtype: str, device: torch.device) -> BlockOffloader | None:
+def store_blocks(denoiser: torch.nn.Module, offload_count: int, storage_dtype: str, device: torch.device, checkpointing: bool) -> BlockOffloader | None:
     """The denoiser's repeated blocks under block storage: the last `offload_count` in host memory, every one in
     `storage_dtype` (a STORAGE_DTYPES name) where it is not "none"; None when neither is asked for."""
     dtype = STORAGE_DTYPES[storage_dtype]
@@ -230,4 +261,4 @@ def store_blocks(denoiser: torch.nn.Module, offload_count: int, storage_dtype: s
     blocks = repeated_blocks(denoiser)
     first_offloaded = len(blocks) - offload_count
     stored = blocks if dtype is not None else blocks[first_offloaded:]
-    return BlockOffloader(stored, device, [blocks.index(block) >= first_offloaded for block in stored], dtype)
+    return BlockOffloader(stored, device, [blocks.index(block) >= first_offloaded for block in stored], dtype, checkpointing)

@@ -33,7 +33,7 @@ def place_model(cfg, family, accelerator, weight_dtype: torch.dtype, log=print) 
         modules = family.attach_lora()  # before anything moves, so that sharding and offloading leave the LoRA weights out
         if cfg.shard_base_model:
             log(shard_frozen_base(family.denoiser, accelerator.num_processes, accelerator.device))
-        offloader = store_blocks(family.denoiser, cfg.offload_blocks, cfg.base_storage_dtype, accelerator.device)
+        offloader = store_blocks(family.denoiser, cfg.offload_blocks, cfg.base_storage_dtype, accelerator.device, cfg.gradient_checkpointing)
         with offloader.held_back() if offloader is not None else nullcontext():
             family.to(accelerator.device, text_encoders=not cfg.offload_text_encoders)  # cached: they leave after; offloaded: they encode on the CPU
     if offloader is not None:

@@ -51,7 +51,7 @@ def test_offloaded_blocks_come_in_only_to_compute_and_compute_with_the_stored_co
     reference, unet = lora_unet(tiny_models, checkpointing), lora_unet(tiny_models, checkpointing)
     blocks = repeated_blocks(unet)
     offloaded = blocks[-3:]
-    offloader = BlockOffloader(offloaded, torch.device("cpu"), [True] * 3)
+    offloader = BlockOffloader(offloaded, torch.device("cpu"), [True] * 3, checkpointing=checkpointing)
     stored = {id(p): copy for pairs in offloader.stored for p, copy in pairs}
     frozen = lambda block: [p for p in block.parameters() if not p.requires_grad]  # noqa: E731
     holding = lambda block: any(p.data_ptr() != stored[id(p)].data_ptr() for p in frozen(block))  # noqa: E731
@@ -87,6 +87,30 @@ def test_offloaded_blocks_come_in_only_to_compute_and_compute_with_the_stored_co
     expected_out, expected_grads = step(reference, 7)
     assert torch.equal(out, expected_out) and all(torch.equal(grads[n], expected_grads[n]) for n in grads)
     assert not torch.equal(out, step(lora_unet(tiny_models, checkpointing), 7)[0]), "the change was seen"
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_after_the_forward_no_compute_copy_is_held_until_backward(checkpointing, tiny_models):
+    """What offloading saves: between a block's forward and its backward nothing keeps its compute copy alive (autograd
+    would, through F.linear's saved weight.t(), unless the weights are saved by reference), and backward still gets
+    the reference model's gradients."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    reference, unet = lora_unet(tiny_models, checkpointing), lora_unet(tiny_models, checkpointing)
+    offloaded = repeated_blocks(unet)[-3:]
+    BlockOffloader(offloaded, torch.device("cpu"), [True] * 3, checkpointing=checkpointing)
+    copies = []
+    for block in offloaded:
+        block.register_forward_pre_hook(lambda module, args: copies.extend(StorageWeakRef(p.data.untyped_storage()) for p in module.parameters()
+                                                                            if not p.requires_grad))  # fmt: skip
+    sample, text = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.randn(2, 5, unet.config.cross_attention_dim)
+    out = unet(sample, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+    assert copies and all(copy.expired() for copy in copies), "every compute copy freed after the forward"
+    out.square().mean().backward()
+    expected = reference(sample, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+    expected.square().mean().backward()
+    assert torch.equal(out, expected)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(unet.parameters(), reference.parameters()) if p.requires_grad)
 
 
 def test_no_grad_forwards_bring_each_block_in_once(tiny_models):
