@@ -22,6 +22,7 @@ with is always what the stored copy held when the block came in). `counts` and `
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -79,11 +80,12 @@ class BlockOffloader:
         self._saving: torch.autograd.graph.saved_tensors_hooks | None = None
         self.stored: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []
         self.compute_dtypes: dict[int, torch.dtype] = {}  # id(parameter) -> its dtype as the model computes with it
-        for block, host in zip(blocks, on_host):
-            frozen = [p for p in block.parameters() if not p.requires_grad]
-            self.compute_dtypes |= {id(p): p.dtype for p in frozen}
-            where = torch.device("cpu") if host else self.device
-            self.stored.append([(p, _stored_copy(p.data, where, storage_dtype, pin=host and self.device.type == "cuda")) for p in frozen])
+        frozen = [[p for p in block.parameters() if not p.requires_grad] for block in blocks]
+        self.compute_dtypes |= {id(p): p.dtype for parameters in frozen for p in parameters}
+        host_copies = iter(_host_copies([p.data for parameters, host in zip(frozen, on_host) if host for p in parameters], storage_dtype,
+                                        pin=self.device.type == "cuda"))  # fmt: skip
+        for parameters, host in zip(frozen, on_host):
+            self.stored.append([(p, next(host_copies) if host else p.data.to(self.device, dtype=storage_dtype or p.dtype)) for p in parameters])
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.ready: dict[int, torch.cuda.Event | None] = {}  # resident blocks: the event their copy-in completes
         self.order: list[int] = []  # the blocks in the order the first forward ran them (a UNet's differs from its modules')
@@ -241,10 +243,30 @@ def _storage_address(tensor: torch.Tensor) -> int | None:
         return None
 
 
-def _stored_copy(weight: torch.Tensor, where: torch.device, dtype: torch.dtype | None, pin: bool) -> torch.Tensor:
-    """A weight as stored: moved to `where` (`pin`ned host memory: copies to a CUDA GPU run asynchronously), cast to `dtype`."""
-    copy = weight.to(where, dtype=dtype or weight.dtype)
-    return copy.pin_memory() if pin else copy
+def _host_copies(weights: list[torch.Tensor], dtype: torch.dtype | None, pin: bool) -> list[torch.Tensor]:
+    """The weights' stored copies in host memory, cast to `dtype`: plain tensors carved out of one buffer, pinned as a
+    whole (`pin`: copies to a CUDA GPU then run asynchronously) by registering it with CUDA, as PyTorch's checkpoint
+    stager does, since PyTorch's pinned allocator rounds each allocation up to a power of two (up to twice the
+    memory); tensor subclasses (quantised weights) each copied and pinned on their own."""
+    plain = [w for w in weights if type(w) is torch.Tensor]
+    sizes = [-(-w.numel() * (dtype or w.dtype).itemsize // 64) * 64 for w in plain]  # 64-byte aligned
+    buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+    if pin and buffer.numel():
+        error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 1))  # 1: cudaHostRegisterPortable
+        if error:
+            warnings.warn(f"offloaded weights: pinning {buffer.numel() / 2**30:.1f} GiB of host memory failed (cudaError {error}); "
+                          "copies to the GPU run synchronously")  # fmt: skip
+    copies, offset = {}, 0
+    for weight, size in zip(plain, sizes):
+        stored_dtype = dtype or weight.dtype
+        copies[id(weight)] = buffer[offset : offset + weight.numel() * stored_dtype.itemsize].view(stored_dtype).view(weight.shape)
+        copies[id(weight)].copy_(weight)
+        offset += size
+    return [copies[id(w)] if id(w) in copies else _pinned(w.to("cpu", dtype=dtype or w.dtype), pin) for w in weights]
+
+
+def _pinned(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    return tensor.pin_memory() if pin else tensor
 
 
 @contextmanager
