@@ -23,7 +23,7 @@ with is always what the stored copy held when the block came in). `counts` and `
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -79,9 +79,8 @@ class BlockOffloader:
         self.by_reference = not checkpointing
         self._saving: torch.autograd.graph.saved_tensors_hooks | None = None
         self.stored: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []
-        self.compute_dtypes: dict[int, torch.dtype] = {}  # id(parameter) -> its dtype as the model computes with it
         frozen = [[p for p in block.parameters() if not p.requires_grad] for block in blocks]
-        self.compute_dtypes |= {id(p): p.dtype for parameters in frozen for p in parameters}
+        self.compute_dtypes = {id(p): p.dtype for parameters in frozen for p in parameters}  # as the model computes with them
         host_copies = iter(_host_copies([p.data for parameters, host in zip(frozen, on_host) if host for p in parameters], storage_dtype,
                                         pin=self.device.type == "cuda"))  # fmt: skip
         for parameters, host in zip(frozen, on_host):
@@ -92,10 +91,9 @@ class BlockOffloader:
         self.in_backward: set[int] = set()
         self.counts = OffloadCounts([0] * len(blocks), [0] * len(blocks))
         self.peak_resident = 0
-        self._hooks = []
         for index, block in enumerate(blocks):
-            self._hooks.append(block.register_forward_pre_hook(lambda module, args, i=index: self._before_forward(i)))
-            self._hooks.append(block.register_forward_hook(lambda module, args, output, i=index: self._after_forward(i, output), always_call=True))
+            block.register_forward_pre_hook(lambda module, args, i=index: self._before_forward(i))
+            block.register_forward_hook(lambda module, args, output, i=index: self._after_forward(i, output), always_call=True)
         self._leave_all()
 
     # ----- moving one block ---------------------------------------------------------------------------
@@ -104,7 +102,7 @@ class BlockOffloader:
         if index in self.ready:
             return
         stream = self.stream
-        with torch.cuda.stream(stream) if stream is not None else _nothing():
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for parameter, stored in self.stored[index]:
                 parameter.data = stored.to(self.device, dtype=self.compute_dtypes[id(parameter)], non_blocking=True, copy=True)
         event = None
@@ -267,11 +265,6 @@ def _host_copies(weights: list[torch.Tensor], dtype: torch.dtype | None, pin: bo
 
 def _pinned(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
     return tensor.pin_memory() if pin else tensor
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def store_blocks(denoiser: torch.nn.Module, offload_count: int, storage_dtype: str, device: torch.device, checkpointing: bool) -> BlockOffloader | None:

@@ -7,6 +7,7 @@ the next step, as by a model that was never offloaded). Whole runs give the unof
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -130,6 +131,7 @@ def trained(tiny_models, sample_data, out, family: str, **overrides):
 
 RUNS = {family: (family, {"gradient_checkpointing": number % 2 == 1}) for number, family in enumerate(FAMILIES)}
 RUNS["flux-int8-base"] = ("flux", {"base_quantization": "int8"})
+RUNS["sd-dora"] = ("sd", {"lora_type": "dora"})
 
 
 @pytest.mark.parametrize("family, settings", list(RUNS.values()), ids=list(RUNS))
@@ -141,6 +143,24 @@ def test_an_offloaded_run_trains_the_same_adapter(family, settings, tiny_models,
     adapter, losses, logged = trained(tiny_models, sample_data, tmp_path / "offloaded", family, offload_blocks=max(blocks - 1, 1), **settings)
     assert losses == plain_losses and adapter.keys() == plain.keys() and all(torch.equal(adapter[k], plain[k]) for k in plain)
     assert any(line.startswith(f"the denoiser's last {max(blocks - 1, 1)} blocks offloaded") for line in logged)
+
+
+def test_an_offloaded_run_renders_the_evaluation_images_of_a_plain_one(tiny_models, sample_data, tmp_path):
+    """Evaluation images (the pipeline's no-grad denoising steps) and the validation loss through offloaded blocks:
+    the same as the plain run's."""
+    import numpy as np
+
+    from conftest import final_eval_image
+
+    results = []
+    for name, extra in (("plain", {}), ("offloaded", {"offload_blocks": 2})):
+        cfg = parse_parameters(base_parameters(tiny_models["flux"], sample_data, tmp_path / name, max_train_steps=2, validation_split=0.25,
+                                               **extra))  # fmt: skip
+        results.append(train(cfg, RunPaths.for_config(cfg), log=lambda *_: None))
+    plain, offloaded = results
+    assert np.array_equal(final_eval_image(plain), final_eval_image(offloaded)) and plain.losses == offloaded.losses
+    history = [json.loads(line) for line in (tmp_path / "offloaded" / "test-adapter" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any("validation/loss" in entry for entry in history)
 
 
 def test_an_offloaded_run_resumes_to_the_unbroken_adapter(tiny_models, sample_data, tmp_path):
