@@ -114,6 +114,7 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
         "EMA": (f"{config['ema_type']}" + (f" (σ_rel {config['posthoc_ema_sigma_rels']})" if config["ema_type"] == "posthoc"
                 else f" (decay {config['ema_decay']:g})")) if config.get("use_ema") else "off",
         **({"masked loss": f"on, floor {config['masked_loss_floor']:g}"} if config.get("masked_loss") else {}),
+        **({"base in memory": base_memory(config)} if base_memory(config) else {}),
         "seed": config["seed"],
         f"final training loss (mean of the last {FINAL_LOSS_STEPS} steps)":
             f"{facts['final_loss']:.4f}" if facts.get("final_loss") is not None else "-",
@@ -145,6 +146,19 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
                   "(ComfyUI: `models/loras`, then a LoraLoader node; A1111/Forge: `models/Lora`, then "
                   f"`<lora:{Path(exports['kohya']).stem}:1>` in the prompt).", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def base_memory(config: dict) -> str:
+    """How the frozen base was held while training, where that is not plainly (an fp8-stored base is trained on as
+    rounded to fp8, which matters to whoever uses the adapter): quantisation, storage, offloading, the preset."""
+    parts = [f"{config['base_quantization']} quantised"] if config.get("base_quantization", "none") != "none" else []
+    if config.get("base_storage_dtype", "none") != "none":
+        parts.append(f"blocks stored in {config['base_storage_dtype']} (trained on the base as rounded to it)")
+    if config.get("offload_blocks"):
+        parts.append(f"last {config['offload_blocks']} blocks offloaded to host memory")
+    if config.get("preset", "none") != "none":
+        parts.append(f"preset {config['preset']}")
+    return "; ".join(parts)
 
 
 def dataset_lines(table: list[dict], config: dict) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .presets import NONE as NO_PRESET, preset_values
+from .presets import NONE as NO_PRESET, preset_values, with_preset_source
 from .errors import ConfigError
 from .settings import combination_problems, dependency_problems
 
@@ -221,7 +221,7 @@ def parse_parameters(raw: Mapping[str, Any], *, ignore: frozenset = frozenset(),
         values |= {name: parameters[name].coerce(value) for name, value in preset_values(values["preset"], values, defaults).items()}
     if "adaptor_name" in values:
         problems += _adaptor_name_problems(values["adaptor_name"])
-    problems += combination_problems(values)
+    problems += [with_preset_source(problem, values) for problem in combination_problems(values)]
     errors, notes = dependency_problems(values, given, manifest.get("parameter_dependencies", {}), defaults)
     problems += errors
     if problems:

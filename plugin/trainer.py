@@ -43,7 +43,7 @@ from .families import open_model
 from .kohya import community_file_name
 from .optimizers import build_optimizer, check_optimizer
 from .posthoc import discard_snapshots_after, write_snapshot
-from .presets import check_preset_family
+from .presets import check_preset_family, with_preset_source
 from .offloading import check_block_count, check_offloading
 from .placement import place_model
 from .quantization import check_quantization
@@ -90,11 +90,14 @@ def check_settings(cfg) -> None:
     hardware and libraries a setting needs, and the launch; caught before any weights load."""
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision: 'fp16' needs a CUDA GPU (loss scaling); use 'bf16' or 'no' on this machine")
-    check_quantization(cfg)
-    check_optimizer(cfg)
-    check_sharding(cfg)
-    check_compilation(cfg)
-    check_offloading(cfg)
+    try:
+        check_quantization(cfg)
+        check_optimizer(cfg)
+        check_sharding(cfg)
+        check_compilation(cfg)
+        check_offloading(cfg)
+    except ConfigError as error:
+        raise ConfigError(with_preset_source(str(error), cfg.as_dict())) from None
 
 
 def new_accelerator(cfg) -> Accelerator:

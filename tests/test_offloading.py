@@ -223,3 +223,5 @@ def test_an_fp8_stored_run_trains_the_adapter_of_its_rounded_base(tiny_models, s
     plain, plain_losses, _ = trained(models, sample_data, tmp_path / "plain", "rounded")
     assert stored_losses == plain_losses and all(torch.equal(stored[k], plain[k]) for k in plain)
     assert any("blocks' weights stored in float8_e4m3fn" in line for line in logged)
+    card = (tmp_path / "fp8" / "test-adapter" / "README.md").read_text()
+    assert "| base in memory | blocks stored in fp8_e4m3 (trained on the base as rounded to it); last 2 blocks offloaded to host memory |" in card

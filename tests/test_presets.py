@@ -45,6 +45,12 @@ def test_a_preset_for_another_family_is_refused_before_loading(tiny_models, samp
         train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
 
 
+def test_a_problem_with_a_value_the_preset_set_names_the_preset(tiny_models, sample_data, tmp_path):
+    cfg = parse_parameters(base_parameters(tiny_models["flux"], sample_data, tmp_path, preset="flux-dev-12gb", torch_compile="blocks"))
+    with pytest.raises(ConfigError, match=r"offload_blocks: a compiled block .* \(offload_blocks 40 comes from preset 'flux-dev-12gb'\)"):
+        train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
+
+
 def test_a_preset_trains_the_tiny_model_of_its_family(tiny_models, sample_data, tmp_path):
     """flux-dev-12gb on the tiny Flux: fp8 storage, offloading (capped by the tiny model's blocks), checkpointing."""
     cfg = parse_parameters(base_parameters(tiny_models["flux"], sample_data, tmp_path, preset="flux-dev-12gb", offload_blocks=2, resolution=32,

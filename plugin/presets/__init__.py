@@ -37,6 +37,16 @@ def check_preset_family(name: str, family) -> None:
                           + (f"presets for it: {', '.join(fitting)}" if fitting else "no preset is made for it"))  # fmt: skip
 
 
+def with_preset_source(message: str, values) -> str:
+    """A problem about a field the preset set (it names the field first, "field: ..."), with the preset named: the
+    user did not type that value."""
+    name = values.get("preset", NONE)
+    field = message.partition(":")[0]
+    if name == NONE or field not in presets()[name]["parameters"] or values.get(field) != presets()[name]["parameters"][field]:
+        return message
+    return f"{message} ({field} {json.dumps(values[field])} comes from preset {name!r})"
+
+
 def preset_listing() -> str:
     """What `--presets` prints: each preset, its family, what it is for and what it sets."""
     lines = []
