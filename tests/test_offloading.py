@@ -163,11 +163,12 @@ def test_an_offloaded_run_renders_the_evaluation_images_of_a_plain_one(tiny_mode
     assert any("validation/loss" in entry for entry in history)
 
 
-def test_an_offloaded_run_resumes_to_the_unbroken_adapter(tiny_models, sample_data, tmp_path):
-    settings = {"offload_blocks": 2, "gradient_checkpointing": True, "max_train_steps": 6, "checkpointing_steps": 3}
-    unbroken, _, _ = trained(tiny_models, sample_data, tmp_path, "flux", **settings)
+@pytest.mark.parametrize("first, then", [(2, 2), (0, 1)], ids=["offloaded-throughout", "offloading-turned-on-to-resume"])
+def test_an_offloaded_run_resumes_to_the_unbroken_adapter(first, then, tiny_models, sample_data, tmp_path):
+    settings = {"gradient_checkpointing": True, "max_train_steps": 6, "checkpointing_steps": 3}
+    unbroken, _, _ = trained(tiny_models, sample_data, tmp_path, "flux", offload_blocks=first, **settings)
     shutil.rmtree(tmp_path / "test-adapter" / "checkpoints" / "step_6")
-    resumed, losses, _ = trained(tiny_models, sample_data, tmp_path, "flux", resume_from_checkpoint="latest", **settings)
+    resumed, losses, _ = trained(tiny_models, sample_data, tmp_path, "flux", resume_from_checkpoint="latest", offload_blocks=then, **settings)
     assert len(losses) == 3 and all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)
 
 
