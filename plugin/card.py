@@ -114,7 +114,7 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
         "EMA": (f"{config['ema_type']}" + (f" (σ_rel {config['posthoc_ema_sigma_rels']})" if config["ema_type"] == "posthoc"
                 else f" (decay {config['ema_decay']:g})")) if config.get("use_ema") else "off",
         **({"masked loss": f"on, floor {config['masked_loss_floor']:g}"} if config.get("masked_loss") else {}),
-        **({"base in memory": base_memory(config)} if base_memory(config) else {}),
+        **({"base in memory": held} if (held := base_memory(config)) else {}),
         "seed": config["seed"],
         f"final training loss (mean of the last {FINAL_LOSS_STEPS} steps)":
             f"{facts['final_loss']:.4f}" if facts.get("final_loss") is not None else "-",

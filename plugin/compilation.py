@@ -14,9 +14,6 @@ import torch
 
 from .errors import ConfigError
 
-MODES = ("none", "blocks", "full")
-
-
 def check_compilation(cfg) -> None:
     """The combinations compile cannot do, refused by name before any weights load."""
     if cfg.torch_compile == "none":

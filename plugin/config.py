@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .presets import NONE as NO_PRESET, preset_values, with_preset_source
 from .errors import ConfigError
+from .presets import NONE as NO_PRESET, preset_values, with_preset_source
 from .settings import combination_problems, dependency_problems
 
 MANIFEST_PATH = Path(__file__).resolve().parent.parent / "index.json"

@@ -90,10 +90,13 @@ def community_state(family, layers: dict[str, dict], configs: dict[str, dict]) -
     layout = community_layout(family, lora_type)
     modules = {f"{component}.{module}": parts for component, state in layers.items() for module, parts in adapter_modules(state).items()}
     if lora_type in ("lora", "dora"):
-        return written(family, layout, {name: LoraModule(parts["lora_A.weight"], parts["lora_B.weight"],
-                                                         module_scale(configs[name.partition(".")[0]], name.partition(".")[2], parts["lora_A.weight"].shape[0])
-                                                         * parts["lora_A.weight"].shape[0], parts.get("lora_magnitude_vector"))
-                                        for name, parts in modules.items()})  # fmt: skip
+        loras = {}
+        for name, parts in modules.items():
+            component, _, module = name.partition(".")
+            rank = parts["lora_A.weight"].shape[0]
+            alpha = module_scale(configs[component], module, rank) * rank
+            loras[name] = LoraModule(parts["lora_A.weight"], parts["lora_B.weight"], alpha, parts.get("lora_magnitude_vector"))
+        return written(family, layout, loras)
     tensors: dict[str, torch.Tensor] = {}
     for name, parts in modules.items():
         component, _, module = name.partition(".")

@@ -222,7 +222,7 @@ def written(family, layout: str, modules: dict) -> dict[str, torch.Tensor]:
                 tensors |= {f"{key}.lora_A.weight": module.down, f"{key}.lora_B.weight": module.up, f"{key}.alpha": torch.tensor(float(module.alpha))}
             else:
                 tensors |= {f"{key}.lora_A.weight": module.down, f"{key}.lora_B.weight": module.up * (module.alpha / module.rank)}
-            tensors |= {key + k.removeprefix(name): v for k, v in _magnitude(name, module).items()}
+            tensors |= _magnitude(key, module)
         return {key: value.contiguous() for key, value in tensors.items()}
     down_suffix, up_suffix = KOHYA_SUFFIXES if layout == "kohya" else DIFFUSERS_SUFFIXES
     remaining = dict(modules)
@@ -240,12 +240,12 @@ def written(family, layout: str, modules: dict) -> dict[str, torch.Tensor]:
             raise ValueError(f"{name}: the {layout} layout of a {family.title} LoRA has no name for this module")
         key = kohya_name(family, component, path)
         tensors |= {f"{key}.{down_suffix}": module.down, f"{key}.{up_suffix}": module.up, f"{key}.alpha": torch.tensor(module.alpha)}
-        tensors |= {key + k.removeprefix(name): v for k, v in _magnitude(name, module).items()}
+        tensors |= _magnitude(key, module)
     return {key: value.contiguous() for key, value in tensors.items()}
 
 
-def _magnitude(name: str, module) -> dict[str, torch.Tensor]:
-    """DoRA's magnitude per output feature as ComfyUI and kohya name it (`dora_scale`, shaped like lora_B's rows)."""
+def _magnitude(key: str, module) -> dict[str, torch.Tensor]:
+    """DoRA's magnitude per output feature as ComfyUI and kohya name it (`<key>.dora_scale`, shaped like lora_B's rows)."""
     if module.magnitude is None:
         return {}
-    return {f"{name}.dora_scale": module.magnitude.reshape(module.magnitude.shape[0], *[1] * (module.down.dim() - 1))}
+    return {f"{key}.dora_scale": module.magnitude.reshape(module.magnitude.shape[0], *[1] * (module.down.dim() - 1))}

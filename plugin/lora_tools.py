@@ -492,8 +492,9 @@ def stored_dtype(model_name: str, denoiser_name: str) -> str:
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                if f.get_slice(key).get_dtype() in names:
-                    return names[f.get_slice(key).get_dtype()]
+                stored = f.get_slice(key).get_dtype()
+                if stored in names:
+                    return names[stored]
     return "fp32"
 
 

@@ -53,7 +53,7 @@ def check_offloading(cfg) -> None:
 
 def check_block_count(cfg, description) -> None:
     """`offload_blocks` within the denoiser's repeated blocks, counted in its description (no weights read)."""
-    count = len(description.denoiser_block_parameters)
+    count = description.denoiser_block_count
     if cfg.offload_blocks > count:
         raise ConfigError(f"offload_blocks: {cfg.offload_blocks} is more than the {count} blocks this denoiser has; use at most {count}")
 
@@ -72,7 +72,7 @@ class BlockOffloader:
 
     def __init__(self, blocks: list[torch.nn.Module], device: torch.device, on_host: list[bool], storage_dtype: torch.dtype | None = None,
                  checkpointing: bool = False):  # fmt: skip
-        self.blocks, self.device, self.on_host = blocks, torch.device(device), on_host
+        self.blocks, self.device, self.on_host, self.storage_dtype = blocks, torch.device(device), on_host, storage_dtype
         # Without gradient checkpointing, autograd would keep views of the compute copies (F.linear saves weight.t())
         # until backward; a block's forward then saves its weights by reference to their parameters instead. With it,
         # checkpointing's own saved-tensor hooks must stay the innermost, and save no weights anyway.
@@ -225,10 +225,9 @@ class BlockOffloader:
         """What is stored where, for the log."""
         sizes = [sum(copy.numel() * copy.element_size() for _, copy in stored) for stored in self.stored]
         host = [size for size, on_host in zip(sizes, self.on_host) if on_host]
-        dtype = next((copy.dtype for stored in self.stored for _, copy in stored), None)
         parts = [f"the denoiser's last {len(host)} blocks offloaded, {sum(host) / 2**30:.2f} GiB of frozen weights in host memory"] if host else []
-        if dtype is not None and dtype.itemsize == 1:
-            parts.append(f"{len(self.blocks)} blocks' weights stored in {str(dtype).removeprefix('torch.')} ({sum(sizes) / 2**30:.2f} GiB)")
+        if self.storage_dtype is not None:
+            parts.append(f"{len(self.blocks)} blocks' weights stored in {str(self.storage_dtype).removeprefix('torch.')} ({sum(sizes) / 2**30:.2f} GiB)")
         return "; ".join(parts) + f"; a block is on {self.device} in its compute dtype only while it runs"
 
 

@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 from .buckets import BucketBatchSampler, BucketLayout
 from .cache import build_conditioning, resolve_caching
 from .card import write_model_card
-from .class_images import make_class_images
-from .compilation import check_compilation
 from .checkpoints import (
     INPUT_CONFIG, RESOLVED_CONFIG, Position, TrainingState, check_resumable, checkpoint_root, claim_run_folder,
     check_run_folder, load_checkpoint, resolve_resume, try_save_checkpoint,
 )  # fmt: skip
+from .class_images import make_class_images
+from .compilation import check_compilation
 from .denoising import denoising_loss, sample_generators
 from .disk import WRITE_ERRORS, save_failure, warn_if_short_of_space
 from .distributed import any_process, average_gradients, rng_states
@@ -42,10 +42,10 @@ from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
 from .families import open_model
 from .kohya import community_file_name
 from .optimizers import build_optimizer, check_optimizer
-from .posthoc import discard_snapshots_after, write_snapshot
-from .presets import check_preset_family, with_preset_source
 from .offloading import check_block_count, check_offloading
 from .placement import place_model
+from .posthoc import discard_snapshots_after, write_snapshot
+from .presets import check_preset_family, with_preset_source
 from .quantization import check_quantization
 from .reporting import METRICS_FILE, SETUP_PERCENT, JobRecord, Reporter
 from .run_lock import launch_main_process

@@ -45,8 +45,7 @@ class ModelDescription:
     vae_config: Mapping[str, Any]
     denoiser_config: Mapping[str, Any]
     denoiser_module_names: tuple[str, ...]  # the linear and convolution layers LoRA can wrap, in full
-    denoiser_block_parameters: tuple[int, ...]  # the parameter count of each repeated block (compilation.repeated_blocks)
-    denoiser_parameters: int  # the denoiser's parameter count
+    denoiser_block_count: int  # its repeated blocks (compilation.repeated_blocks), which offload_blocks counts in
     tokenizers: Mapping[str, Any]
     single_file: SingleFileSource | None = None  # set when model_name is a single-file checkpoint
     stand_ins: tuple[str, ...] = ()  # tokenizers that stand in for a processor this installation cannot load
@@ -127,8 +126,7 @@ def describe_model(model_name: str, model_index: Mapping, denoiser_name: str, fi
         vae_config=vae_config,
         denoiser_config=denoiser_config,
         denoiser_module_names=tuple(name for name, m in denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))),
-        denoiser_block_parameters=tuple(sum(p.numel() for p in block.parameters()) for block in repeated_blocks(denoiser)),
-        denoiser_parameters=sum(p.numel() for p in denoiser.parameters()),
+        denoiser_block_count=len(repeated_blocks(denoiser)),
         tokenizers=tokenizers,
         stand_ins=tuple(name for name, (_, stand_in) in readers.items() if stand_in),
     )
