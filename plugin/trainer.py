@@ -41,6 +41,7 @@ from .evaluation import rendered_evaluation, save_evaluation
 from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
 from .families import open_model
 from .kohya import community_file_name
+from .memory_plan import peak_report, plan_memory
 from .optimizers import build_optimizer, check_optimizer
 from .offloading import check_block_count, check_offloading
 from .placement import place_model
@@ -179,12 +180,13 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     check_preset_family(cfg.preset, family)
     cfg, filled = family.configure(resolve_caching(cfg, log))
     check_block_count(cfg, family.description)
-    resolved_config = {**cfg.as_dict(), "model_family": family.name}
     prompts = parse_eval_prompts(cfg.eval_prompt)
     accelerator = new_accelerator(cfg)
     processes, is_main = accelerator.num_processes, accelerator.is_main_process
     log = log if is_main else (lambda *_: None)  # one process speaks and writes files; all of them train
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    cfg, memory = plan_memory(cfg, family, accelerator, weight_dtype, log)  # memory_plan: settings chosen for the budget (None: not asked)
+    resolved_config = {**cfg.as_dict(), "model_family": family.name}
     job = job if job is not None and is_main else JobRecord()
     log(f"{family.title} model; defaults applied: " + (", ".join(f"{k}={v}" for k, v in filled.items()) or "none"))
     examples, layout, held_out_sources, datasets_used = training_data(cfg, family, accelerator, weight_dtype, log)
@@ -348,6 +350,8 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         reporter.metrics(step, metrics)
+        if memory is not None and len(result.losses) == 1:  # the first step of this run: its peak beside the plan
+            log(peak_report(memory, accelerator.device))
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
 

@@ -64,6 +64,7 @@ def base_parameters(model: Path, data: Path, output: Path, **overrides) -> dict:
         "eval_prompt": "a red circle on a blue background",
         "eval_num_inference_steps": 4,
         "eval_guidance_scale": 2.0,
+        "eval_steps": 1000,  # the final evaluation only (a rendering costs more than a tiny step); tests of the schedule set it
         "log_to_tensorboard": False,
         "overwrite_output": True,  # tests run several times into one folder; test_checkpoints checks the refusal
         **overrides,

@@ -58,7 +58,7 @@ def png(path: Path) -> np.ndarray:
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_trains_from_parameter_file_and_adapter_reproduces_eval_image(family, tiny_models, sample_data, tmp_path):
     parameters = base_parameters(
-        tiny_models[family], sample_data, tmp_path / "out", max_train_steps=12, learning_rate=3e-3, seed=7
+        tiny_models[family], sample_data, tmp_path / "out", max_train_steps=12, learning_rate=3e-3, seed=7, eval_steps=1
     )
     assert parameters["lora_alpha"] != parameters["lora_r"]  # the adapter metadata (alpha/r scale) matters
     assert main(["--config", str(write_parameter_file(tmp_path / "run.json", parameters))]) == 0

@@ -260,9 +260,19 @@ class ModelFamily(ABC):
         return present
 
     @property
+    def latent_channels(self) -> int:
+        """The VAE's latent channels (`z_dim` in the Wan-style VAE of Qwen-Image)."""
+        vae = self.description.vae_config
+        return vae["latent_channels"] if "latent_channels" in vae else vae["z_dim"]
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, ...]:
+        """The shape `encode_images` gives a batch of images of this size."""
+        return batch_size, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    @property
     def denoiser_input_channels(self) -> int:
         """Channels a text-to-image denoiser of this family takes: the VAE's latent channels."""
-        return self.description.vae_config["latent_channels"]
+        return self.latent_channels
 
     def _check_trainable_model(self) -> None:
         """Inpainting checkpoints (latents + mask + masked image) load but cannot train text-to-image."""
@@ -331,6 +341,24 @@ class ModelFamily(ABC):
         """Text conditioning for a batch of captions (with gradients only if a text encoder trains). An entry named
         `text_mask` (plugin/cache.py), 1 for a caption's tokens as a prefix, lets the text cache keep each caption's
         tensors cut to its length; `predict` must then accept the batch padded to its longest caption."""
+
+    def planning_text(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """`encode_prompts`' output for captions of the most tokens, as the memory planner's step takes it
+        (plugin/memory_plan.py: the pipeline built on the meta device). Here the text encoders' own code on meta
+        tensors, which CLIP and T5 run (they read no values). Families whose encoders read their attention masks'
+        values give the shapes from the denoiser's config instead (`longest_text`)."""
+        return self.encode_prompts([""] * batch_size)
+
+    def longest_text(self, batch_size: int, width: int) -> torch.Tensor:
+        """Embeddings of shape (B, the most caption tokens, `width`) in the denoiser's dtype, on its device."""
+        tokens = max(self.caption_token_limits().values())
+        return torch.zeros(batch_size, tokens, width, dtype=self.denoiser.dtype, device=self.denoiser.device)
+
+    @staticmethod
+    def all_tokens(embeds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A mask keeping every token of `embeds`; on the CPU when they are meta tensors, for the indexing by
+        mask values that `predict` does."""
+        return torch.ones(embeds.shape[:2], dtype=dtype, device="cpu" if embeds.is_meta else embeds.device)
 
     @property
     def trains_text_encoder(self) -> bool:

@@ -32,6 +32,10 @@ class Chroma(Flux):
             embeds, _, mask, *_ = self.pipe.encode_prompt(captions, None, device=self.text_device, do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "text_attention_mask": mask}
 
+    def planning_text(self, batch_size: int) -> dict[str, torch.Tensor]:
+        embeds = self.longest_text(batch_size, self.denoiser.config.joint_attention_dim)
+        return {"encoder_hidden_states": embeds, "text_attention_mask": torch.ones(embeds.shape[:2], dtype=embeds.dtype, device=embeds.device)}
+
     def text_conditioning(self, text: dict, batch_size: int, image_tokens: int) -> dict:
         """The attention mask over text then image tokens, every image token kept (`_prepare_attention_mask`)."""
         mask = text["text_attention_mask"]

@@ -80,7 +80,7 @@ class Flux(FlowFamily):
 
     @property
     def denoiser_input_channels(self) -> int:
-        return 4 * self.description.vae_config["latent_channels"]  # 2x2 patches packed into channels
+        return 4 * self.latent_channels  # 2x2 patches packed into channels
 
     def native_resolution(self) -> int:
         """FluxPipeline's default_sample_size (128 latents; Flux transformers have no sample_size)."""

@@ -45,7 +45,10 @@ class Flux2(FlowFamily):
 
     @property
     def denoiser_input_channels(self) -> int:
-        return 4 * self.description.vae_config["latent_channels"]  # 2x2 patches in channels
+        return 4 * self.latent_channels  # 2x2 patches in channels
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, ...]:
+        return batch_size, 4 * self.latent_channels, height // (2 * self.vae_scale_factor), width // (2 * self.vae_scale_factor)
 
     def native_resolution(self) -> int:
         return 128 * self.vae_scale_factor  # the pipelines' default_sample_size, in latents
@@ -71,6 +74,9 @@ class Flux2(FlowFamily):
         with torch.no_grad():
             embeds, _ = self.pipe.encode_prompt(list(captions), device=self.text_device)
         return {"encoder_hidden_states": embeds}
+
+    def planning_text(self, batch_size: int) -> dict[str, torch.Tensor]:
+        return {"encoder_hidden_states": self.longest_text(batch_size, self.denoiser.config.joint_attention_dim)}
 
     def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:
         transformer, pipeline = self.pipe.transformer, self.pipeline_class

@@ -35,7 +35,7 @@ class QwenImage(FlowFamily):
 
     @property
     def denoiser_input_channels(self) -> int:
-        return 4 * self.description.vae_config["z_dim"]  # 2x2 patches packed into channels
+        return 4 * self.latent_channels  # 2x2 patches packed into channels
 
     def native_resolution(self) -> int:
         return 128 * self.vae_scale_factor  # QwenImagePipeline's default_sample_size, in latents
@@ -59,6 +59,10 @@ class QwenImage(FlowFamily):
             embeds, mask = self.pipe.encode_prompt(list(captions), device=self.text_device, max_sequence_length=self.max_sequence_length)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
         return {"encoder_hidden_states": embeds, "text_mask": mask}
+
+    def planning_text(self, batch_size: int) -> dict[str, torch.Tensor]:
+        embeds = self.longest_text(batch_size, self.denoiser.config.joint_attention_dim)
+        return {"encoder_hidden_states": embeds, "text_mask": self.all_tokens(embeds, torch.long)}
 
     @classmethod
     def pipeline_arguments(cls, settings: dict) -> dict:

@@ -40,6 +40,10 @@ class ZImage(FlowFamily):
         mask = torch.arange(padded.shape[1], device=padded.device)[None] < torch.tensor([len(e) for e in embeds], device=padded.device)[:, None]
         return {"encoder_hidden_states": padded, "text_mask": mask}
 
+    def planning_text(self, batch_size: int) -> dict[str, torch.Tensor]:
+        embeds = self.longest_text(batch_size, self.denoiser.config.cap_feat_dim)
+        return {"encoder_hidden_states": embeds, "text_mask": self.all_tokens(embeds, torch.bool)}
+
     def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:
         transformer = self.pipe.transformer
         images = list(noisy_latents.to(transformer.dtype).unsqueeze(2).unbind(dim=0))  # (C, frames=1, H, W) each
