@@ -195,6 +195,10 @@ class LatentCache:
             if examples.masked:
                 for entry, image, (row, plan) in zip(entries, images, chunk):
                     entry["mask"] = element_weights(examples.mask(row, image, plan)[None], entry["latents"][None])[0]
+            if examples.references:
+                controls = torch.stack([examples.controls(row, image, plan) for image, (row, plan) in zip(images, chunk)])
+                for entry, encoded in zip(entries, encode_controls(family, controls).cpu()):
+                    entry[CONTROLS] = encoded.clone()
             return entries
 
         self.computed, self.reused = fill_store(self.store, list(by_bucket.values()), lambda item: self.key(*item),
@@ -209,6 +213,21 @@ class LatentCache:
         if entry is None:
             raise RuntimeError(f"latent cache: no entry for image {row} with {plan}; the cache was filled for other plans")
         return entry
+
+
+CONTROLS = "control_latents"  # an edit model's encoded control images, (B, references, C, h, w), beside the text in `predict`'s conditioning
+
+
+def encode_controls(family, pixels: torch.Tensor) -> torch.Tensor:
+    """Control images (B, references, 3, H, W) encoded as the targets are: (B, references, C, h, w)."""
+    batch, references = pixels.shape[:2]
+    latents = family.encode_images(pixels.flatten(0, 1))
+    return latents.unflatten(0, (batch, references))
+
+
+def with_controls(text: dict[str, torch.Tensor], controls: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The conditioning `predict` takes: the text embeddings, and an edit model's control latents."""
+    return text if controls is None else {**text, CONTROLS: controls}
 
 
 SEQUENCE_MASK = "text_mask"  # an encoding entry marking, as a prefix, the text tokens of a caption that count
@@ -271,15 +290,20 @@ class Conditioning:
         self.text_cache = text
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
-        """(latents, text embeddings, the masks of masked loss or None), on the denoiser's device."""
+        """(latents, the conditioning `predict` takes, the masks of masked loss or None), on the denoiser's device.
+        The conditioning is the text embeddings, and for an edit model the control latents (CONTROLS)."""
         device = self.family.denoiser.device
+        controls = None
         if self.latent_cache is not None:
             cached = self.latent_cache.lookup(batch["rows"], batch["plans"])
-            latents, masks = cached["latents"], cached.get("mask")
+            latents, masks, controls = cached["latents"], cached.get("mask"), cached.get(CONTROLS)
         else:
             latents, masks = self.family.encode_images(batch["pixel_values"]), batch.get("masks")
+            if "control_pixel_values" in batch:
+                controls = encode_controls(self.family, batch["control_pixel_values"])
         text = self.text_cache.lookup(batch["captions"]) if self.text_cache is not None else self.family.encode_prompts(batch["captions"])
-        return latents.to(device), {name: t.to(device) for name, t in text.items()}, None if masks is None else masks.to(device)
+        conditioning = with_controls(text, controls)
+        return latents.to(device), {name: t.to(device) for name, t in conditioning.items()}, None if masks is None else masks.to(device)
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """(computed, reused) entries per cache that is on."""
@@ -288,13 +312,17 @@ class Conditioning:
 
 
 def row_identities(examples: TrainingExamples) -> list[str]:
-    """What a disk-cached latent of each row depends on besides its plan and the VAE: the image's bytes, and
-    with masked loss its mask's bytes (or the alpha channel, which the image's bytes hold) and the floor."""
+    """What a disk-cached latent of each row depends on besides its plan and the VAE: the image's bytes, with
+    masked loss its mask's bytes (or the alpha channel, which the image's bytes hold) and the floor, and for an
+    edit model its control images' bytes."""
     identities = []
     for source in examples.sources:
         images = image_digests(source.dataset, source.image_column)
-        masks = source.masks.digests(source.dataset) if source.masks is not None else None
-        identities += images if masks is None else [digest(image, mask, source.mask_floor) for image, mask in zip(images, masks)]
+        if source.masks is not None:
+            images = [digest(image, mask, source.mask_floor) for image, mask in zip(images, source.masks.digests(source.dataset))]
+        if source.controls is not None:
+            images = [digest(image, controls) for image, controls in zip(images, source.controls.digests())]
+        identities += images
     return identities
 
 

@@ -130,12 +130,13 @@ def family_of_names(names, metadata: dict[str, str] | None = None):
     first; None when none does."""
     from .families import FAMILIES
 
+    bases = [family for family in FAMILIES if not family.control_images]  # an edit model's LoRA is its base family's (Kontext's is Flux's)
     version = (metadata or {}).get("ss_base_model_version", "")
-    named = next((family for family in FAMILIES if version == family.kohya_base_model_version), None)
+    named = next((family for family in bases if version == family.kohya_base_model_version), None)
     if named:
         return named
     joined = "\n".join(names)
-    return next((family for family in reversed(FAMILIES) if re.search(family.lora_key_pattern, joined)), None)
+    return next((family for family in reversed(bases) if re.search(family.lora_key_pattern, joined)), None)
 
 
 def family_hint(names, metadata: dict[str, str] | None = None) -> str:

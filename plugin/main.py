@@ -46,10 +46,10 @@ FINAL_LOSS_STEPS = 20  # the job's score: the mean loss of the last this many op
 
 
 def tiny_family(family: str, option: str) -> str:
-    from plugin.tiny import FAMILIES
+    from plugin.tiny import EDIT_FAMILIES, FAMILIES
 
-    if family not in FAMILIES:
-        raise ConfigError(f"{option}: {family!r} is not one of {', '.join(FAMILIES)}")
+    if family not in FAMILIES + EDIT_FAMILIES:
+        raise ConfigError(f"{option}: {family!r} is not one of {', '.join(FAMILIES + EDIT_FAMILIES)}")
     return family
 
 

@@ -34,6 +34,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .cache import with_controls
 from .compilation import repeated_blocks
 from .errors import ConfigError
 from .families.description import component_class, is_module_class, without_diffusers_deprecations
@@ -124,14 +125,17 @@ def step_bytes(family, batch_size: int, resolution: int, text_cached: bool = Fal
     device = denoiser.device
     batch = {"original_sizes": torch.tensor([[resolution, resolution]] * batch_size), "crop_top_lefts": torch.zeros(batch_size, 2, dtype=torch.long),
              "loss_weights": torch.ones(batch_size)}  # fmt: skip
-    text = family.planning_text(batch_size) if text_cached else None
+    shape = family.latent_shape(batch_size, resolution, resolution)
+    cached = family.planning_text(batch_size) if text_cached else None  # a cache's entries exist before the step
     with fused_attention_on_meta(), LiveBytes() as live:
-        text = text if text_cached else family.planning_text(batch_size)
-        latents = torch.zeros(family.latent_shape(batch_size, resolution, resolution), device=device)
+        text = cached if cached is not None else family.planning_text(batch_size)
+        if family.control_images:  # an edit model's controls, as many as it takes, at the target's size
+            text = with_controls(text, torch.zeros(shape[0], family.control_images, *shape[1:], device=device))
+        latents = torch.zeros(shape, device=device)
         timesteps = torch.full((batch_size,), 500.0, device=device)
         prediction = family.predict(latents, timesteps, text, batch)
         (prediction.float() - latents).square().mean().backward()
-        del text, latents, prediction
+        del cached, text, latents, prediction
     for parameter in denoiser.parameters():
         parameter.grad = None
     return live.peak

@@ -134,7 +134,7 @@ def validation_rule(v: Mapping) -> str | None:
 # The run's settings a `datasets` entry may set for itself, and the keys an entry may hold.
 DATASET_SETTINGS = ("image_column", "caption_column", "trigger_word", "caption_dropout_rate", "shuffle_caption", "keep_tokens",
                     "caption_separator", "caption_prefix", "caption_suffix", "resolution", "aspect_ratio_buckets",
-                    "mask_column", "mask_dir")  # fmt: skip
+                    "mask_column", "mask_dir", "control_column", "control_dir")  # fmt: skip
 DATASET_ENTRY_KEYS = ("path", "repeats", "is_regularization", "class_prompt", "num_class_images", *DATASET_SETTINGS)
 
 

@@ -52,6 +52,7 @@ from diffusers import (
     DiffusionPipeline,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
     FluxPipeline,
     Flux2KleinPipeline,
     Flux2Pipeline,
@@ -93,6 +94,7 @@ from .families.description import without_diffusers_deprecations
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux", "chroma", "zimage", "qwen_image", "flux2")
 VARIANTS = ("sd2-v", "sd35-medium", "flux-schnell", "flux2-dev")  # model variants a family must train as their own kind
+EDIT_FAMILIES = ("flux_kontext",)  # edit models: they train on pairs (write_pair_dataset)
 SAMPLE_RESOLUTION = 32
 _MAX_TOKENS = 77
 
@@ -476,9 +478,10 @@ def build_tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
                 "flux2": _build_flux2,
                 "flux2-dev": lambda: _build_flux2(dev=True),
                 "sd2-v": lambda: _build_sd("v_prediction"), "sd35-medium": lambda: _build_sd3((0,), "rms_norm"),
-                "flux-schnell": lambda: _build_flux(schnell=True)}  # fmt: skip
+                "flux-schnell": lambda: _build_flux(schnell=True),
+                "flux_kontext": lambda: FluxKontextPipeline(**_build_flux().components)}  # fmt: skip
     if family not in builders:
-        raise ConfigError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES + VARIANTS)}")
+        raise ConfigError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES + VARIANTS + EDIT_FAMILIES)}")
     with torch.random.fork_rng(devices=[]), without_diffusers_deprecations():
         torch.manual_seed(seed)
         pipe = builders[family]()
@@ -531,4 +534,23 @@ def write_sample_dataset(folder, n: int = 8, size: int = 64, seed: int = 0) -> P
         image.save(folder / file_name)
         rows.append(json.dumps({"file_name": file_name, "text": caption}))
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def write_pair_dataset(folder, n: int = 8, size: int = 64, seed: int = 0, control_dir: bool = True) -> Path:
+    """An edit dataset whose targets can only be learnt from their controls: each target is its control (a
+    captioned shape) mirrored left to right, under one instruction. With `control_dir` the controls are files of the
+    targets' names in `folder`/controls (kohya's layout; the targets are a metadata.jsonl imagefolder); else the
+    metadata's `control_image` column names them."""
+    folder = Path(folder)
+    (folder / "controls").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        control, _ = _sample(rng, size)
+        file_name = f"{i:04d}.png"
+        control.save(folder / "controls" / file_name)
+        control.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / file_name)
+        rows.append({"file_name": file_name, "text": "mirror the picture", **({} if control_dir else {"control_image": f"controls/{file_name}"})})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder

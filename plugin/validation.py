@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .buckets import BucketLayout
+from .cache import CONTROLS, encode_controls, with_controls
 from .data import TrainingExamples, collate_examples
 from .data.examples import ExampleSource
 from .data.mixing import DatasetSpec, Source, load_source, split_sources
@@ -31,11 +32,12 @@ VALIDATION_DRAWS = 4  # noise and timestep draws per image: the estimate's sprea
 HISTORY_FILE = "validation_loss.json"
 
 
-def training_and_validation_data(cfg, sources: list[Source]) -> tuple[list[Source], list[Source] | None]:
-    """The datasets to train on and the held-out ones (None without a validation set)."""
+def training_and_validation_data(cfg, sources: list[Source], references: int = 0) -> tuple[list[Source], list[Source] | None]:
+    """The datasets to train on and the held-out ones (None without a validation set); `references`: the control
+    images per target an edit model takes (a validation_dataset has them too)."""
     if not cfg.validation_dataset:
         return split_sources(sources, cfg.validation_split, cfg.seed)
-    return sources, [load_source(DatasetSpec(cfg.validation_dataset, 1, False, cfg, "validation_dataset"))]
+    return sources, [load_source(DatasetSpec(cfg.validation_dataset, 1, False, cfg, "validation_dataset"), references)]
 
 
 class ValidationSet:
@@ -52,7 +54,7 @@ class ValidationSet:
         """Each image at its bucket (buckets on whatever the run's aspect_ratio_buckets, so that setting does
         not move the yardstick), batched train_batch_size at a time per bucket, encoded by the family's VAE."""
         fixed = [ExampleSource(source.dataset, source.spec.cfg.image_column, source.spec.cfg.caption_column, _fixed_augment(source.spec),
-                               _fixed_captions(source.spec)) for source in sources]  # fmt: skip
+                               _fixed_captions(source.spec), controls=source.controls) for source in sources]  # fmt: skip
         layout = BucketLayout.joined([BucketLayout.assign(source.headers.sizes, source.spec.cfg.resolution, family.resolution_multiple,
                                                           enabled=True) for source in sources])  # fmt: skip
         examples = TrainingExamples(fixed, cfg.seed, layout=layout)
@@ -65,6 +67,8 @@ class ValidationSet:
             for chunk in chunks:
                 batch = collate_examples([examples[i] for i in chunk])
                 latents = family.encode_images(batch.pop("pixel_values")).cpu()
+                if "control_pixel_values" in batch:
+                    batch[CONTROLS] = encode_controls(family, batch.pop("control_pixel_values")).cpu()
                 batches.append((batch, latents))
         return cls(batches, cfg.seed)
 
@@ -76,7 +80,8 @@ class ValidationSet:
         total = 0.0
         with family.unparked():
             for batch, latents in self.batches:
-                fixed = (latents.to(device), family.encode_prompts(batch["captions"]), None)  # no mask: every pixel counts
+                conditioning = with_controls(family.encode_prompts(batch["captions"]), batch.get(CONTROLS))
+                fixed = (latents.to(device), {name: t.to(device) for name, t in conditioning.items()}, None)  # no mask: every pixel counts
                 for draw in range(VALIDATION_DRAWS):
                     generators = sample_generators(self.seed, f"validation:{draw}", batch["indices"])
                     _, reported = denoising_loss(family, objective, lambda _: fixed, batch, generators, autocast)

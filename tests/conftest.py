@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler
 
 from plugin.config import parse_parameters
 from plugin.families.base import DDPMFamily
-from plugin.tiny import FAMILIES, SAMPLE_RESOLUTION, VARIANTS, save_tiny_pipeline, write_sample_dataset
+from plugin.tiny import EDIT_FAMILIES, FAMILIES, SAMPLE_RESOLUTION, VARIANTS, save_tiny_pipeline, write_pair_dataset, write_sample_dataset
 from plugin.trainer import RunPaths, train
 from suite_guard import run_folder, run_lock
 
@@ -39,7 +39,7 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {family: built_once(tmp_path_factory, f"models/{family}", lambda folder: save_tiny_pipeline(family, folder))
-            for family in FAMILIES + VARIANTS}  # fmt: skip
+            for family in FAMILIES + VARIANTS + EDIT_FAMILIES}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +118,18 @@ def heldout_data(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "heldout/shapes", lambda folder: write_sample_dataset(folder, seed=99))
 
 
+@pytest.fixture(scope="session")
+def pair_data(tmp_path_factory) -> Path:
+    """An edit dataset (targets mirror their controls), its controls in a control_dir: `pair_data / "controls"`."""
+    return built_once(tmp_path_factory, "data/pairs", write_pair_dataset)
+
+
+@pytest.fixture(scope="session")
+def heldout_pairs(tmp_path_factory) -> Path:
+    """Pairs the runs never train on, their controls named in the metadata's control_image column."""
+    return built_once(tmp_path_factory, "heldout/pairs", lambda folder: write_pair_dataset(folder, seed=99, control_dir=False))
+
+
 class HeldoutLosses(NamedTuple):
     """Two measures of how well a model denoises held-out images; both fall when it learned their distribution."""
 
@@ -172,7 +184,7 @@ def heldout_losses(model: Path, cfg, data: Path, adapter_dir: Path | None = None
     if adapter_dir is not None:
         load_adapter(family.pipe, adapter_dir)  # Diffusers' load_lora_weights, or the LoKr/LoHa loader
     objective = family.make_objective()
-    examples = build_examples(cfg, load_sources(cfg.replace(dataset_name=str(data))))
+    examples = build_examples(cfg, load_sources(cfg.replace(dataset_name=str(data)), references=family.control_images))
     batch = collate_examples([examples[i] for i in range(len(examples))])
     conditioning = Conditioning(family)
     with torch.no_grad():

@@ -281,7 +281,7 @@ def write_model_index(folder: Path, class_name: str) -> Path:
 
 
 # Pipeline class name prefixes and their family, the longer prefix of a pair first.
-CLASS_PREFIXES = (("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"), ("StableDiffusion", "sd"), ("Flux2", "flux2"),
+CLASS_PREFIXES = (("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"), ("StableDiffusion", "sd"), ("Flux2", "flux2"), ("FluxKontext", "flux_kontext"),
                   ("Flux", "flux"), ("Chroma", "chroma"), ("ZImage", "zimage"), ("QwenImage", "qwen_image"))  # fmt: skip
 
 

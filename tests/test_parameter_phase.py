@@ -30,7 +30,8 @@ TEXT_BAD = {"adaptor_name": "../escape", "model_name": "", "dataset_name": "", "
 # Text fields any string suits here: names, prompts, paths (checked when opened) and layer names (checked
 # against the model's layers, before its weights load).
 FREE_TEXT = {"trigger_word", "caption_prefix", "caption_suffix", "image_column", "caption_column", "cache_dir", "output_dir", "model_config",
-             "text_encoder_source", "resume_from_checkpoint", "validation_dataset", "lora_target_modules", "mask_column", "mask_dir"}  # fmt: skip
+             "text_encoder_source", "resume_from_checkpoint", "validation_dataset", "lora_target_modules", "mask_column", "mask_dir",
+             "control_column", "control_dir"}  # fmt: skip
 # One case per rule of plugin/settings.py: (the values, the field the problem names).
 COMBINATIONS = [
     ({"export_formats": "kohya,,zip"}, "export_formats"),

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from .captions import CaptionOptions, caption_choices, caption_for, caption_variants, joined, tags_of
+from .controls import ControlSource
 from .masks import MaskSource
 from .transforms import AugmentOptions, ImagePlan, apply_plan, apply_plan_to_mask, plan_transform, upright_image
 
@@ -35,6 +36,7 @@ class ExampleSource:
     loss_weight: float = 1.0
     masks: MaskSource | None = None
     mask_floor: float = 0.0
+    controls: ControlSource | None = None
 
 
 class TrainingExamples(torch.utils.data.Dataset):
@@ -99,6 +101,16 @@ class TrainingExamples(torch.utils.data.Dataset):
         mask = apply_plan_to_mask(source.masks.mask(source.dataset, local, image), plan)
         return source.mask_floor + (1.0 - source.mask_floor) * mask
 
+    @property
+    def references(self) -> int:
+        """Control images per target (edit models; 0 otherwise)."""
+        return max((source.controls.references for source in self.sources if source.controls is not None), default=0)
+
+    def controls(self, row: int, image: Image.Image, plan: ImagePlan) -> torch.Tensor:
+        """The row's control images at its plan, resized first to its image's size: (references, 3, H, W)."""
+        source, local = self.source(row)
+        return torch.stack([apply_plan(control, plan) for control in source.controls.images(local, image.size)])
+
     def caption_texts(self) -> set[str]:
         """Each row's captions as trained, in their written order (for length checks: shuffling keeps the tags)."""
         return {joined(tags_of(text, source.captions), source.captions)
@@ -140,6 +152,8 @@ class TrainingExamples(torch.utils.data.Dataset):
             item["pixel_values"] = apply_plan(image, plan)
             if source.masks is not None:
                 item["mask"] = self.mask(row, image, plan)
+            if source.controls is not None:
+                item["control_pixel_values"] = self.controls(row, image, plan)
         return item
 
 
@@ -157,7 +171,7 @@ def collate_examples(examples: list[dict]) -> dict | None:
         "plans": [e["plan"] for e in examples],
         "loss_weights": torch.tensor([e["loss_weight"] for e in examples], dtype=torch.float32),
     }
-    for name, key in (("pixel_values", "pixel_values"), ("mask", "masks")):
+    for name, key in (("pixel_values", "pixel_values"), ("mask", "masks"), ("control_pixel_values", "control_pixel_values")):
         if name in examples[0]:
             batch[key] = torch.stack([e[name] for e in examples]).contiguous().float()
     return batch

@@ -14,8 +14,7 @@ from pathlib import Path
 import datasets
 from PIL import Image, ImageOps
 
-from ..errors import ConfigError
-from .sources import IMAGE_EXTENSIONS, image_paths, open_raw
+from .sources import files_by_stem, image_paths, open_value, value_bytes
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class MaskSource:
         """The dataset's masks, checked before training: every image has its file in mask_dir (the missing ones
         are named), and a mask of another size than its image is said (it is resized to fit)."""
         if mask_dir:
-            source = cls(files=tuple(_mask_files(Path(mask_dir).expanduser(), image_paths(dataset, image_column), label)))
+            source = cls(files=tuple(files_by_stem(Path(mask_dir).expanduser(), image_paths(dataset, image_column), label, "mask_dir", "mask")))
         elif mask_column in dataset.column_names:
             source = cls(column=mask_column)
         else:
@@ -53,9 +52,7 @@ class MaskSource:
         """SHA-256 of each row's mask file ("alpha" where the image's own alpha is the mask): a disk cache key part."""
         if self.files is None and self.column is None:
             return ["alpha"] * len(dataset)
-        return [hashlib.sha256(Path(value).read_bytes() if isinstance(value, str) else
-                               value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()).hexdigest()
-                for value in self.raw(dataset)]  # fmt: skip
+        return [hashlib.sha256(value_bytes(value)).hexdigest() for value in self.raw(dataset)]
 
     def labels(self, dataset: datasets.Dataset) -> list[str]:
         return [value if isinstance(value, str) else (value or {}).get("path") or f"row {i}" for i, value in enumerate(self.raw(dataset))]
@@ -64,7 +61,7 @@ class MaskSource:
         """(height, width) of each mask as displayed."""
         sizes = []
         for value in self.raw(dataset):
-            with _open(value) as mask:
+            with open_value(value) as mask:
                 sizes.append(ImageOps.exif_transpose(mask).size[::-1])
         return sizes
 
@@ -73,25 +70,7 @@ class MaskSource:
         if self.files is None and self.column is None:
             return image.getchannel("A") if image.mode == "RGBA" else Image.new("L", image.size, 255)
         value = self.files[index] if self.files is not None else dataset.cast_column(self.column, datasets.Image(decode=False))[index][self.column]
-        with _open(value) as opened:
+        with open_value(value) as opened:
             mask = ImageOps.exif_transpose(opened)
             mask = mask.convert("RGBA").getchannel("A") if mask.has_transparency_data else mask.convert("L")
         return mask if mask.size == image.size else mask.resize(image.size, resample=Image.Resampling.BILINEAR)
-
-
-def _open(value) -> Image.Image:
-    return Image.open(value) if isinstance(value, str) else open_raw(value)
-
-
-def _mask_files(folder: Path, images: list[str | None], label: str) -> list[str]:
-    """The file in `folder` with each image's stem (any image extension); every missing one named in the error."""
-    if not folder.is_dir():
-        raise ConfigError(f"mask_dir: {str(folder)!r} is not a folder; expected a folder of masks named like {label}'s images")
-    by_stem = {path.stem: str(path) for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS}
-    if any(path is None for path in images):
-        raise ConfigError(f"mask_dir: the images of {label} have no file names to match masks by; use a mask column instead")
-    missing = [Path(path).name for path in images if Path(path).stem not in by_stem]
-    if missing:
-        raise ConfigError(f"mask_dir: {len(missing)} of {len(images)} images of {label} have no mask in {str(folder)!r} (a file "
-                          f"with the image's name and an image extension): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))  # fmt: skip
-    return [by_stem[Path(path).stem] for path in images]

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..settings import DATASET_SETTINGS
 from .captions import CaptionOptions
 from .examples import ExampleSource
+from .controls import ControlSource
 from .masks import MaskSource
 from .sources import IMAGE_EXTENSIONS, ImageHeaders, METADATA_FILES, SAVED_DATASET_FILES, load_image_dataset, read_image_headers
 from .transforms import AugmentOptions
@@ -81,6 +82,7 @@ class Source:
     dataset: datasets.Dataset
     headers: ImageHeaders
     masks: MaskSource | None = None
+    controls: ControlSource | None = None  # an edit model's control images
 
     def selected(self, rows: list[int]) -> "Source":
         """The source cut to `rows` (a validation split)."""
@@ -88,7 +90,8 @@ class Source:
                                [self.headers.labels[i] for i in rows])  # fmt: skip
         masks = None if self.masks is None else MaskSource(None if self.masks.files is None else tuple(self.masks.files[i] for i in rows),
                                                            self.masks.column)  # fmt: skip
-        return Source(self.spec, self.dataset.select(rows), headers, masks)
+        controls = None if self.controls is None else self.controls.selected(rows)
+        return Source(self.spec, self.dataset.select(rows), headers, masks, controls)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,22 +145,23 @@ def _kohya_split(spec: DatasetSpec) -> list[DatasetSpec]:
 # Loading, splitting and mixing
 
 
-def load_sources(cfg, make_class_images=None) -> list[Source]:
-    """Every dataset of the run loaded and checked (images, captions, masks) before any weights load; those
-    lacking class images load after `make_class_images(specs)` renders them, so that a mistake in any other
-    dataset is said before the base model loads to render."""
+def load_sources(cfg, make_class_images=None, references: int = 0) -> list[Source]:
+    """Every dataset of the run loaded and checked (images, captions, masks, controls: see `load_source`) before
+    any weights load; those lacking class images load after `make_class_images(specs)` renders them, so that a
+    mistake in any other dataset is said before the base model loads to render."""
     specs = dataset_specs(cfg)
     pending = [spec for spec in specs if spec.missing_class_images]
     if pending and make_class_images is None:
         raise ConfigError(f"{pending[0].field}: {pending[0].missing_class_images} class images are missing and nothing here renders them")
-    loaded = {spec.field: load_source(spec) for spec in specs if spec not in pending}
+    loaded = {spec.field: load_source(spec, references) for spec in specs if spec not in pending}
     if pending:
         make_class_images(pending)
-    return [loaded.get(spec.field) or load_source(spec) for spec in specs]
+    return [loaded.get(spec.field) or load_source(spec, references) for spec in specs]
 
 
-def load_source(spec: DatasetSpec) -> Source:
-    """One dataset loaded, its headers read, its masks found (with masked_loss); messages name its field."""
+def load_source(spec: DatasetSpec, references: int = 0) -> Source:
+    """One dataset loaded, its headers read, its masks found (with masked_loss), and for a model that takes up to
+    `references` control images per target its controls; messages name its field."""
     cfg = spec.cfg
     try:
         dataset = load_image_dataset(spec.path, cfg.image_column, cfg.caption_column, cfg.follow_symlinks, spec.missing_caption)
@@ -165,7 +169,10 @@ def load_source(spec: DatasetSpec) -> Source:
         raise ConfigError(str(error).replace("dataset_name:", f"{spec.field}:", 1)) from None
     headers = read_image_headers(dataset, cfg.image_column)
     masks = MaskSource.find(dataset, cfg.image_column, cfg.mask_column, cfg.mask_dir, headers.sizes, spec.field) if cfg.masked_loss else None
-    return Source(spec, dataset, headers, masks)
+    controls = ControlSource.find(dataset, cfg, spec.path, headers.sizes, spec.field) if references else None
+    if controls is not None and controls.references > references:
+        raise ConfigError(f"{spec.field}: {controls.references} control images per target; this model takes at most {references}")
+    return Source(spec, dataset, headers, masks, controls)
 
 
 def split_sources(sources: list[Source], fraction: float, seed: int) -> tuple[list[Source], list[Source] | None]:
@@ -225,7 +232,7 @@ def example_sources(sources: list[Source]) -> list[ExampleSource]:
     return [
         ExampleSource(source.dataset, source.spec.cfg.image_column, source.spec.cfg.caption_column, source.spec.augment,
                       source.spec.captions, source.spec.cfg.prior_loss_weight if source.spec.is_regularization else 1.0, source.masks,
-                      source.spec.cfg.masked_loss_floor)  # fmt: skip
+                      source.spec.cfg.masked_loss_floor, source.controls)  # fmt: skip
         for source in sources
     ]
 

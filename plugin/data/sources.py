@@ -305,6 +305,18 @@ def open_raw(value: dict) -> Image.Image:
     return Image.open(value["path"])
 
 
+def open_value(value: str | dict) -> Image.Image:
+    """Open an image given as a file path or as an undecoded datasets image."""
+    return Image.open(value) if isinstance(value, str) else open_raw(value)
+
+
+def value_bytes(value: str | dict) -> bytes:
+    """The encoded bytes of an image given as a file path or as an undecoded datasets image."""
+    if isinstance(value, str):
+        return Path(value).read_bytes()
+    return value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
+
+
 @dataclass(frozen=True)
 class ImageHeaders:
     """What bucket assignment and the run's notes need before training, read from file headers alone."""
@@ -350,3 +362,22 @@ def _image_label(value: dict | None, index: int) -> str:
         return str(value["path"])
     return f"row {index}"
 
+
+def files_by_stem(folder: Path, images: list[str | None], label: str, field: str, what: str) -> list[str]:
+    """The file in `folder` with each image's stem (any image extension): a mask or a control per image, found by
+    `field` (mask_dir, control_dir); every image without one named in the error. Files matching no image are left
+    out, said once."""
+    if not folder.is_dir():
+        raise ConfigError(f"{field}: {str(folder)!r} is not a folder; expected a folder of {what}s named like {label}'s images")
+    by_stem = {path.stem: str(path) for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS}
+    if any(path is None for path in images):
+        raise ConfigError(f"{field}: the images of {label} have no file names to match {what}s by; use a {what} column instead")
+    missing = [Path(path).name for path in images if Path(path).stem not in by_stem]
+    if missing:
+        raise ConfigError(f"{field}: {len(missing)} of {len(images)} images of {label} have no {what} in {str(folder)!r} (a file "
+                          f"with the image's name and an image extension): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))  # fmt: skip
+    extra = sorted(set(by_stem) - {Path(path).stem for path in images})
+    if extra:
+        warnings.warn(f"{field}: {len(extra)} files in {str(folder)!r} match no image of {label} and are left out: "
+                      + ", ".join(Path(by_stem[stem]).name for stem in extra[:10]) + (" ..." if len(extra) > 10 else ""), stacklevel=3)  # fmt: skip
+    return [by_stem[Path(path).stem] for path in images]

@@ -12,6 +12,7 @@ from .description import describe_model, read_model_index
 from .single_file import describe_single_file, family_of_file, is_single_file, read_header
 from .chroma import Chroma
 from .flux import Flux
+from .flux_kontext import FluxKontext
 from .flux2 import Flux2
 from .sd import StableDiffusion
 from .qwen_image import QwenImage
@@ -19,7 +20,7 @@ from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 from .zimage import ZImage
 
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Chroma, ZImage, QwenImage, Flux2)
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Chroma, ZImage, QwenImage, Flux2, FluxKontext)
 
 
 def family_by_name(name: str) -> type[ModelFamily]:

@@ -45,6 +45,7 @@ class ModelFamily(ABC):
     default_lora_targets: ClassVar[tuple[str, ...]]
     eval_negative_prompts: ClassVar[bool] = True  # the pipeline takes a negative prompt (kohya's --n)
     lora_text_encoders: ClassVar[tuple[str, ...]] = ()  # pipeline components that may take a text-encoder LoRA
+    control_images: ClassVar[int] = 0  # an edit model's control images per target at most (plugin/data/controls.py); 0: none
     hub_tag: ClassVar[str]  # the family's Hugging Face tag, for the model card
     # The community layout of the adapter (plugin/kohya.py): kohya's key prefix per component, or None for
     # ComfyUI's layout of Diffusers keys with the scale folded in; kohya's ss_base_model_version.
@@ -227,6 +228,11 @@ class ModelFamily(ABC):
             _check_targets_exist(self.description, lora_targets(cfg, self.default_lora_targets), f"this {self.title} {self.denoiser_name}")
         else:
             filled["lora_target_modules"] = ",".join(self._present_default_targets())
+        if not self.control_images:
+            given = [key for key in ("control_dir",) if getattr(cfg, key).strip()] + [f"datasets[{i}].{key}" for i, entry in enumerate(cfg.datasets)
+                                                                                    for key in ("control_dir", "control_column") if key in entry]  # fmt: skip
+            if given:
+                raise ConfigError(f"{given[0]}: {self.title} models take no control images; edit models (Flux Kontext) train on pairs")
         if cfg.train_text_encoder and not self.lora_text_encoders:
             raise ConfigError(f"train_text_encoder: not supported for {self.title}; it is for SD 1.x/2.x and SDXL")
         filled.update(self._resolve_objective(cfg))

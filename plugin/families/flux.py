@@ -94,16 +94,22 @@ class Flux(FlowFamily):
     def predict(self, noisy_latents, timesteps, text, batch) -> torch.Tensor:
         transformer = self.pipe.transformer
         batch_size, _, height, width = noisy_latents.shape
-        tokens = transformer(
-            hidden_states=pack_latents(noisy_latents.to(transformer.dtype)),
+        tokens, ids = self.image_tokens(noisy_latents.to(transformer.dtype), text)
+        out = transformer(
+            hidden_states=tokens,
             timestep=timesteps / 1000,  # the transformer scales by 1000 itself
             encoder_hidden_states=text["encoder_hidden_states"],
             txt_ids=text_ids(text["encoder_hidden_states"].shape[1], transformer.device, transformer.dtype),
-            img_ids=latent_image_ids(height, width, transformer.device, transformer.dtype),
-            **self.text_conditioning(text, batch_size, (height // 2) * (width // 2)),
+            img_ids=ids,
+            **self.text_conditioning(text, batch_size, tokens.shape[1]),
             return_dict=False,
         )[0]
-        return unpack_latents(tokens, height, width)
+        return unpack_latents(out[:, : (height // 2) * (width // 2)], height, width)  # the noisy latents' tokens come first
+
+    def image_tokens(self, latents: torch.Tensor, text: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed tokens the transformer denoises and their position ids (an edit model appends its controls')."""
+        _, _, height, width = latents.shape
+        return pack_latents(latents), latent_image_ids(height, width, latents.device, latents.dtype)
 
     def text_conditioning(self, text: dict, batch_size: int, image_tokens: int) -> dict:
         """The transformer inputs besides the T5 tokens: the pooled CLIP embedding, and on dev models the

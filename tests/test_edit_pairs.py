@@ -1,0 +1,123 @@
+"""Edit models train on pairs: a control image per target (control_dir or a control_image column), following the
+target's plan, encoded (or cached) beside it, and packed into the denoiser's input as the edit pipeline packs it.
+The tiny Flux Kontext is checked against FluxKontextPipeline at one step, learns a task only its controls can teach
+(each target is its control mirrored), and its adapter loads into the pipeline; cached and uncached controls train
+the same adapter; bad pair datasets are refused, or said, before any weights load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import base_parameters, heldout_losses, load_fresh, render
+from plugin.cache import CONTROLS
+from plugin.config import parse_parameters
+from plugin.data.mixing import DatasetSpec, load_source
+from plugin.errors import ConfigError
+from plugin.export import WEIGHTS_NAME
+from plugin.families import load_model
+from plugin.families.flux import pack_latents
+from plugin.trainer import RunPaths, train
+from test_conditioning import PROMPTS, assert_identical, denoiser_inputs
+
+
+def pair_parameters(tiny_models, pair_data, output, **overrides) -> dict:
+    return base_parameters(tiny_models["flux_kontext"], pair_data, output, control_dir=str(pair_data / "controls"), **overrides)
+
+
+def test_kontexts_denoiser_inputs_at_a_step_are_the_pipelines(tiny_models, pair_data, tmp_path):
+    model = tiny_models["flux_kontext"]
+    cfg, _ = (family := load_model(str(model), torch.float32)).configure(parse_parameters(pair_parameters(tiny_models, pair_data, tmp_path,
+                                                                                                           guidance_scale=3.5, resolution=16)))  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    latents, controls = (torch.randn(len(PROMPTS), 4, 8, 8, generator=generator) for _ in range(2))
+    pipe = load_fresh(model)
+    theirs = denoiser_inputs(pipe.transformer, lambda: pipe(prompt=list(PROMPTS), image=controls, latents=pack_latents(latents), height=16, width=16,
+                                                            num_inference_steps=2, output_type="latent", guidance_scale=cfg.guidance_scale, max_area=16 * 16))  # fmt: skip
+    timestep = pipe.scheduler.timesteps[:1].expand(len(PROMPTS))
+    text = {**family.encode_prompts(PROMPTS), CONTROLS: controls[:, None]}
+    ours = denoiser_inputs(family.denoiser, lambda: family.predict(latents, timestep, text, batch={}))
+    assert ours["hidden_states"].shape[1] == 2 * 16  # the target's 16 tokens, then the control's
+    assert sorted(ours) == sorted(theirs)
+    for name, value in theirs.items():
+        assert_identical(ours[name], value, name)
+
+
+def test_kontext_learns_what_only_the_control_tells_and_its_adapter_edits_in_the_pipeline(tiny_models, pair_data, heldout_pairs, tmp_path):
+    model = tiny_models["flux_kontext"]
+    cfg = parse_parameters(pair_parameters(tiny_models, pair_data, tmp_path / "out", max_train_steps=40, learning_rate=1e-2, lora_r=8, seed=3))
+    train(cfg, paths := RunPaths.for_config(cfg), log=lambda *_: None)
+    held_out = cfg.replace(control_dir="")  # the held-out pairs name their controls in a control_image column
+    before, after = heldout_losses(model, held_out, heldout_pairs), heldout_losses(model, held_out, heldout_pairs, paths.adapter_dir)
+    assert after.objective < 0.95 * before.objective and after.plain_mse < 0.95 * before.plain_mse, (before, after)
+
+    control = Image.open(heldout_pairs / "controls" / "0000.png").resize((32, 32))
+    pipe = load_fresh(model)
+    edit = lambda: render(pipe, "mirror the picture", 0, image=control, num_inference_steps=4, guidance_scale=2.0, height=32, width=32,  # noqa: E731
+                          _auto_resize=False)  # fmt: skip
+    base = edit()
+    pipe.load_lora_weights(str(paths.adapter_dir))  # Diffusers' own loader, into the edit pipeline
+    assert np.abs(edit() - base).max() > 8
+
+
+def test_cached_and_uncached_controls_train_the_same_adapter(tiny_models, pair_data, tmp_path):
+    adapters = []
+    for cached in (True, False):
+        cfg = parse_parameters(pair_parameters(tiny_models, pair_data, tmp_path / f"out-{cached}", max_train_steps=4, cache_latents=cached))
+        train(cfg, paths := RunPaths.for_config(cfg), log=lambda *_: None)
+        adapters.append(load_file(paths.adapter_dir / WEIGHTS_NAME))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def load_pairs(folder, **settings):
+    cfg = parse_parameters({"model_name": "m", "dataset_name": str(folder), "adaptor_name": "a", **settings})
+    return load_source(DatasetSpec(str(folder), 1, False, cfg, "dataset_name"), references=1)
+
+
+def test_a_pair_dataset_loads_its_controls_from_a_folder_or_a_column(pair_data, heldout_pairs):
+    by_folder = load_pairs(pair_data, control_dir=str(pair_data / "controls"))
+    by_column = load_pairs(heldout_pairs)
+    for source, folder in ((by_folder, pair_data), (by_column, heldout_pairs)):
+        assert source.controls.references == 1
+        assert [row[0] for row in source.controls.values] == [str(folder / "controls" / f"{i:04d}.png") for i in range(8)]
+
+
+def test_bad_pair_datasets_are_named_before_any_weights_load(pair_data, tmp_path):
+    data = shutil.copytree(pair_data, tmp_path / "pairs")
+    (data / "controls" / "0003.png").unlink()
+    with pytest.raises(ConfigError, match=r"control_dir: 1 of 8 images of dataset_name have no control in .*: 0003\.png"):
+        load_pairs(data, control_dir=str(data / "controls"))
+    with pytest.raises(ConfigError, match=r"dataset_name: no control images; this model trains on pairs"):
+        load_pairs(data)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    (data / "metadata.jsonl").write_text("".join(json.dumps({**row, "control_image": row["file_name"]}) + "\n" for row in rows))
+    with pytest.raises(ConfigError, match=r"the control '.*0000\.png' is given twice for the target .*0000\.png \(or is the target itself\)"):
+        load_pairs(data)
+    (data / "metadata.jsonl").write_text("".join(json.dumps({**row, "control_image": "controls/missing.png"}) + "\n" for row in rows))
+    with pytest.raises(ConfigError, match=r"the control file 'controls/missing\.png' does not exist"):
+        load_pairs(data)
+
+
+def test_extra_control_files_and_controls_of_another_size_are_said_once(pair_data, tmp_path):
+    data = shutil.copytree(pair_data, tmp_path / "pairs")
+    Image.new("RGB", (8, 8)).save(data / "controls" / "unpaired.png")
+    Image.open(data / "controls" / "0002.png").resize((48, 40)).save(data / "controls" / "0002.png")
+    with pytest.warns(UserWarning) as warned:
+        source = load_pairs(data, control_dir=str(data / "controls"))
+    messages = [str(w.message) for w in warned]
+    assert any("1 files in" in m and "match no image of dataset_name and are left out: unpaired.png" in m for m in messages), messages
+    assert any("1 control images differ in size from their target and are resized to it" in m for m in messages), messages
+    assert source.controls.images(2, (64, 64))[0].size == (64, 64)
+
+
+def test_a_model_that_takes_no_controls_refuses_control_settings(tiny_models, sample_data, tmp_path):
+    cfg = parse_parameters(base_parameters(tiny_models["flux"], sample_data, tmp_path, control_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"control_dir: Flux models take no control images"):
+        train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
