@@ -13,7 +13,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from .adapters import load_lycoris
-from .evaluation import draw_plot
+from .evaluation import CONTROL_IMAGE, draw_plot
 from .export import atomic_path, save_image_atomic
 from .reporting import METRICS_FILE, read_metrics
 from .validation import HISTORY_FILE, read_history
@@ -30,14 +30,17 @@ FINAL_LOSS_STEPS = 20  # the card's final training loss: the mean of the last th
 ADAPTER_TITLES = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}  # lora_type as the field writes it
 
 
-def evaluation_rows(eval_dir: Path, prompts: list[str]) -> list[tuple[int, list[Path]]]:
-    """(epoch, its image per prompt) of every complete evaluation in `eval_dir`, oldest first."""
+def evaluation_rows(eval_dir: Path, prompts: list[str]) -> list[tuple[int | str, list[Path]]]:
+    """(epoch, its image per prompt) of every complete evaluation in `eval_dir`, oldest first; an edit model's
+    controls (control_<k>.png) first, as the row "control"."""
     found: dict[int, dict[int, Path]] = {}
     for path in Path(eval_dir).glob("epoch_*_*.png"):
         if match := EVAL_IMAGE.fullmatch(path.name):
             found.setdefault(int(match.group(1)), {})[int(match.group(2))] = path
-    return [(epoch, [images[k] for k in range(len(prompts))]) for epoch, images in sorted(found.items())
+    rows = [(epoch, [images[k] for k in range(len(prompts))]) for epoch, images in sorted(found.items())
             if prompts and len(images) == len(prompts)]  # fmt: skip
+    controls = [Path(eval_dir) / f"{CONTROL_IMAGE}{k}.png" for k in range(len(prompts))]
+    return ([("control", controls)] if rows and all(path.is_file() for path in controls) else []) + rows
 
 
 def evaluation_grid(rows: list[tuple[int, list[Path]]], prompts: list[str], step_of) -> Image.Image:
@@ -61,7 +64,8 @@ def evaluation_grid(rows: list[tuple[int, list[Path]]], prompts: list[str], step
         draw.multiline_text((left, 2), "\n".join(title), fill="black", spacing=LINE_HEIGHT - 11)
     for row, (epoch, images) in enumerate(rows):
         top = band + row * (row_height + GAP)
-        draw.multiline_text((6, top + row_height // 2 - LINE_HEIGHT), f"epoch {epoch}\nstep {step_of(epoch)}", fill="black")
+        label = f"epoch {epoch}\nstep {step_of(epoch)}" if isinstance(epoch, int) else epoch
+        draw.multiline_text((6, top + row_height // 2 - LINE_HEIGHT), label, fill="black")
         for left, cell, path in zip(lefts, cells, images):
             with Image.open(path) as image:
                 grid.paste(image.convert("RGB").resize(cell, Image.Resampling.NEAREST), (left, top))
@@ -129,7 +133,8 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
     lines += ["## Training", "", "| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in settings.items()] + [""]
     lines += dataset_lines(facts.get("datasets") or [], config)
     if images.get(EVAL_GRID):
-        lines += ["## Evaluation images", "", "One row per evaluation (epoch and optimizer step), one column per prompt:", ""]
+        lines += ["## Evaluation images", "", "One row per evaluation (epoch and optimizer step), one column per prompt"
+                  + (", under the control image each prompt edits" if config.get("eval_control_image") else "") + ":", ""]
         lines += [f"{k + 1}. {prompt}" for k, prompt in enumerate(prompts)] + ["", f"![evaluation images]({EVAL_GRID})", ""]
     if images.get(CURVES):
         lines += ["## Training curves", "", f"![loss and learning rate]({CURVES})", ""]
@@ -137,10 +142,13 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
     folder = str(facts["adapter_dir"])
     loading = ([*inspect.getsource(load_lycoris).splitlines(), "", *facts["loading"], f"load_lycoris(pipe, {folder!r})"] if lycoris
                else [*facts["loading"], f"pipe.load_lora_weights({folder!r}, weight_name={weights!r})"])  # fmt: skip
+    prompt = repr(prompts[0] if prompts else config.get("trigger_word") or "a photo")
+    control = re.split(r"[\n,]", config.get("eval_control_image") or "")[0].strip()  # an edit model's: the image the prompt edits
     lines += ["## Use it", "", "Diffusers" + (" (its `load_lora_weights` reads LoRA and DoRA only; this "
               f"{config['lora_type']} adapter loads with PEFT)" if lycoris else "") + ":", "", "```python", "import torch",
-              f"from diffusers import {', '.join(facts['loading_classes'])}", "", *loading,
-              f"image = pipe({(prompts[0] if prompts else config.get('trigger_word') or 'a photo')!r}).images[0]", "```", ""]  # fmt: skip
+              f"from diffusers import {', '.join(facts['loading_classes'])}", *(["from diffusers.utils import load_image"] if control else []), "",
+              *loading, f"image = pipe({prompt}, image=load_image({control!r})).images[0]" if control else f"image = pipe({prompt}).images[0]",
+              "```", ""]  # fmt: skip
     if "kohya" in exports:
         lines += [f"ComfyUI, A1111/Forge and other kohya-format tools: copy `{exports['kohya']}` into their LoRA folder "
                   "(ComfyUI: `models/loras`, then a LoraLoader node; A1111/Forge: `models/Lora`, then "

@@ -50,7 +50,7 @@ RESUMABLE_CHANGES = frozenset({
     "dataloader_num_workers", "cache_latents", "cache_text_embeddings", "cache_dir", "gradient_checkpointing",
     "enable_xformers_memory_efficient_attention", "overwrite_output", "posthoc_ema_snapshot_steps", "allow_pickle_checkpoints",
     "offload_text_encoders", "shard_base_model", "offload_blocks", "torch_compile", "torch_compile_backend", "preset",
-    "memory_plan", "memory_budget_gb",
+    "memory_plan", "memory_budget_gb", "eval_control_image",
 })  # fmt: skip
 
 

@@ -3,26 +3,59 @@
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .errors import EvaluationFailed
+from .data import upright_image
+from .errors import ConfigError, EvaluationFailed
 from .export import save_image_atomic
 from .settings import EvalPrompt
+
+CONTROL_IMAGE = "control_"  # control_<k>.png: the control image prompt k edits
+
+
+def with_eval_controls(prompts: list[EvalPrompt], value: str, family) -> list[EvalPrompt]:
+    """The prompts with the control image an edit model edits (eval_control_image: one file for every prompt, or one
+    per prompt, on lines or separated by commas) in their settings, under the edit pipelines' name, `image`. Checked
+    before any weights load: every file is named when it cannot be read."""
+    if not value.strip():
+        return prompts
+    if not family.control_images:
+        raise ConfigError(f"eval_control_image: {family.title} models take no control image; edit models (trained on pairs) do")
+    paths = [path.strip() for path in re.split(r"[\n,]", value) if path.strip()]
+    if len(paths) not in (1, len(prompts)):
+        raise ConfigError(f"eval_control_image: {len(paths)} files for {len(prompts)} eval_prompt lines; give one for every prompt, or one each")
+    controls = [_read_control(path) for path in paths]
+    return [replace(prompt, settings={**prompt.settings, "image": controls[k % len(controls)]}) for k, prompt in enumerate(prompts)]
+
+
+def _read_control(path: str) -> Image.Image:
+    file = Path(path).expanduser()
+    try:
+        with Image.open(file) as opened:
+            return upright_image(opened).convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"eval_control_image: {path!r} cannot be read as an image ({error})") from None
 
 
 @torch.no_grad()
 def render_images(family, prompts: list[EvalPrompt], seed: int) -> list[Image.Image]:
     """One image per prompt with its own settings over the eval_* ones; prompt k seeded with its --d, else with
-    seed + k, on a CPU generator (the same on any device)."""
+    seed + k, on a CPU generator (the same on any device). An edit's control is resized to the image's size, as
+    training sees it."""
     pipe = family.eval_pipeline()
     pipe.set_progress_bar_config(disable=True)
     defaults = family.eval_call_kwargs()
     images = []
     for k, prompt in enumerate(prompts):
-        settings = family.pipeline_arguments({**defaults, **prompt.settings})
+        settings = {**defaults, **prompt.settings}
+        if "image" in settings:
+            settings["image"] = settings["image"].resize((settings["width"], settings["height"]), Image.Resampling.LANCZOS)
+        settings = family.pipeline_arguments(settings)
         generator = torch.Generator("cpu").manual_seed(settings.pop("seed", seed + k))
         images.append(pipe(prompt=prompt.text, generator=generator, **settings).images[0])
     return images
@@ -48,14 +81,26 @@ def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
     return grid
 
 
-def save_evaluation(images: list[Image.Image], folder: Path, epoch: int) -> Path:
+def save_evaluation(images: list[Image.Image], folder: Path, epoch: int, controls: list[Image.Image | None] | None = None) -> Path:
     """epoch_<n>_<k>.png per prompt and epoch_<n>.png, the grid Transformer Lab shows; n has four digits or
-    more, so that sorting by name (as the app does) is sorting by epoch."""
-    for k, image in enumerate(images):
+    more, so that sorting by name (as the app does) is sorting by epoch. An edit's control is control_<k>.png,
+    and stands left of its result in the grid."""
+    controls = controls or [None] * len(images)
+    for k, (image, control) in enumerate(zip(images, controls)):
         save_image_atomic(image, Path(folder) / f"epoch_{epoch:04d}_{k}.png")
+        if control is not None:
+            save_image_atomic(control.resize(image.size, Image.Resampling.LANCZOS), Path(folder) / f"{CONTROL_IMAGE}{k}.png")
     grid_path = Path(folder) / f"epoch_{epoch:04d}.png"
-    save_image_atomic(image_grid(images), grid_path)
+    save_image_atomic(image_grid([image if control is None else side_by_side(control, image) for image, control in zip(images, controls)]), grid_path)
     return grid_path
+
+
+def side_by_side(control: Image.Image, result: Image.Image) -> Image.Image:
+    """The control (at the result's size) left of the result."""
+    pair = Image.new("RGB", (2 * result.width, result.height))
+    pair.paste(control.resize(result.size, Image.Resampling.LANCZOS), (0, 0))
+    pair.paste(result, (result.width, 0))
+    return pair
 
 
 PLOT_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))

@@ -37,7 +37,7 @@ from .data import TrainingExamples, collate_examples
 from .data.mixing import Source, dataset_table, example_sources, format_dataset_table, load_sources, slot_rows
 from .ema import PowerFunctionEMA, moving_average
 from .errors import ConfigError, TrainingDiverged, TrainingStopped
-from .evaluation import rendered_evaluation, save_evaluation
+from .evaluation import rendered_evaluation, save_evaluation, with_eval_controls
 from .export import WEIGHTS_NAME, save_adapter_atomic, write_json_atomic
 from .families import open_model
 from .kohya import community_file_name
@@ -180,7 +180,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     check_preset_family(cfg.preset, family)
     cfg, filled = family.configure(resolve_caching(cfg, log))
     check_block_count(cfg, family.description)
-    prompts = parse_eval_prompts(cfg.eval_prompt)
+    prompts = with_eval_controls(parse_eval_prompts(cfg.eval_prompt), cfg.eval_control_image, family)  # an edit model's controls read now
     accelerator = new_accelerator(cfg)
     processes, is_main = accelerator.num_processes, accelerator.is_main_process
     log = log if is_main else (lambda *_: None)  # one process speaks and writes files; all of them train
@@ -303,7 +303,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
             images = rendered_evaluation(family, prompts, cfg.eval_seed, step, paths.adapter_dir) if prompts and render else []
         if is_main:
             if images:
-                result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch))
+                result.eval_images.append(save_evaluation(images, paths.run_dir / "eval_images", epoch, [p.settings.get("image") for p in prompts]))
                 reporter.images(step, "eval", images, result.eval_images[-1])
             write_model_card(paths.adapter_dir, paths.run_dir, resolved_config, [p.text for p in prompts], {**card_facts, "steps": step}, exports)
         for module in modules.values():

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import base_parameters, heldout_losses, load_fresh, render
+from conftest import base_parameters, final_eval_image, heldout_losses, load_fresh, render
 from plugin.cache import CONTROLS
 from plugin.config import parse_parameters
 from plugin.data.mixing import DatasetSpec, load_source
@@ -50,20 +50,41 @@ def test_kontexts_denoiser_inputs_at_a_step_are_the_pipelines(tiny_models, pair_
 
 
 def test_kontext_learns_what_only_the_control_tells_and_its_adapter_edits_in_the_pipeline(tiny_models, pair_data, heldout_pairs, tmp_path):
-    model = tiny_models["flux_kontext"]
-    cfg = parse_parameters(pair_parameters(tiny_models, pair_data, tmp_path / "out", max_train_steps=40, learning_rate=1e-2, lora_r=8, seed=3))
-    train(cfg, paths := RunPaths.for_config(cfg), log=lambda *_: None)
+    """Also the evaluation of edits: eval_control_image's control is edited by each prompt, saved beside the results,
+    set left of each in the grid, and shown in the card, whose code is the edit pipeline's call."""
+    model, control_file = tiny_models["flux_kontext"], heldout_pairs / "controls" / "0000.png"
+    cfg = parse_parameters(pair_parameters(tiny_models, pair_data, tmp_path / "out", max_train_steps=40, learning_rate=1e-2, lora_r=8, seed=3,
+                                           eval_prompt="mirror the picture\nmirror it --d 5", eval_control_image=str(control_file)))  # fmt: skip
+    result = train(cfg, paths := RunPaths.for_config(cfg), log=lambda *_: None)
     held_out = cfg.replace(control_dir="")  # the held-out pairs name their controls in a control_image column
     before, after = heldout_losses(model, held_out, heldout_pairs), heldout_losses(model, held_out, heldout_pairs, paths.adapter_dir)
     assert after.objective < 0.95 * before.objective and after.plain_mse < 0.95 * before.plain_mse, (before, after)
 
-    control = Image.open(heldout_pairs / "controls" / "0000.png").resize((32, 32))
     pipe = load_fresh(model)
-    edit = lambda: render(pipe, "mirror the picture", 0, image=control, num_inference_steps=4, guidance_scale=2.0, height=32, width=32,  # noqa: E731
-                          _auto_resize=False)  # fmt: skip
+    control = Image.open(control_file).convert("RGB").resize((32, 32), Image.Resampling.LANCZOS)
+    edit = lambda: render(pipe, "mirror the picture", cfg.eval_seed, image=control, num_inference_steps=4, guidance_scale=2.0, height=32, width=32)  # noqa: E731
     base = edit()
     pipe.load_lora_weights(str(paths.adapter_dir))  # Diffusers' own loader, into the edit pipeline
-    assert np.abs(edit() - base).max() > 8
+    edited = edit()
+    assert np.abs(edited - base).max() > 8
+    assert np.abs(final_eval_image(result) - edited).max() <= 1  # the trainer's evaluation is the pipeline's edit
+    folder = paths.run_dir / "eval_images"
+    assert np.array_equal(np.asarray(Image.open(folder / "control_1.png")), np.asarray(control))  # saved at the size it was edited at
+    assert Image.open(result.eval_images[-1]).size == (2 * 2 * 32, 32)  # [control | edit] per prompt, side by side
+    card = (paths.adapter_dir / "README.md").read_text()
+    assert "FluxKontextPipeline.from_pretrained" in card and f"image=load_image({str(control_file)!r})" in card
+
+
+def test_eval_control_images_are_checked_before_loading(tiny_models, pair_data, sample_data, tmp_path):
+    cases = [(pair_parameters(tiny_models, pair_data, tmp_path, eval_control_image=str(tmp_path / "nowhere.png")), r"eval_control_image: '.*nowhere\.png' cannot be read"),
+             (pair_parameters(tiny_models, pair_data, tmp_path, eval_prompt="a\nb\nc", eval_control_image=f"{pair_data / '0000.png'}, {pair_data / '0001.png'}"),
+              r"eval_control_image: 2 files for 3 eval_prompt lines"),
+             (base_parameters(tiny_models["flux"], sample_data, tmp_path, eval_control_image=str(pair_data / "0000.png")),
+              r"eval_control_image: Flux models take no control image")]  # fmt: skip
+    for parameters, message in cases:
+        cfg = parse_parameters(parameters)
+        with pytest.raises(ConfigError, match=message):
+            train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
 
 
 def test_cached_and_uncached_controls_train_the_same_adapter(tiny_models, pair_data, tmp_path):

@@ -31,7 +31,7 @@ TEXT_BAD = {"adaptor_name": "../escape", "model_name": "", "dataset_name": "", "
 # against the model's layers, before its weights load).
 FREE_TEXT = {"trigger_word", "caption_prefix", "caption_suffix", "image_column", "caption_column", "cache_dir", "output_dir", "model_config",
              "text_encoder_source", "resume_from_checkpoint", "validation_dataset", "lora_target_modules", "mask_column", "mask_dir",
-             "control_column", "control_dir"}  # fmt: skip
+             "control_column", "control_dir", "eval_control_image"}  # fmt: skip
 # One case per rule of plugin/settings.py: (the values, the field the problem names).
 COMBINATIONS = [
     ({"export_formats": "kohya,,zip"}, "export_formats"),

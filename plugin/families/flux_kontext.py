@@ -22,10 +22,13 @@ class FluxKontext(Flux):
     @classmethod
     def pipeline_arguments(cls, settings: dict) -> dict:
         """FluxKontextPipeline renders at `max_area` (1024² unless given), scaling whatever height and width ask
-        to it: the area asked for is given, so an image is the size asked for, as in every other pipeline."""
+        to it: the area asked for is given, so an image is the size asked for, as in every other pipeline. A
+        control stays the size it is given (the image's, as in training), not its nearest preferred resolution."""
         settings = dict(settings)
         if "height" in settings and "width" in settings:
             settings.setdefault("max_area", settings["height"] * settings["width"])
+        if "image" in settings:
+            settings.setdefault("_auto_resize", False)
         return settings
 
     def image_tokens(self, latents: torch.Tensor, text: dict) -> tuple[torch.Tensor, torch.Tensor]:
