@@ -26,6 +26,7 @@ from plugin.export import WEIGHTS_NAME
 from plugin.main import main
 from plugin.run_lock import LOCK_FILE, run_folder_lock
 from plugin.stopping import BURST_SECONDS, STOPPED_EXIT_CODE, StopRequest
+from plugin.tiny import EDIT_FAMILIES
 from plugin.trainer import RunPaths, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,11 +67,12 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
 
 
 @pytest.mark.parametrize("family, settings", [("sd", HARD), ("sd", PLAIN), ("sd", POSTHOC), ("sd", LEARNED), ("chroma", PLAIN), ("zimage", PLAIN),
-                                              ("qwen_image", PLAIN), ("flux2", PLAIN)],
+                                              ("qwen_image", PLAIN), ("flux2", PLAIN), ("flux_kontext", PLAIN)],
                          ids=["ema-accumulation-cosine", "plain-shuffled-captions", "posthoc-ema", "learned-weighting-validation", "chroma", "zimage",
-                              "qwen_image", "flux2"])  # fmt: skip
-def test_a_run_killed_at_a_random_step_resumes_to_the_unbroken_adapter(family, settings, tiny_models, sample_data, tmp_path):
-    params = parameters(tiny_models, sample_data, tmp_path / "killed", family, max_train_steps=60, **settings)
+                              "qwen_image", "flux2", "flux_kontext-pairs"])  # fmt: skip
+def test_a_run_killed_at_a_random_step_resumes_to_the_unbroken_adapter(family, settings, tiny_models, sample_data, pair_data, tmp_path):
+    pairs = {"control_dir": str(pair_data / "controls")} if family in EDIT_FAMILIES else {}  # an edit model trains on pairs
+    params = parameters(tiny_models, pair_data if pairs else sample_data, tmp_path / "killed", family, max_train_steps=60, **settings, **pairs)
     _, unbroken, unbroken_paths = train_in_process({**params, "output_dir": str(tmp_path / "unbroken")})
 
     # A fork of this process, its imports done, trains and is killed: what a SIGKILL leaves does not depend on how the
