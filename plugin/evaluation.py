@@ -54,7 +54,7 @@ def render_images(family, prompts: list[EvalPrompt], seed: int) -> list[Image.Im
     for k, prompt in enumerate(prompts):
         settings = {**defaults, **prompt.settings}
         if "image" in settings:
-            settings["image"] = settings["image"].resize((settings["width"], settings["height"]), Image.Resampling.LANCZOS)
+            settings["image"] = settings["image"].resize(family.control_size(settings["width"], settings["height"]), Image.Resampling.LANCZOS)
         settings = family.pipeline_arguments(settings)
         generator = torch.Generator("cpu").manual_seed(settings.pop("seed", seed + k))
         images.append(pipe(prompt=prompt.text, generator=generator, **settings).images[0])

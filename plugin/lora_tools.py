@@ -130,7 +130,7 @@ def family_of_names(names, metadata: dict[str, str] | None = None):
     first; None when none does."""
     from .families import FAMILIES
 
-    bases = [family for family in FAMILIES if not family.control_images]  # an edit model's LoRA is its base family's (Kontext's is Flux's)
+    bases = [family for family in FAMILIES if family.controls_optional or not family.control_images]  # an edit-only model's LoRA is its base's (Kontext's is Flux's)
     version = (metadata or {}).get("ss_base_model_version", "")
     named = next((family for family in bases if version == family.kohya_base_model_version), None)
     if named:

@@ -117,10 +117,11 @@ def fused_attention_on_meta():
         F.scaled_dot_product_attention = sdpa
 
 
-def step_bytes(family, batch_size: int, resolution: int, text_cached: bool = False) -> int:
+def step_bytes(family, batch_size: int, resolution: int, text_cached: bool = False, references: int = 0) -> int:
     """Peak bytes of one training step (forward, loss, backward) of `family` as loaded and set up (its pipeline
-    real, or from `meta_pipeline`), on square latents of `resolution` pixels and the longest captions; with
-    `text_cached` the captions' encoding is not part of the step."""
+    real, or from `meta_pipeline`), on square latents of `resolution` pixels and the longest captions, with
+    `references` control images per target (an edit model's); with `text_cached` the captions' encoding is not
+    part of the step."""
     denoiser = family.denoiser
     device = denoiser.device
     batch = {"original_sizes": torch.tensor([[resolution, resolution]] * batch_size), "crop_top_lefts": torch.zeros(batch_size, 2, dtype=torch.long),
@@ -129,8 +130,8 @@ def step_bytes(family, batch_size: int, resolution: int, text_cached: bool = Fal
     cached = family.planning_text(batch_size) if text_cached else None  # a cache's entries exist before the step
     with fused_attention_on_meta(), LiveBytes() as live:
         text = cached if cached is not None else family.planning_text(batch_size)
-        if family.control_images:  # an edit model's controls, as many as it takes, at the target's size
-            text = with_controls(text, torch.zeros(shape[0], family.control_images, *shape[1:], device=device))
+        if references:  # an edit model's controls, at the target's size
+            text = with_controls(text, torch.zeros(shape[0], references, *shape[1:], device=device))
         latents = torch.zeros(shape, device=device)
         timesteps = torch.full((batch_size,), 500.0, device=device)
         prediction = family.predict(latents, timesteps, text, batch)
@@ -256,6 +257,10 @@ class Planner:
         self.block_fp8_sizes = [sum(p.numel() for p in b.parameters() if not p.requires_grad) for b in self.blocks]
         self.outside_blocks = frozen_bytes(self.family.denoiser, quantised) - sum(self.block_sizes)
         self._steps: dict[bool, int] = {}
+        # Control images per target: one per control_dir folder; else what a model that needs them takes (a
+        # control column's count is known only once the data loads, after the plan).
+        folders = [name for name in cfg.control_dir.split(",") if name.strip()]
+        self.references = len(folders) or (0 if family.controls_optional else family.control_images)
 
     def step(self, checkpointing: bool) -> int:
         """The training step's peak; asked without checkpointing before with it (checkpointing only turns on)."""
@@ -264,7 +269,8 @@ class Planner:
                 self.family.enable_gradient_checkpointing(self.modules)
             else:
                 assert True not in self._steps, "a step without checkpointing is measured before checkpointing turns on"
-            self._steps[checkpointing] = step_bytes(self.family, self.cfg.train_batch_size, self.cfg.resolution, self.cfg.cache_text_embeddings)
+            self._steps[checkpointing] = step_bytes(self.family, self.cfg.train_batch_size, self.cfg.resolution, self.cfg.cache_text_embeddings,
+                                                    self.references)  # fmt: skip
         return self._steps[checkpointing]
 
     def plan(self, settings: dict) -> MemoryPlan:

@@ -144,7 +144,8 @@ def training_data(cfg, family, accelerator, weight_dtype, log=print) -> tuple[Tr
     the held-out images (None without a validation set) and the datasets table; the captions checked against the
     text encoders' limits."""
     render_class_images = partial(make_class_images, cfg, accelerator=accelerator, dtype=weight_dtype, log=log)
-    sources, held_out = training_and_validation_data(cfg, load_sources(cfg, render_class_images, family.control_images), family.control_images)
+    controls = family.control_images, family.controls_optional  # an edit model's control images per target, and whether it needs them
+    sources, held_out = training_and_validation_data(cfg, load_sources(cfg, render_class_images, *controls), *controls)
     layout = bucket_layout(family, sources, log)
     examples = build_examples(cfg, sources, layout)
     table = dataset_table(sources, examples.slot_rows)

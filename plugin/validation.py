@@ -32,12 +32,12 @@ VALIDATION_DRAWS = 4  # noise and timestep draws per image: the estimate's sprea
 HISTORY_FILE = "validation_loss.json"
 
 
-def training_and_validation_data(cfg, sources: list[Source], references: int = 0) -> tuple[list[Source], list[Source] | None]:
-    """The datasets to train on and the held-out ones (None without a validation set); `references`: the control
-    images per target an edit model takes (a validation_dataset has them too)."""
+def training_and_validation_data(cfg, sources: list[Source], references: int = 0, optional: bool = False) -> tuple[list[Source], list[Source] | None]:
+    """The datasets to train on and the held-out ones (None without a validation set); `references` and `optional`:
+    the control images an edit model takes (`load_source`; a validation_dataset has them as the training data does)."""
     if not cfg.validation_dataset:
         return split_sources(sources, cfg.validation_split, cfg.seed)
-    return sources, [load_source(DatasetSpec(cfg.validation_dataset, 1, False, cfg, "validation_dataset"), references)]
+    return sources, [load_source(DatasetSpec(cfg.validation_dataset, 1, False, cfg, "validation_dataset"), references, optional)]
 
 
 class ValidationSet:

@@ -184,7 +184,7 @@ def heldout_losses(model: Path, cfg, data: Path, adapter_dir: Path | None = None
     if adapter_dir is not None:
         load_adapter(family.pipe, adapter_dir)  # Diffusers' load_lora_weights, or the LoKr/LoHa loader
     objective = family.make_objective()
-    examples = build_examples(cfg, load_sources(cfg.replace(dataset_name=str(data)), references=family.control_images))
+    examples = build_examples(cfg, load_sources(cfg.replace(dataset_name=str(data)), None, family.control_images, family.controls_optional))
     batch = collate_examples([examples[i] for i in range(len(examples))])
     conditioning = Conditioning(family)
     with torch.no_grad():

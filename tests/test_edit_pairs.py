@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import base_parameters, final_eval_image, heldout_losses, load_fresh, render
 from plugin.cache import CONTROLS
 from plugin.config import parse_parameters
-from plugin.data.mixing import DatasetSpec, load_source
+from plugin.data.mixing import DatasetSpec, load_source, load_sources
 from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME
 from plugin.families import load_model
@@ -142,3 +142,58 @@ def test_a_model_that_takes_no_controls_refuses_control_settings(tiny_models, sa
     cfg = parse_parameters(base_parameters(tiny_models["flux"], sample_data, tmp_path, control_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"control_dir: Flux models take no control images"):
         train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
+
+
+def two_references(pairs, folder):
+    """The pair dataset at `folder` with a second reference per target: a copy of each control, greyed."""
+    data = shutil.copytree(pairs, folder)
+    (data / "greyed").mkdir()
+    for control in sorted((data / "controls").glob("*.png")):
+        Image.open(control).convert("L").convert("RGB").save(data / "greyed" / control.name)
+    return data, f"{data / 'controls'},{data / 'greyed'}"
+
+
+def test_flux2s_reference_images_reach_the_denoiser_as_the_pipeline_gives_them(tiny_models, sample_data, tmp_path):
+    model = tiny_models["flux2"]
+    family = load_model(str(model), torch.float32)
+    family.configure(parse_parameters(base_parameters(model, sample_data, tmp_path, resolution=64)))
+    pipe = load_fresh(model)
+    references = [Image.open(sample_data / f"000{k}.png").convert("RGB") for k in range(2)]  # 64 px: the pipelines' smallest reference
+    controls = torch.stack([family.encode_images(pipe.image_processor.preprocess(image, 64, 64, resize_mode="crop"))[0] for image in references])
+    latents = torch.randn(len(PROMPTS), *controls.shape[1:], generator=torch.Generator().manual_seed(0))
+    theirs = denoiser_inputs(pipe.transformer, lambda: pipe(prompt=list(PROMPTS), image=references, latents=latents, height=64, width=64,
+                                                            num_inference_steps=2, output_type="latent", guidance_scale=1.0))  # fmt: skip
+    timestep = pipe.scheduler.timesteps[:1].expand(len(PROMPTS))
+    text = {**family.encode_prompts(PROMPTS), CONTROLS: controls.expand(len(PROMPTS), -1, -1, -1, -1)}
+    ours = denoiser_inputs(family.denoiser, lambda: family.predict(latents, timestep, text, batch={}))
+    assert ours["hidden_states"].shape[1] == 3 * 16 * 16  # the target's tokens, then each reference's
+    assert sorted(ours) == sorted(theirs)
+    for name, value in theirs.items():
+        assert_identical(ours[name], value, name)
+
+
+def test_flux2_trains_on_two_references_per_target_and_its_adapter_edits_in_the_pipeline(tiny_models, pair_data, heldout_pairs, tmp_path):
+    model = tiny_models["flux2"]
+    data, folders = two_references(pair_data, tmp_path / "pairs")
+    cfg = parse_parameters(base_parameters(model, data, tmp_path / "out", control_dir=folders, max_train_steps=40, learning_rate=1e-2, lora_r=8, seed=3))
+    train(cfg, paths := RunPaths.for_config(cfg), log=lambda *_: None)
+    held_out, held_out_folders = two_references(heldout_pairs, tmp_path / "heldout")
+    held_out_cfg = cfg.replace(control_dir=held_out_folders)
+    before, after = heldout_losses(model, held_out_cfg, held_out), heldout_losses(model, held_out_cfg, held_out, paths.adapter_dir)
+    assert after.objective < 0.95 * before.objective and after.plain_mse < 0.95 * before.plain_mse, (before, after)
+    pipe = load_fresh(model)
+    references = [Image.open(held_out / folder / "0000.png").convert("RGB") for folder in ("controls", "greyed")]
+    edit = lambda: render(pipe, "mirror the picture", 0, image=references, num_inference_steps=4, guidance_scale=2.0, height=64, width=64)  # noqa: E731
+    base = edit()
+    pipe.load_lora_weights(str(paths.adapter_dir))
+    assert np.abs(edit() - base).max() > 8
+
+
+def test_datasets_of_one_run_agree_on_their_references(pair_data, sample_data):
+    """Flux.2 takes references where a dataset gives them; examples of two datasets may share a batch, so a run's
+    datasets all give the same number, or none."""
+    cfg = parse_parameters({"model_name": "m", "adaptor_name": "a", "datasets": [{"path": str(pair_data), "control_dir": str(pair_data / "controls")},
+                                                                                  {"path": str(sample_data)}]})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"datasets\[1\]: 0 control images per target, and datasets\[0\] has 1; every dataset of a run needs the same"):
+        load_sources(cfg, None, 10, True)
+    assert [source.controls for source in load_sources(cfg.replace(datasets=cfg.datasets[1:], dataset_name=""), None, 10, True)] == [None]

@@ -46,6 +46,7 @@ class ModelFamily(ABC):
     eval_negative_prompts: ClassVar[bool] = True  # the pipeline takes a negative prompt (kohya's --n)
     lora_text_encoders: ClassVar[tuple[str, ...]] = ()  # pipeline components that may take a text-encoder LoRA
     control_images: ClassVar[int] = 0  # an edit model's control images per target at most (plugin/data/controls.py); 0: none
+    controls_optional: ClassVar[bool] = False  # it trains text to image too, on pairs only where the datasets give controls
     hub_tag: ClassVar[str]  # the family's Hugging Face tag, for the model card
     # The community layout of the adapter (plugin/kohya.py): kohya's key prefix per component, or None for
     # ComfyUI's layout of Diffusers keys with the scale folded in; kohya's ss_base_model_version.
@@ -409,6 +410,10 @@ class ModelFamily(ABC):
             "height": cfg.eval_height or cfg.resolution,
             "width": cfg.eval_width or cfg.resolution,
         }
+
+    def control_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size an evaluation's control image is given to the pipeline at: the image's, as training sees it."""
+        return width, height
 
     @classmethod
     def pipeline_arguments(cls, settings: dict[str, Any]) -> dict[str, Any]:

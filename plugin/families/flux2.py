@@ -13,6 +13,7 @@ import inspect
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
+from ..cache import CONTROLS
 from .base import FlowFamily
 from .original_layout import FLUX2_LORA_MODULES
 
@@ -37,6 +38,8 @@ class Flux2(FlowFamily):
     # Flux.2 files share Flux.1's double-block names; the shared single-stream modulation is its own.
     single_file_markers = ("double_blocks.0.img_attn.qkv.weight", "single_stream_modulation.lin.weight")
     single_file_components = {}  # Flux.2 files hold the transformer; the rest comes from text_encoder_source
+    control_images = 10  # reference images, as many as BFL's Flux.2 reads
+    controls_optional = True  # text to image without them; on pairs where the datasets give references
 
     def __init__(self, description):
         super().__init__(description)
@@ -49,6 +52,11 @@ class Flux2(FlowFamily):
 
     def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, ...]:
         return batch_size, 4 * self.latent_channels, height // (2 * self.vae_scale_factor), width // (2 * self.vae_scale_factor)
+
+    def control_size(self, width: int, height: int) -> tuple[int, int]:
+        """The image's size, enlarged where a side is under the 64 px the pipelines require of a reference."""
+        scale = max(1, -(-64 // min(width, height)))
+        return width * scale, height * scale
 
     def native_resolution(self) -> int:
         return 128 * self.vae_scale_factor  # the pipelines' default_sample_size, in latents
@@ -85,14 +93,21 @@ class Flux2(FlowFamily):
         if transformer.config.guidance_embeds:  # [dev]: the value training fixes, as for Flux.1-dev
             guidance = torch.full((batch_size,), self.cfg.guidance_scale, device=transformer.device)
         states = text["encoder_hidden_states"]
-        tokens = transformer(
-            hidden_states=pipeline._pack_latents(noisy_latents.to(transformer.dtype)),
+        tokens = pipeline._pack_latents(noisy_latents.to(transformer.dtype))
+        ids = pipeline._prepare_latent_ids(noisy_latents).to(noisy_latents.device)
+        if CONTROLS in text:  # reference images: their tokens follow, at time coordinates 10, 20, ... (prepare_image_latents)
+            references = list(text[CONTROLS].to(transformer.dtype).unbind(dim=1))
+            tokens = torch.cat([tokens, *map(pipeline._pack_latents, references)], dim=1)
+            reference_ids = pipeline._prepare_image_ids([reference[:1] for reference in references]).to(ids.device)
+            ids = torch.cat([ids, reference_ids.expand(batch_size, -1, -1)], dim=1)
+        out = transformer(
+            hidden_states=tokens,
             timestep=timesteps / 1000,
             guidance=guidance,
             encoder_hidden_states=states,
             txt_ids=pipeline._prepare_text_ids(states).to(states.device),
-            img_ids=pipeline._prepare_latent_ids(noisy_latents).to(noisy_latents.device),
+            img_ids=ids,
             return_dict=False,
         )[0]
-        return tokens.permute(0, 2, 1).reshape(batch_size, channels, height, width)
+        return out[:, : height * width].permute(0, 2, 1).reshape(batch_size, channels, height, width)
 
