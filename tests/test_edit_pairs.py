@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ from plugin.errors import ConfigError
 from plugin.export import WEIGHTS_NAME
 from plugin.families import load_model
 from plugin.families.flux import pack_latents
-from plugin.trainer import RunPaths, train
+from plugin.data import apply_plan
+from plugin.trainer import RunPaths, build_examples, train
 from test_conditioning import PROMPTS, assert_identical, denoiser_inputs
 
 
@@ -197,3 +199,27 @@ def test_datasets_of_one_run_agree_on_their_references(pair_data, sample_data):
     with pytest.raises(ConfigError, match=r"datasets\[1\]: 0 control images per target, and datasets\[0\] has 1; every dataset of a run needs the same"):
         load_sources(cfg, None, 10, True)
     assert [source.controls for source in load_sources(cfg.replace(datasets=cfg.datasets[1:], dataset_name=""), None, 10, True)] == [None]
+
+
+def test_a_control_follows_its_targets_flip_and_crop_and_caption_dropout_spares_it(pair_data):
+    """With random flips and crops, each example's control is its target's plan applied to the control image: the
+    mirror task's pairs stay mirror images of each other, flipped or not; with every caption dropped the controls stay."""
+    cfg = parse_parameters({"model_name": "m", "dataset_name": str(pair_data), "adaptor_name": "a", "control_dir": str(pair_data / "controls"),
+                            "resolution": 48, "random_flip": True, "center_crop": False, "caption_dropout_rate": 1.0, "cache_latents": False})  # fmt: skip
+    examples = build_examples(cfg, load_sources(cfg, None, 1))
+    flips = set()
+    for epoch in range(3):
+        examples.set_epoch(epoch)
+        for index in range(len(examples)):
+            item = examples[index]
+            flips.add(item["plan"].flip)
+            assert item["caption"] == "" and item["control_pixel_values"].shape == (1, 3, 48, 48)
+            control = Image.open(pair_data / "controls" / f"{item['row']:04d}.png").convert("RGB")
+            assert torch.equal(item["control_pixel_values"][0], apply_plan(control, item["plan"]))
+    assert flips == {False, True}
+
+
+def test_the_kontext_example_is_a_valid_parameter_file():
+    example = json.loads((Path(__file__).resolve().parent.parent / "examples" / "flux_kontext_edit.json").read_text())
+    cfg = parse_parameters(example)
+    assert cfg.control_dir and cfg.eval_control_image and cfg.memory_plan == "auto"
