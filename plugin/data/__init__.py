@@ -4,8 +4,9 @@ Everything random about an example comes from `example_rng(seed, epoch, index)`,
 whatever the batch size, number of data-loader workers or the order in which the sampler visits rows.
 
 `sources` loads and checks one dataset, `captions` rewrites captions as trained, `transforms` plans and
-applies what happens to an image's pixels, `masks` finds masked loss's masks, `examples` turns rows into
-training examples and batches, and `mixing` makes several datasets one run (repeats, regularisation images).
+applies what happens to an image's pixels, `masks` finds masked loss's masks, `controls` an edit model's control
+images, `examples` turns rows into training examples and batches, and `mixing` makes several datasets one run
+(repeats, regularisation images).
 """
 
 from .captions import CaptionOptions, caption_for, caption_variants
