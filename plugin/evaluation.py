@@ -72,9 +72,11 @@ def rendered_evaluation(family, prompts: list[EvalPrompt], seed: int, step: int,
 
 
 def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
+    """The images in rows of `columns`, each at the top left of a cell as large as the largest image (a prompt's
+    --w/--h, an edit's control beside its result), on black."""
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
-    width, height = images[0].size
+    width, height = max(image.width for image in images), max(image.height for image in images)
     grid = Image.new("RGB", (columns * width, rows * height))
     for k, image in enumerate(images):
         grid.paste(image, ((k % columns) * width, (k // columns) * height))

@@ -21,6 +21,7 @@ from plugin.cache import CONTROLS
 from plugin.config import parse_parameters
 from plugin.data.mixing import DatasetSpec, load_source, load_sources
 from plugin.errors import ConfigError
+from plugin.evaluation import image_grid, side_by_side
 from plugin.export import WEIGHTS_NAME
 from plugin.families import load_model
 from plugin.families.flux import pack_latents
@@ -223,3 +224,15 @@ def test_the_kontext_example_is_a_valid_parameter_file():
     example = json.loads((Path(__file__).resolve().parent.parent / "examples" / "flux_kontext_edit.json").read_text())
     cfg = parse_parameters(example)
     assert cfg.control_dir and cfg.eval_control_image and cfg.memory_plan == "auto"
+
+
+def test_the_evaluation_grid_keeps_each_image_whole_whatever_its_size():
+    """Prompts of their own sizes (--w/--h) and edits beside their controls: each cell is as large as the largest image."""
+    colours = iter(range(40, 250, 40))
+    result, control = (Image.new("RGB", (32, 32), (next(colours),) * 3) for _ in range(2))
+    images = [result, side_by_side(control, result), Image.new("RGB", (48, 40), (next(colours),) * 3)]
+    grid = image_grid(images)
+    assert grid.size == (3 * 64, 40)
+    for k, image in enumerate(images):
+        assert np.array_equal(np.asarray(grid.crop((64 * k, 0, 64 * k + image.width, image.height))), np.asarray(image))
+    assert np.array_equal(np.asarray(images[1].crop((0, 0, 32, 32))), np.asarray(control))  # the control left of its result
