@@ -13,7 +13,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from .adapters import load_lycoris
-from .evaluation import CONTROL_IMAGE, draw_plot
+from .evaluation import CONTROL_IMAGE, draw_plot, eval_control_paths
 from .export import atomic_path, save_image_atomic
 from .reporting import METRICS_FILE, read_metrics
 from .validation import HISTORY_FILE, read_history
@@ -143,7 +143,7 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
     loading = ([*inspect.getsource(load_lycoris).splitlines(), "", *facts["loading"], f"load_lycoris(pipe, {folder!r})"] if lycoris
                else [*facts["loading"], f"pipe.load_lora_weights({folder!r}, weight_name={weights!r})"])  # fmt: skip
     prompt = repr(prompts[0] if prompts else config.get("trigger_word") or "a photo")
-    control = re.split(r"[\n,]", config.get("eval_control_image") or "")[0].strip()  # an edit model's: the image the prompt edits
+    control = next(iter(eval_control_paths(config.get("eval_control_image") or "")), "")  # an edit model's: the image the prompt edits
     lines += ["## Use it", "", "Diffusers" + (" (its `load_lora_weights` reads LoRA and DoRA only; this "
               f"{config['lora_type']} adapter loads with PEFT)" if lycoris else "") + ":", "", "```python", "import torch",
               f"from diffusers import {', '.join(facts['loading_classes'])}", *(["from diffusers.utils import load_image"] if control else []), "",

@@ -26,11 +26,16 @@ def with_eval_controls(prompts: list[EvalPrompt], value: str, family) -> list[Ev
         return prompts
     if not family.control_images:
         raise ConfigError(f"eval_control_image: {family.title} models take no control image; edit models (trained on pairs) do")
-    paths = [path.strip() for path in re.split(r"[\n,]", value) if path.strip()]
+    paths = eval_control_paths(value)
     if len(paths) not in (1, len(prompts)):
         raise ConfigError(f"eval_control_image: {len(paths)} files for {len(prompts)} eval_prompt lines; give one for every prompt, or one each")
     controls = [_read_control(path) for path in paths]
     return [replace(prompt, settings={**prompt.settings, "image": controls[k % len(controls)]}) for k, prompt in enumerate(prompts)]
+
+
+def eval_control_paths(value: str) -> list[str]:
+    """eval_control_image's files: on lines or separated by commas."""
+    return [path.strip() for path in re.split(r"[\n,]", value) if path.strip()]
 
 
 def _read_control(path: str) -> Image.Image:
@@ -87,13 +92,13 @@ def save_evaluation(images: list[Image.Image], folder: Path, epoch: int, control
     """epoch_<n>_<k>.png per prompt and epoch_<n>.png, the grid Transformer Lab shows; n has four digits or
     more, so that sorting by name (as the app does) is sorting by epoch. An edit's control is control_<k>.png,
     and stands left of its result in the grid."""
-    controls = controls or [None] * len(images)
-    for k, (image, control) in enumerate(zip(images, controls)):
+    shown = [None if control is None else control.resize(image.size, Image.Resampling.LANCZOS) for image, control in zip(images, controls or [None] * len(images))]
+    for k, (image, control) in enumerate(zip(images, shown)):
         save_image_atomic(image, Path(folder) / f"epoch_{epoch:04d}_{k}.png")
         if control is not None:
-            save_image_atomic(control.resize(image.size, Image.Resampling.LANCZOS), Path(folder) / f"{CONTROL_IMAGE}{k}.png")
+            save_image_atomic(control, Path(folder) / f"{CONTROL_IMAGE}{k}.png")
     grid_path = Path(folder) / f"epoch_{epoch:04d}.png"
-    save_image_atomic(image_grid([image if control is None else side_by_side(control, image) for image, control in zip(images, controls)]), grid_path)
+    save_image_atomic(image_grid([image if control is None else side_by_side(control, image) for image, control in zip(images, shown)]), grid_path)
     return grid_path
 
 

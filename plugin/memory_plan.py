@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_flatten
 
 from .cache import with_controls
 from .compilation import repeated_blocks
+from .data.controls import control_folders
 from .errors import ConfigError
 from .families.description import component_class, is_module_class, without_diffusers_deprecations
 
@@ -259,8 +260,7 @@ class Planner:
         self._steps: dict[bool, int] = {}
         # Control images per target: one per control_dir folder; else what a model that needs them takes (a
         # control column's count is known only once the data loads, after the plan).
-        folders = [name for name in cfg.control_dir.split(",") if name.strip()]
-        self.references = len(folders) or (0 if family.controls_optional else family.control_images)
+        self.references = len(control_folders(cfg.control_dir)) or (0 if family.controls_optional else family.control_images)
 
     def step(self, checkpointing: bool) -> int:
         """The training step's peak; asked without checkpointing before with it (checkpointing only turns on)."""

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 
 from ..errors import ConfigError
 from .sources import files_by_stem, image_paths, open_value, value_bytes
+from .transforms import upright_image
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,7 @@ class ControlSource:
         """The dataset's controls (see the module docstring), checked; `folder` is the dataset's, `sizes` its images'
         (height, width) as displayed."""
         targets = image_paths(dataset, cfg.image_column)
-        if cfg.control_dir.strip():
-            folders = [Path(name.strip()).expanduser() for name in cfg.control_dir.split(",") if name.strip()]
+        if folders := control_folders(cfg.control_dir):
             values = tuple(zip(*(files_by_stem(path, targets, label, "control_dir", "control") for path in folders)))
         elif cfg.control_column in dataset.column_names:
             values = tuple(_column_values(dataset, cfg.control_column, Path(folder).expanduser(), label))
@@ -66,8 +66,7 @@ class ControlSource:
         images = []
         for value in self.values[row]:
             with open_value(value) as opened:
-                image = ImageOps.exif_transpose(opened)
-                image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+                image = upright_image(opened)
             images.append(image if image.size == size else image.resize(size, resample=Image.Resampling.LANCZOS))
         return images
 
@@ -95,14 +94,19 @@ class ControlSource:
             warnings.warn(f"{label}: {resized} control images differ in size from their target and are resized to it", stacklevel=3)
 
 
+def control_folders(control_dir: str) -> list[Path]:
+    """control_dir's folders, one per reference (separated by commas)."""
+    return [Path(name.strip()).expanduser() for name in control_dir.split(",") if name.strip()]
+
+
 def _column_values(dataset: datasets.Dataset, column: str, folder: Path, label: str) -> list[tuple[str | dict, ...]]:
     """Each row's control column as undecoded values: names resolved against the dataset's folder."""
     feature = dataset.features[column]
-    if isinstance(feature, datasets.Image):
-        feature = datasets.Image(decode=False)
-    elif isinstance(getattr(feature, "feature", None), datasets.Image):
-        feature = type(feature)(datasets.Image(decode=False))
-    rows = dataset.cast_column(column, feature)[column] if feature is not dataset.features[column] else dataset[column]
+    if isinstance(feature, datasets.Image):  # images held in the dataset: read undecoded
+        dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    elif isinstance(getattr(feature, "feature", None), datasets.Image):  # a list of them
+        dataset = dataset.cast_column(column, type(feature)(datasets.Image(decode=False)))
+    rows = dataset[column]
     values = []
     for index, entry in enumerate(rows):
         entries = entry if isinstance(entry, (list, tuple)) else [entry]
