@@ -35,20 +35,23 @@ CACHE_FORMAT = 1  # bump when the meaning of a cached tensor changes, so older f
 TEXT_CACHE_LIMIT = 4096  # captions the text cache encodes before training at the most (shuffled tags multiply them)
 
 
-def resolve_caching(cfg, log=print):
+def resolve_caching(cfg, log=print, text_reads_controls: bool = False):
     """The config with the caches that cannot apply turned off (with a note saying why), checked before any
     weights load: latents when an augmentation gives an image other pixels in every epoch (a flip only
-    mirrors them, and both mirror images are cached), text when the text encoder trains."""
+    mirrors them, and both mirror images are cached), and then text too where the text encoder reads the
+    control images with the prompt (`text_reads_controls`); text when the text encoder trains."""
     changes = {}
     varying = [name for name, on in {"center_crop": not cfg.center_crop, "color_jitter": cfg.color_jitter,
                                      "random_rotation": cfg.random_rotation}.items() if on]  # fmt: skip
+    reasons = ", ".join(_VARYING_REASON[name] for name in varying) + " gives every epoch other pixels"
+    fixed_pixels = "(set center_crop on and color_jitter and random_rotation off to cache them)"
     if cfg.cache_latents and varying:
-        log(
-            "cache_latents: off, because " + ", ".join(_VARYING_REASON[name] for name in varying) + " gives every "
-            "epoch other pixels; images are encoded at every step (set center_crop on and color_jitter and "
-            "random_rotation off to cache them)"
-        )
+        log(f"cache_latents: off, because {reasons}; images are encoded at every step {fixed_pixels}")
         changes["cache_latents"] = False
+    if cfg.cache_text_embeddings and varying and text_reads_controls:
+        log(f"cache_text_embeddings: off, because the text encoder reads the control images and {reasons}; prompts are encoded "
+            f"with them at every step {fixed_pixels}")  # fmt: skip
+        changes["cache_text_embeddings"] = False
     if cfg.cache_text_embeddings and cfg.train_text_encoder:
         log("cache_text_embeddings: off, because the text encoder trains and its embeddings change every step")
         changes["cache_text_embeddings"] = False
@@ -129,7 +132,11 @@ def module_identity(module: torch.nn.Module) -> str:
 
 
 def tokenizer_identity(tokenizer) -> str:
-    """A hash of a tokenizer's full definition (vocabulary, merges, normalisation, special tokens, length)."""
+    """A hash of a tokenizer's full definition (vocabulary, merges, normalisation, special tokens, length); of a
+    processor's, its tokenizer's and its image processor's settings."""
+    if hasattr(tokenizer, "image_processor"):
+        settings = json.dumps(tokenizer.image_processor.to_dict(), sort_keys=True, default=str)
+        return digest(type(tokenizer).__name__, tokenizer_identity(tokenizer.tokenizer), settings)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return digest(type(tokenizer).__name__, tokenizer.model_max_length, definition)
@@ -144,7 +151,7 @@ def text_identity(family) -> str:
         component = components[name]
         if name.startswith("text_encoder") and component is not None:
             parts.append((name, module_identity(component)))
-        elif name.startswith("tokenizer") and component is not None:
+        elif name in family.description.tokenizers and component is not None:
             parts.append((name, tokenizer_identity(component)))
     return digest(*parts)
 
@@ -252,29 +259,52 @@ def stacked(entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 class TextCache:
-    """Text-encoder outputs of every caption the run trains with, "" (caption dropout) included."""
+    """Text-encoder outputs of every caption the run trains with, "" (caption dropout) included; where the text
+    encoder reads the controls with the prompt (`text_reads_controls`), of every caption of each row with the
+    row's controls at each plan they can have, keyed by `controls_key(row, plan)` too."""
 
-    def __init__(self, store, identity: str):
+    def __init__(self, store, identity: str, controls_key=None):
         self.store = store
         self.identity = identity
+        self.controls_key = controls_key
         self.computed = self.reused = 0
 
-    def key(self, caption: str) -> str:
-        return digest("text", CACHE_FORMAT, self.identity, caption)
+    def key(self, caption: str, row: int | None = None, plan: ImagePlan | None = None) -> str:
+        controls = () if self.controls_key is None else (self.controls_key(row, plan),)
+        return digest("text", CACHE_FORMAT, self.identity, caption, *controls)
 
     def fill(self, captions: set[str], family, batch_size: int) -> None:
         def encode(chunk):
-            encoded = family.encode_prompts(chunk)
-            return [without_padding({name: t[k].detach().cpu().clone() for name, t in encoded.items()}) for k in range(len(chunk))]
+            return per_caption(family.encode_prompts(chunk), len(chunk))
 
         self.computed, self.reused = fill_store(self.store, [sorted(captions)], self.key, encode, batch_size,
                                                 "caching text embeddings")  # fmt: skip
 
-    def lookup(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        entries = [self.store.get(self.key(caption)) for caption in captions]
+    def fill_with_controls(self, examples: TrainingExamples, captions: list[set[str]], family, batch_size: int) -> None:
+        """Each row's `captions` with its controls at each fixed plan, batched per bucket."""
+        by_bucket: dict[tuple[int, int], list[tuple[str, int, ImagePlan]]] = {}
+        for row in range(examples.row_count):
+            for plan in examples.fixed_plans(row):
+                by_bucket.setdefault(plan.target, []).extend((caption, row, plan) for caption in sorted(captions[row]))
+
+        def encode(chunk):
+            pixels = torch.stack([examples.controls(row, examples.image(row), plan) for _, row, plan in chunk])
+            return per_caption(family.encode_text([caption for caption, _, _ in chunk], pixels), len(chunk))
+
+        self.computed, self.reused = fill_store(self.store, list(by_bucket.values()), lambda item: self.key(*item), encode, batch_size,
+                                                "caching text embeddings")  # fmt: skip
+
+    def lookup(self, batch: dict) -> dict[str, torch.Tensor]:
+        rows, plans = (batch["rows"].tolist(), batch["plans"]) if self.controls_key is not None else ([None] * len(batch["captions"]),) * 2
+        entries = [self.store.get(self.key(caption, row, plan)) for caption, row, plan in zip(batch["captions"], rows, plans)]
         if any(entry is None for entry in entries):
             raise RuntimeError("text cache: a caption of this batch was not cached")
         return stacked(entries)
+
+
+def per_caption(encoded: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    """A batch's encoding as one entry per caption, on the CPU, cut to its own length (`without_padding`)."""
+    return [without_padding({name: t[k].detach().cpu().clone() for name, t in encoded.items()}) for k in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,15 +323,15 @@ class Conditioning:
         """(latents, the conditioning `predict` takes, the masks of masked loss or None), on the denoiser's device.
         The conditioning is the text embeddings, and for an edit model the control latents (CONTROLS)."""
         device = self.family.denoiser.device
-        controls = None
+        controls, pixels = None, batch.get("control_pixel_values")
         if self.latent_cache is not None:
             cached = self.latent_cache.lookup(batch["rows"], batch["plans"])
             latents, masks, controls = cached["latents"], cached.get("mask"), cached.get(CONTROLS)
         else:
             latents, masks = self.family.encode_images(batch["pixel_values"]), batch.get("masks")
-            if "control_pixel_values" in batch:
-                controls = encode_controls(self.family, batch["control_pixel_values"])
-        text = self.text_cache.lookup(batch["captions"]) if self.text_cache is not None else self.family.encode_prompts(batch["captions"])
+            if pixels is not None:
+                controls = encode_controls(self.family, pixels)
+        text = self.text_cache.lookup(batch) if self.text_cache is not None else self.family.encode_text(batch["captions"], pixels)
         conditioning = with_controls(text, controls)
         return latents.to(device), {name: t.to(device) for name, t in conditioning.items()}, None if masks is None else masks.to(device)
 
@@ -333,20 +363,27 @@ def build_conditioning(cfg, family, examples: TrainingExamples, log=print) -> Co
     on_disk = bool(cfg.cache_dir)
     root = Path(cfg.cache_dir).expanduser() if on_disk else None
     latents = text = None
+    image_ids = row_identities(examples) if on_disk else [str(row) for row in range(examples.row_count)]
     if cfg.cache_latents:
-        image_ids = row_identities(examples) if on_disk else [str(row) for row in range(examples.row_count)]
         vae = f"{module_identity(family.pipe.vae)}:{family.name}" if on_disk else "this run"
         latents = LatentCache(DiskStore(root / "latents") if on_disk else MemoryStore(), vae, image_ids)
         latents.fill(examples, family, cfg.train_batch_size)
-    captions = examples.caption_variants(TEXT_CACHE_LIMIT) if cfg.cache_text_embeddings else None
+    reads_controls = family.text_reads_controls and examples.references > 0
+    captions = examples.caption_variants(TEXT_CACHE_LIMIT, per_row=reads_controls) if cfg.cache_text_embeddings else None
     if cfg.cache_text_embeddings and captions is None:
         log(f"text cache off: shuffle_caption makes more than {TEXT_CACHE_LIMIT} different captions, so each batch's "
             "captions are encoded as it trains")  # fmt: skip
     if captions is not None:
-        text = TextCache(DiskStore(root / "text") if on_disk else MemoryStore(), text_identity(family) if on_disk else "this run")
-        text.fill(captions, family, cfg.train_batch_size)
+        store, identity = DiskStore(root / "text") if on_disk else MemoryStore(), text_identity(family) if on_disk else "this run"
+        if reads_controls:
+            text = TextCache(store, identity, lambda row, plan: digest(image_ids[row], plan))
+            text.fill_with_controls(examples, captions, family, cfg.train_batch_size)
+        else:
+            text = TextCache(store, identity)
+            text.fill(captions, family, cfg.train_batch_size)
     conditioning = Conditioning(family, latents, text)
     for name, (computed, reused) in conditioning.counts().items():
         log(f"{name} cache: {computed} encoded, {reused} reused" + (f" ({root / name})" if on_disk else " (in memory)"))
     family.park_encoders(images=latents is not None, text=text is not None)
+    examples.load_pixels = latents is None or (reads_controls and text is None)  # a text encoder reading the controls needs their pixels
     return conditioning

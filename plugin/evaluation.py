@@ -23,6 +23,9 @@ def with_eval_controls(prompts: list[EvalPrompt], value: str, family) -> list[Ev
     per prompt, on lines or separated by commas) in their settings, under the edit pipelines' name, `image`. Checked
     before any weights load: every file is named when it cannot be read."""
     if not value.strip():
+        if prompts and family.renders_edits_only:
+            raise ConfigError(f"eval_control_image: {family.title}'s pipeline renders edits of a control image only; give the image each eval_prompt "
+                              "edits (one file, or one per prompt), or leave eval_prompt empty")  # fmt: skip
         return prompts
     if not family.control_images:
         raise ConfigError(f"eval_control_image: {family.title} models take no control image; edit models (trained on pairs) do")

@@ -38,7 +38,7 @@ from .cache import with_controls
 from .compilation import repeated_blocks
 from .data.controls import control_folders
 from .errors import ConfigError
-from .families.description import component_class, is_module_class, without_diffusers_deprecations
+from .families.description import component_class, is_module_class, reads_text, without_diffusers_deprecations
 
 GB = 1e9
 # Bytes of optimizer state per trainable parameter: AdamW's two fp32 moments, 8-bit AdamW's two 8-bit ones,
@@ -131,8 +131,9 @@ def step_bytes(family, batch_size: int, resolution: int, text_cached: bool = Fal
     cached = family.planning_text(batch_size) if text_cached else None  # a cache's entries exist before the step
     with fused_attention_on_meta(), LiveBytes() as live:
         text = cached if cached is not None else family.planning_text(batch_size)
-        if references:  # an edit model's controls, at the target's size
-            text = with_controls(text, torch.zeros(shape[0], references, *shape[1:], device=device))
+        if references:  # an edit model's controls, at the target's size or their own resolution
+            control_shape = family.latent_shape(batch_size, *family.pairing().control_target((resolution, resolution)))
+            text = with_controls(text, torch.zeros(batch_size, references, *control_shape[1:], device=device))
         latents = torch.zeros(shape, device=device)
         timesteps = torch.full((batch_size,), 500.0, device=device)
         prediction = family.predict(latents, timesteps, text, batch)
@@ -149,7 +150,7 @@ def meta_pipeline(family, dtype: torch.dtype):
     description = family.description
     components = {}
     for name, class_name in description.components.items():
-        if class_name is None or name.startswith("tokenizer"):
+        if class_name is None or reads_text(name):
             continue
         cls = component_class(description.libraries[name], class_name, name)
         if name == "scheduler":

@@ -52,8 +52,8 @@ def sweep(run_dir: Path, sigma_rels: list[float] | None = None, at_step: int | N
 
     family = open_model(cfg.model_name, cfg.model_config, cfg.text_encoder_source, cfg.allow_pickle_checkpoints)
     cfg, _ = family.configure(cfg)
-    controls = family.control_images, family.controls_optional
-    _, held_out_sources = training_and_validation_data(cfg, load_sources(cfg, None, *controls), *controls)
+    pairing = family.pairing()
+    _, held_out_sources = training_and_validation_data(cfg, load_sources(cfg, None, pairing), pairing)
     accelerator = new_accelerator(cfg)
     family.load(WEIGHT_DTYPES[cfg.mixed_precision])
     family.to(accelerator.device)

@@ -18,6 +18,9 @@ Sizes (32 px images; every VAE downsamples 2x, so latents are 16x16):
           layers: the pipeline stacks layers 9, 18 and 27); a 4-channel Flux.2 VAE (2x) with its batch norm.
   zimage  Z-Image DiT, 1 layer and 1 refiner layer each, width 32; Qwen3 (hidden 32, 2 layers) with a chat
           template; the flux VAE.
+  qwen_image_edit(_plus)  Qwen-Image's transformer; Qwen2.5-VL with image tokens, read through a Qwen2VLProcessor
+          (at most 16 merged patches an image); a VAE that downsamples 8x, as the real one, since the pipelines give
+          controls about 1024² pixels.
 
 Notes for the trainer:
   * LoRA with alpha != r only reloads with the right scale when the adapter metadata is saved:
@@ -58,6 +61,8 @@ from diffusers import (
     Flux2Pipeline,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -81,6 +86,8 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3Model,
@@ -90,11 +97,11 @@ from transformers import (
 )
 
 from .errors import ConfigError
-from .families.description import without_diffusers_deprecations
+from .families.description import without_diffusers_deprecations, without_video
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux", "chroma", "zimage", "qwen_image", "flux2")
 VARIANTS = ("sd2-v", "sd35-medium", "flux-schnell", "flux2-dev")  # model variants a family must train as their own kind
-EDIT_FAMILIES = ("flux_kontext",)  # edit models: they train on pairs (write_pair_dataset)
+EDIT_FAMILIES = ("flux_kontext", "qwen_image_edit", "qwen_image_edit_plus")  # edit models: they train on pairs (write_pair_dataset)
 SAMPLE_RESOLUTION = 32
 _MAX_TOKENS = 77
 
@@ -171,6 +178,10 @@ _QWEN_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['rol
 _MISTRAL_CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ message['content'][0]['text'] }}"
                           "[/SYSTEM_PROMPT]{% else %}[INST]{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
                           "{% else %}[IMG]{% endif %}{% endfor %}[/INST]{% endif %}{% endfor %}")  # fmt: skip
+
+
+# Qwen2.5-VL's special tokens: the chat markers, and those that place an image in a prompt.
+QWEN_VL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 
 def qwen_tokenizer(specials: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), chat_template: str = _QWEN_CHAT_TEMPLATE) -> Qwen2Tokenizer:
@@ -427,9 +438,10 @@ def _qwen25_vl_encoder(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGen
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=2048, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, **specials)  # fmt: skip
     vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, fullatt_block_indexes=[0])
-    image_token = tokenizer.convert_tokens_to_ids("<|im_start|>")  # no image tokens in text-to-image prompts
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=image_token, video_token_id=image_token,
-                              vision_start_token_id=image_token, **specials)  # fmt: skip
+    vocabulary = tokenizer.get_vocab()  # a text-to-image model's has no image tokens: its prompts hold none
+    token = lambda name: vocabulary.get(name, vocabulary["<|im_start|>"])  # noqa: E731
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
+                              vision_start_token_id=token("<|vision_start|>"), **specials)  # fmt: skip
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
@@ -446,6 +458,24 @@ def _build_qwen_image() -> QwenImagePipeline:
                                                 max_shift=math.log(3), base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
                                                 time_shift_type="exponential")  # fmt: skip
     return QwenImagePipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval())
+
+
+def _build_qwen_image_edit(plus: bool = False) -> QwenImageEditPipeline | QwenImageEditPlusPipeline:
+    """Qwen-Image-Edit (Plus: several references): Qwen-Image whose Qwen2.5-VL also sees the controls, through a
+    Qwen2VLProcessor (without the video side, which needs torchvision) that reads at most 16 merged patches an
+    image. The pipelines resize a control to about 1024² pixels whatever the output's size, so this VAE
+    downsamples 8x, as the real one does, and a control is 4096 tokens rather than 65536."""
+    tokenizer = qwen_tokenizer(QWEN_VL_SPECIALS)
+    text_encoder = _qwen25_vl_encoder(tokenizer)
+    images = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16})
+    processor = without_video(Qwen2VLProcessor)(image_processor=images, tokenizer=tokenizer)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                              joint_attention_dim=text_encoder.config.text_config.hidden_size, axes_dims_rope=(4, 6, 6))  # fmt: skip
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, False, False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])  # fmt: skip
+    pipeline = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    return pipeline(scheduler=_build_qwen_image().scheduler, vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer, processor=processor,
+                    transformer=transformer.eval())  # fmt: skip
 
 
 def _build_flux2(dev: bool = False) -> Flux2KleinPipeline | Flux2Pipeline:
@@ -479,7 +509,8 @@ def build_tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
                 "flux2-dev": lambda: _build_flux2(dev=True),
                 "sd2-v": lambda: _build_sd("v_prediction"), "sd35-medium": lambda: _build_sd3((0,), "rms_norm"),
                 "flux-schnell": lambda: _build_flux(schnell=True),
-                "flux_kontext": lambda: FluxKontextPipeline(**_build_flux().components)}  # fmt: skip
+                "flux_kontext": lambda: FluxKontextPipeline(**_build_flux().components),
+                "qwen_image_edit": _build_qwen_image_edit, "qwen_image_edit_plus": lambda: _build_qwen_image_edit(plus=True)}  # fmt: skip
     if family not in builders:
         raise ConfigError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES + VARIANTS + EDIT_FAMILIES)}")
     with torch.random.fork_rng(devices=[]), without_diffusers_deprecations():

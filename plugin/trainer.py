@@ -144,8 +144,8 @@ def training_data(cfg, family, accelerator, weight_dtype, log=print) -> tuple[Tr
     the held-out images (None without a validation set) and the datasets table; the captions checked against the
     text encoders' limits."""
     render_class_images = partial(make_class_images, cfg, accelerator=accelerator, dtype=weight_dtype, log=log)
-    controls = family.control_images, family.controls_optional  # an edit model's control images per target, and whether it needs them
-    sources, held_out = training_and_validation_data(cfg, load_sources(cfg, render_class_images, *controls), *controls)
+    pairing = family.pairing()  # an edit model's control images: how many, whether it needs them, at what size
+    sources, held_out = training_and_validation_data(cfg, load_sources(cfg, render_class_images, pairing), pairing)
     layout = bucket_layout(family, sources, log)
     examples = build_examples(cfg, sources, layout)
     table = dataset_table(sources, examples.slot_rows)
@@ -179,7 +179,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     input_config = cfg.as_dict()
     family = open_model(cfg.model_name, cfg.model_config, cfg.text_encoder_source, cfg.allow_pickle_checkpoints)  # configs, no weights yet
     check_preset_family(cfg.preset, family)
-    cfg, filled = family.configure(resolve_caching(cfg, log))
+    cfg, filled = family.configure(resolve_caching(cfg, log, family.text_reads_controls))
     check_block_count(cfg, family.description)
     prompts = with_eval_controls(parse_eval_prompts(cfg.eval_prompt), cfg.eval_control_image, family)  # an edit model's controls read now
     accelerator = new_accelerator(cfg)

@@ -23,6 +23,7 @@ import torch
 from .buckets import BucketLayout
 from .cache import CONTROLS, encode_controls, with_controls
 from .data import TrainingExamples, collate_examples
+from .data.controls import Pairing
 from .data.examples import ExampleSource
 from .data.mixing import DatasetSpec, Source, load_source, split_sources
 from .denoising import denoising_loss, sample_generators
@@ -32,12 +33,12 @@ VALIDATION_DRAWS = 4  # noise and timestep draws per image: the estimate's sprea
 HISTORY_FILE = "validation_loss.json"
 
 
-def training_and_validation_data(cfg, sources: list[Source], references: int = 0, optional: bool = False) -> tuple[list[Source], list[Source] | None]:
-    """The datasets to train on and the held-out ones (None without a validation set); `references` and `optional`:
-    the control images an edit model takes (`load_source`; a validation_dataset has them as the training data does)."""
+def training_and_validation_data(cfg, sources: list[Source], pairing: Pairing = Pairing()) -> tuple[list[Source], list[Source] | None]:
+    """The datasets to train on and the held-out ones (None without a validation set); `pairing`: the control images
+    an edit model takes (`load_source`; a validation_dataset has them as the training data does)."""
     if not cfg.validation_dataset:
         return split_sources(sources, cfg.validation_split, cfg.seed)
-    return sources, [load_source(DatasetSpec(cfg.validation_dataset, 1, False, cfg, "validation_dataset"), references, optional)]
+    return sources, [load_source(DatasetSpec(cfg.validation_dataset, 1, False, cfg, "validation_dataset"), pairing)]
 
 
 class ValidationSet:
@@ -67,8 +68,9 @@ class ValidationSet:
             for chunk in chunks:
                 batch = collate_examples([examples[i] for i in chunk])
                 latents = family.encode_images(batch.pop("pixel_values")).cpu()
-                if "control_pixel_values" in batch:
-                    batch[CONTROLS] = encode_controls(family, batch.pop("control_pixel_values")).cpu()
+                if "control_pixel_values" in batch:  # the pixels kept where the text encoder reads them with each prompt
+                    pixels = batch["control_pixel_values"] if family.text_reads_controls else batch.pop("control_pixel_values")
+                    batch[CONTROLS] = encode_controls(family, pixels).cpu()
                 batches.append((batch, latents))
         return cls(batches, cfg.seed)
 
@@ -80,7 +82,7 @@ class ValidationSet:
         total = 0.0
         with family.unparked():
             for batch, latents in self.batches:
-                conditioning = with_controls(family.encode_prompts(batch["captions"]), batch.get(CONTROLS))
+                conditioning = with_controls(family.encode_text(batch["captions"], batch.get("control_pixel_values")), batch.get(CONTROLS))
                 fixed = (latents.to(device), {name: t.to(device) for name, t in conditioning.items()}, None)  # no mask: every pixel counts
                 for draw in range(VALIDATION_DRAWS):
                     generators = sample_generators(self.seed, f"validation:{draw}", batch["indices"])

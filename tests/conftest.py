@@ -101,15 +101,18 @@ def render(pipe, prompt: str, seed: int, **kwargs) -> np.ndarray:
 
 def load_fresh(model: Path):
     """The pipeline as a user would load it: from the saved folder, with the class model_index.json names. Flux.2
-    [dev]'s PixtralProcessor needs torchvision, absent here: as a user without it would, load its tokenizer alone."""
+    [dev]'s PixtralProcessor and Qwen-Image-Edit's Qwen2VLProcessor need torchvision, absent here: as a user without
+    it would, the first's tokenizer is loaded alone, and the second without its video side (`load_text_reader`)."""
     from diffusers import DiffusionPipeline
-    from transformers import AutoTokenizer
 
-    if json.loads((Path(model) / "model_index.json").read_text()).get("tokenizer") == ["transformers", "PixtralProcessor"]:
-        pipe = DiffusionPipeline.from_pretrained(str(model), tokenizer=None)
-        pipe.register_modules(tokenizer=AutoTokenizer.from_pretrained(str(model), subfolder="tokenizer"))
-        return pipe
-    return DiffusionPipeline.from_pretrained(str(model))
+    from plugin.families.description import component_class, load_text_reader
+
+    index = json.loads((Path(model) / "model_index.json").read_text())
+    stand_ins = {name: load_text_reader(component_class(*index[name], name), str(model), name)[0]
+                 for name in ("tokenizer", "processor") if index.get(name, [None, ""])[1].endswith("Processor")}  # fmt: skip
+    pipe = DiffusionPipeline.from_pretrained(str(model), **dict.fromkeys(stand_ins))
+    pipe.register_modules(**stand_ins)
+    return pipe
 
 
 @pytest.fixture(scope="session")
@@ -184,7 +187,7 @@ def heldout_losses(model: Path, cfg, data: Path, adapter_dir: Path | None = None
     if adapter_dir is not None:
         load_adapter(family.pipe, adapter_dir)  # Diffusers' load_lora_weights, or the LoKr/LoHa loader
     objective = family.make_objective()
-    examples = build_examples(cfg, load_sources(cfg.replace(dataset_name=str(data)), None, family.control_images, family.controls_optional))
+    examples = build_examples(cfg, load_sources(cfg.replace(dataset_name=str(data)), None, family.pairing()))
     batch = collate_examples([examples[i] for i in range(len(examples))])
     conditioning = Conditioning(family)
     with torch.no_grad():

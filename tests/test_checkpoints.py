@@ -67,9 +67,10 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
 
 
 @pytest.mark.parametrize("family, settings", [("sd", HARD), ("sd", PLAIN), ("sd", POSTHOC), ("sd", LEARNED), ("chroma", PLAIN), ("zimage", PLAIN),
-                                              ("qwen_image", PLAIN), ("flux2", PLAIN), ("flux_kontext", PLAIN)],
+                                              ("qwen_image", PLAIN), ("flux2", PLAIN), ("flux_kontext", PLAIN),
+                                              ("qwen_image_edit", {**PLAIN, "control_resolution": 32})],
                          ids=["ema-accumulation-cosine", "plain-shuffled-captions", "posthoc-ema", "learned-weighting-validation", "chroma", "zimage",
-                              "qwen_image", "flux2", "flux_kontext-pairs"])  # fmt: skip
+                              "qwen_image", "flux2", "flux_kontext-pairs", "qwen_image_edit-pairs-text-read-with-controls"])  # fmt: skip
 def test_a_run_killed_at_a_random_step_resumes_to_the_unbroken_adapter(family, settings, tiny_models, sample_data, pair_data, tmp_path):
     pairs = {"control_dir": str(pair_data / "controls")} if family in EDIT_FAMILIES else {}  # an edit model trains on pairs
     params = parameters(tiny_models, pair_data if pairs else sample_data, tmp_path / "killed", family, max_train_steps=60, **settings, **pairs)

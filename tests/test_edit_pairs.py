@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from conftest import base_parameters, final_eval_image, heldout_losses, load_fresh, render
 from plugin.cache import CONTROLS
 from plugin.config import parse_parameters
+from plugin.data.controls import Pairing
 from plugin.data.mixing import DatasetSpec, load_source, load_sources
 from plugin.errors import ConfigError
 from plugin.evaluation import image_grid, side_by_side
@@ -102,7 +103,7 @@ def test_cached_and_uncached_controls_train_the_same_adapter(tiny_models, pair_d
 
 def load_pairs(folder, **settings):
     cfg = parse_parameters({"model_name": "m", "dataset_name": str(folder), "adaptor_name": "a", **settings})
-    return load_source(DatasetSpec(str(folder), 1, False, cfg, "dataset_name"), references=1)
+    return load_source(DatasetSpec(str(folder), 1, False, cfg, "dataset_name"), Pairing(references=1))
 
 
 def test_a_pair_dataset_loads_its_controls_from_a_folder_or_a_column(pair_data, heldout_pairs):
@@ -198,8 +199,8 @@ def test_datasets_of_one_run_agree_on_their_references(pair_data, sample_data):
     cfg = parse_parameters({"model_name": "m", "adaptor_name": "a", "datasets": [{"path": str(pair_data), "control_dir": str(pair_data / "controls")},
                                                                                   {"path": str(sample_data)}]})  # fmt: skip
     with pytest.raises(ConfigError, match=r"datasets\[1\]: 0 control images per target, and datasets\[0\] has 1; every dataset of a run needs the same"):
-        load_sources(cfg, None, 10, True)
-    assert [source.controls for source in load_sources(cfg.replace(datasets=cfg.datasets[1:], dataset_name=""), None, 10, True)] == [None]
+        load_sources(cfg, None, Pairing(10, True))
+    assert [source.controls for source in load_sources(cfg.replace(datasets=cfg.datasets[1:], dataset_name=""), None, Pairing(10, True))] == [None]
 
 
 def test_a_control_follows_its_targets_flip_and_crop_and_caption_dropout_spares_it(pair_data):
@@ -207,17 +208,21 @@ def test_a_control_follows_its_targets_flip_and_crop_and_caption_dropout_spares_
     mirror task's pairs stay mirror images of each other, flipped or not; with every caption dropped the controls stay."""
     cfg = parse_parameters({"model_name": "m", "dataset_name": str(pair_data), "adaptor_name": "a", "control_dir": str(pair_data / "controls"),
                             "resolution": 48, "random_flip": True, "center_crop": False, "caption_dropout_rate": 1.0, "cache_latents": False})  # fmt: skip
-    examples = build_examples(cfg, load_sources(cfg, None, 1))
-    flips = set()
-    for epoch in range(3):
+    items = items_over_epochs(build_examples(cfg, load_sources(cfg, None, Pairing(1))))
+    for item in items:
+        assert item["caption"] == "" and item["control_pixel_values"].shape == (1, 3, 48, 48)
+        control = Image.open(pair_data / "controls" / f"{item['row']:04d}.png").convert("RGB")
+        assert torch.equal(item["control_pixel_values"][0], apply_plan(control, item["plan"]))
+    assert {item["plan"].flip for item in items} == {False, True}
+
+
+def items_over_epochs(examples, epochs: int = 3) -> list[dict]:
+    """Every example of `epochs` epochs, as each epoch draws it."""
+    items = []
+    for epoch in range(epochs):
         examples.set_epoch(epoch)
-        for index in range(len(examples)):
-            item = examples[index]
-            flips.add(item["plan"].flip)
-            assert item["caption"] == "" and item["control_pixel_values"].shape == (1, 3, 48, 48)
-            control = Image.open(pair_data / "controls" / f"{item['row']:04d}.png").convert("RGB")
-            assert torch.equal(item["control_pixel_values"][0], apply_plan(control, item["plan"]))
-    assert flips == {False, True}
+        items += [examples[index] for index in range(len(examples))]
+    return items
 
 
 def test_the_kontext_example_is_a_valid_parameter_file():

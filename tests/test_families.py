@@ -282,7 +282,8 @@ def write_model_index(folder: Path, class_name: str) -> Path:
 
 # Pipeline class name prefixes and their family, the longer prefix of a pair first.
 CLASS_PREFIXES = (("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"), ("StableDiffusion", "sd"), ("Flux2", "flux2"), ("FluxKontext", "flux_kontext"),
-                  ("Flux", "flux"), ("Chroma", "chroma"), ("ZImage", "zimage"), ("QwenImage", "qwen_image"))  # fmt: skip
+                  ("Flux", "flux"), ("Chroma", "chroma"), ("ZImage", "zimage"), ("QwenImageEditPlus", "qwen_image_edit_plus"),
+                  ("QwenImageEdit", "qwen_image_edit"), ("QwenImage", "qwen_image"))  # fmt: skip
 
 
 def expected_family(class_name: str) -> str:
@@ -304,7 +305,8 @@ def test_img2img_and_inpaint_variants_cover_all_families():
         assert set(family.pipeline_class_names) <= architectures
         stem = family.pipeline_class.__name__.removesuffix("Pipeline")
         variants = {f"{stem}{kind}Pipeline" for kind in ("Img2Img", "Inpaint") if hasattr(diffusers, f"{stem}{kind}Pipeline")}
-        assert variants and variants <= set(family.pipeline_class_names), family.name
+        assert variants <= set(family.pipeline_class_names), family.name
+        assert variants or family.control_images, family.name  # every text-to-image family has them
 
 
 def test_unsupported_pipeline_is_a_config_error_listing_supported(tmp_path):

@@ -7,7 +7,8 @@ edits, or reference images), one per reference, in one of the layouts users keep
   them, relative to the dataset's folder; in a hub or saved dataset, an image or a list of images.
 
 A control follows its target's `ImagePlan` (bucket, resize, crop, flip), resized first to the target's size
-when it has another (said once). Everything about a dataset's controls is checked when it loads, before any
+when it has another (said once); a model whose pipelines give controls their own resolution (`Pairing.area`) gets
+the same picture at that size. Everything about a dataset's controls is checked when it loads, before any
 weights: a target without its control, a control that cannot be read, a control that is its own target or
 is given twice for one target, rows with different numbers of references."""
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -27,14 +29,36 @@ from .transforms import upright_image
 
 
 @dataclass(frozen=True)
+class Pairing:
+    """What a model takes of pairs: up to `references` control images per target (0: none), with `optional` only where
+    a dataset gives them (else every dataset must), at about `area` pixels in their target's aspect ratio with sides
+    multiples of `multiple` (`area` 0: at their target's bucket)."""
+
+    references: int = 0
+    optional: bool = False
+    area: int = 0
+    multiple: int = 1
+
+    def control_target(self, target: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) of a control whose target trains at `target`: the edit pipelines' rule
+        (calculate_dimensions), sides rounded half to even as Python rounds."""
+        if not self.area:
+            return target
+        ratio = target[1] / target[0]
+        width = math.sqrt(self.area * ratio)
+        return max(self.multiple, round(width / ratio / self.multiple) * self.multiple), max(self.multiple, round(width / self.multiple) * self.multiple)
+
+
+@dataclass(frozen=True)
 class ControlSource:
     """Each row's control images, undecoded: a file path or a datasets image value ({"bytes", "path"}) per
-    reference."""
+    reference; and the size rule of the model they are for."""
 
     values: tuple[tuple[str | dict, ...], ...]
+    pairing: Pairing = Pairing()
 
     @classmethod
-    def find(cls, dataset: datasets.Dataset, cfg, folder: str, sizes: list[tuple[int, int]], label: str) -> "ControlSource":
+    def find(cls, dataset: datasets.Dataset, cfg, folder: str, sizes: list[tuple[int, int]], label: str, pairing: Pairing = Pairing()) -> "ControlSource":
         """The dataset's controls (see the module docstring), checked; `folder` is the dataset's, `sizes` its images'
         (height, width) as displayed."""
         targets = image_paths(dataset, cfg.image_column)
@@ -45,7 +69,7 @@ class ControlSource:
         else:
             raise ConfigError(f"{label}: no control images; this model trains on pairs: set control_dir to a folder of controls named like "
                               f"the images, or give each row a {cfg.control_column!r} column naming its control file")  # fmt: skip
-        source = cls(values)
+        source = cls(values, pairing)
         source._check(targets, sizes, label)
         return source
 
@@ -54,7 +78,7 @@ class ControlSource:
         return len(self.values[0]) if self.values else 0
 
     def selected(self, rows: list[int]) -> "ControlSource":
-        return ControlSource(tuple(self.values[i] for i in rows))
+        return replace(self, values=tuple(self.values[i] for i in rows))
 
     def digests(self) -> list[str]:
         """SHA-256 over each row's control files, in reference order: a disk cache key part."""

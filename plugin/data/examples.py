@@ -10,7 +10,7 @@ from PIL import Image
 from .captions import CaptionOptions, caption_choices, caption_for, caption_variants, joined, tags_of
 from .controls import ControlSource
 from .masks import MaskSource
-from .transforms import AugmentOptions, ImagePlan, apply_plan, apply_plan_to_mask, plan_transform, upright_image
+from .transforms import AugmentOptions, ImagePlan, apply_plan, apply_plan_to_mask, plan_at, plan_transform, upright_image
 
 def example_rng(seed: int, epoch: int, index: int | str) -> random.Random:
     """The RNG for one example in one epoch: a pure function of (seed, epoch, index); an index such as
@@ -107,25 +107,32 @@ class TrainingExamples(torch.utils.data.Dataset):
         return max((source.controls.references for source in self.sources if source.controls is not None), default=0)
 
     def controls(self, row: int, image: Image.Image, plan: ImagePlan) -> torch.Tensor:
-        """The row's control images at its plan, resized first to its image's size: (references, 3, H, W)."""
+        """The row's control images at its plan, resized first to its image's size (both scaled to the model's
+        control resolution where it has one): (references, 3, h, w)."""
         source, local = self.source(row)
-        return torch.stack([apply_plan(control, plan) for control in source.controls.images(local, image.size)])
+        target = source.controls.pairing.control_target(plan.target)
+        size = tuple(round(length * new / old) for length, new, old in zip(image.size, target[::-1], plan.target[::-1]))
+        control_plan = plan if target == plan.target else plan_at(plan, target)
+        return torch.stack([apply_plan(control, control_plan) for control in source.controls.images(local, size)])
 
     def caption_texts(self) -> set[str]:
         """Each row's captions as trained, in their written order (for length checks: shuffling keeps the tags)."""
         return {joined(tags_of(text, source.captions), source.captions)
                 for source, rows in zip(self.sources, self.caption_rows) for row in rows for text in caption_choices(row[source.caption_column])}  # fmt: skip
 
-    def caption_variants(self, limit: int) -> set[str] | None:
-        """Every caption an example can train with ("" when captions may drop out), or None past `limit`."""
+    def caption_variants(self, limit: int, per_row: bool = False):
+        """Every caption an example can train with ("" when captions may drop out), or None past `limit`; with
+        `per_row`, each row's (a list of sets, `limit` counting each row's)."""
+        rows_variants: list[set[str]] = []
         variants: set[str] = set()
         for source, rows in zip(self.sources, self.caption_rows):
             for row in rows:
-                found = caption_variants(row[source.caption_column], source.captions, limit - len(variants))
+                found = caption_variants(row[source.caption_column], source.captions, limit - (0 if per_row else len(variants)))
                 if found is None:
                     return None
+                rows_variants.append(found)
                 variants |= found
-        return variants
+        return rows_variants if per_row else variants
 
     def fixed_plans(self, row: int) -> list[ImagePlan]:
         """The plans this image can have in any epoch when only the flip varies (see `cache.resolve_caching`):

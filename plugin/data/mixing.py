@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..settings import DATASET_SETTINGS
 from .captions import CaptionOptions
 from .examples import ExampleSource
-from .controls import ControlSource
+from .controls import ControlSource, Pairing
 from .masks import MaskSource
 from .sources import IMAGE_EXTENSIONS, ImageHeaders, METADATA_FILES, SAVED_DATASET_FILES, load_image_dataset, read_image_headers
 from .transforms import AugmentOptions
@@ -145,7 +145,7 @@ def _kohya_split(spec: DatasetSpec) -> list[DatasetSpec]:
 # Loading, splitting and mixing
 
 
-def load_sources(cfg, make_class_images=None, references: int = 0, optional: bool = False) -> list[Source]:
+def load_sources(cfg, make_class_images=None, pairing: Pairing = Pairing()) -> list[Source]:
     """Every dataset of the run loaded and checked (images, captions, masks, controls: see `load_source`) before
     any weights load; those lacking class images load after `make_class_images(specs)` renders them, so that a
     mistake in any other dataset is said before the base model loads to render. Examples of any two datasets may
@@ -154,10 +154,10 @@ def load_sources(cfg, make_class_images=None, references: int = 0, optional: boo
     pending = [spec for spec in specs if spec.missing_class_images]
     if pending and make_class_images is None:
         raise ConfigError(f"{pending[0].field}: {pending[0].missing_class_images} class images are missing and nothing here renders them")
-    loaded = {spec.field: load_source(spec, references, optional) for spec in specs if spec not in pending}
+    loaded = {spec.field: load_source(spec, pairing) for spec in specs if spec not in pending}
     if pending:
         make_class_images(pending)
-    sources = [loaded.get(spec.field) or load_source(spec, references, optional) for spec in specs]
+    sources = [loaded.get(spec.field) or load_source(spec, pairing) for spec in specs]
     counts = [source.controls.references if source.controls is not None else 0 for source in sources]
     if len(set(counts)) > 1:
         odd = next(source for source, count in zip(sources, counts) if count != counts[0])
@@ -166,10 +166,10 @@ def load_sources(cfg, make_class_images=None, references: int = 0, optional: boo
     return sources
 
 
-def load_source(spec: DatasetSpec, references: int = 0, optional: bool = False) -> Source:
-    """One dataset loaded, its headers read, its masks found (with masked_loss), and for a model that takes up to
-    `references` control images per target its controls (with `optional`, only where the dataset gives them: a
-    control_dir, or a control column); messages name its field."""
+def load_source(spec: DatasetSpec, pairing: Pairing = Pairing()) -> Source:
+    """One dataset loaded, its headers read, its masks found (with masked_loss), and for a model that takes control
+    images (`pairing`) its controls (where optional, only where the dataset gives them: a control_dir, or a
+    control column); messages name its field."""
     cfg = spec.cfg
     try:
         dataset = load_image_dataset(spec.path, cfg.image_column, cfg.caption_column, cfg.follow_symlinks, spec.missing_caption)
@@ -177,10 +177,10 @@ def load_source(spec: DatasetSpec, references: int = 0, optional: bool = False) 
         raise ConfigError(str(error).replace("dataset_name:", f"{spec.field}:", 1)) from None
     headers = read_image_headers(dataset, cfg.image_column)
     masks = MaskSource.find(dataset, cfg.image_column, cfg.mask_column, cfg.mask_dir, headers.sizes, spec.field) if cfg.masked_loss else None
-    wanted = references and (not optional or cfg.control_dir.strip() or cfg.control_column in dataset.column_names)
-    controls = ControlSource.find(dataset, cfg, spec.path, headers.sizes, spec.field) if wanted else None
-    if controls is not None and controls.references > references:
-        raise ConfigError(f"{spec.field}: {controls.references} control images per target; this model takes at most {references}")
+    wanted = pairing.references and (not pairing.optional or cfg.control_dir.strip() or cfg.control_column in dataset.column_names)
+    controls = ControlSource.find(dataset, cfg, spec.path, headers.sizes, spec.field, pairing) if wanted else None
+    if controls is not None and controls.references > pairing.references:
+        raise ConfigError(f"{spec.field}: {controls.references} control images per target; this model takes at most {pairing.references}")
     return Source(spec, dataset, headers, masks, controls)
 
 

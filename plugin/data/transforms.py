@@ -3,7 +3,7 @@ from the example's RNG before any pixel is read, then applied with PIL and numpy
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -112,6 +112,15 @@ def apply_plan(image: Image.Image, plan: ImagePlan) -> torch.Tensor:
     for adjustment, amount in plan.jitter or ():
         image = JITTER_ADJUSTMENTS[adjustment](image, amount)
     return _to_tensor(image)
+
+
+def plan_at(plan: ImagePlan, target: tuple[int, int]) -> ImagePlan:
+    """The plan for the same picture at `target` (an edit model's control at its own resolution): the resize and
+    the crop scaled per axis, the crop kept inside."""
+    scale = [new / old for new, old in zip(target, plan.target)]
+    resized = tuple(max(side, round(length * k)) for side, length, k in zip(target, plan.resized, scale))
+    crop = tuple(min(round(offset * k), length - side) for offset, k, length, side in zip(plan.crop_top_left, scale, resized, target))
+    return replace(plan, target=tuple(target), resized=resized, crop_top_left=crop)
 
 
 def apply_plan_to_mask(mask: Image.Image, plan: ImagePlan) -> torch.Tensor:

@@ -16,11 +16,13 @@ from .flux_kontext import FluxKontext
 from .flux2 import Flux2
 from .sd import StableDiffusion
 from .qwen_image import QwenImage
+from .qwen_image_edit import QwenImageEdit, QwenImageEditPlus
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 from .zimage import ZImage
 
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Chroma, ZImage, QwenImage, Flux2, FluxKontext)
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Chroma, ZImage, QwenImage, Flux2, FluxKontext, QwenImageEdit,
+                                             QwenImageEditPlus)
 
 
 def family_by_name(name: str) -> type[ModelFamily]:

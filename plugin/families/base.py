@@ -21,6 +21,7 @@ from peft import LoraConfig
 from safetensors import SafetensorError
 
 from ..adapters import adapter_config, peft_type
+from ..data.controls import Pairing
 from ..errors import ConfigError
 from ..objectives import DiffusionObjective, FlowMatchingObjective, dynamic_shift_mu
 from ..quantization import keep_quantized_for_backward, own_weights, quiet_quantizers
@@ -47,6 +48,10 @@ class ModelFamily(ABC):
     lora_text_encoders: ClassVar[tuple[str, ...]] = ()  # pipeline components that may take a text-encoder LoRA
     control_images: ClassVar[int] = 0  # an edit model's control images per target at most (plugin/data/controls.py); 0: none
     controls_optional: ClassVar[bool] = False  # it trains text to image too, on pairs only where the datasets give controls
+    control_resolution: ClassVar[int] = 0  # its pipelines' controls are about this squared in pixels (control_resolution); 0: the image's size
+    control_multiple: ClassVar[int] = 16  # the sides of controls at their own resolution are multiples of this
+    renders_edits_only: ClassVar[bool] = False  # its pipeline needs a control image to render (eval_control_image)
+    text_reads_controls: ClassVar[bool] = False  # its text encoder reads the prompt with the control images (`encode_text`)
     hub_tag: ClassVar[str]  # the family's Hugging Face tag, for the model card
     # The community layout of the adapter (plugin/kohya.py): kohya's key prefix per component, or None for
     # ComfyUI's layout of Diffusers keys with the scale folded in; kohya's ss_base_model_version.
@@ -349,6 +354,16 @@ class ModelFamily(ABC):
         `text_mask` (plugin/cache.py), 1 for a caption's tokens as a prefix, lets the text cache keep each caption's
         tensors cut to its length; `predict` must then accept the batch padded to its longest caption."""
 
+    def encode_text(self, captions: list[str], control_pixels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`encode_prompts`, given the controls' pixels (B, references, 3, h, w) where the batch has them: a family
+        whose text encoder reads them (`text_reads_controls`) encodes each prompt with its controls."""
+        return self.encode_prompts(captions)
+
+    def pairing(self) -> Pairing:
+        """What this model takes of pairs (plugin/data/controls.py), its control resolution as configured."""
+        side = self.cfg.control_resolution or self.control_resolution
+        return Pairing(self.control_images, self.controls_optional, side * side, self.control_multiple)
+
     def planning_text(self, batch_size: int) -> dict[str, torch.Tensor]:
         """`encode_prompts`' output for captions of the most tokens, as the memory planner's step takes it
         (plugin/memory_plan.py: the pipeline built on the meta device). Here the text encoders' own code on meta
@@ -412,8 +427,9 @@ class ModelFamily(ABC):
         }
 
     def control_size(self, width: int, height: int) -> tuple[int, int]:
-        """The size an evaluation's control image is given to the pipeline at: the image's, as training sees it."""
-        return width, height
+        """The size an evaluation's control image is given to the pipeline at, as training sees it: the image's,
+        or at the control resolution in the image's aspect ratio."""
+        return self.pairing().control_target((height, width))[::-1]
 
     @classmethod
     def pipeline_arguments(cls, settings: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ line, instead of failing deep inside `from_pretrained`.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import struct
 import warnings
@@ -46,9 +47,9 @@ class ModelDescription:
     denoiser_config: Mapping[str, Any]
     denoiser_module_names: tuple[str, ...]  # the linear and convolution layers LoRA can wrap, in full
     denoiser_block_count: int  # its repeated blocks (compilation.repeated_blocks), which offload_blocks counts in
-    tokenizers: Mapping[str, Any]
+    tokenizers: Mapping[str, Any]  # the components that read text (see `reads_text`): tokenizers, and an edit model's processor
     single_file: SingleFileSource | None = None  # set when model_name is a single-file checkpoint
-    stand_ins: tuple[str, ...] = ()  # tokenizers that stand in for a processor this installation cannot load
+    stand_ins: tuple[str, ...] = ()  # readers that stand in for a processor this installation cannot load
 
     @property
     def loading_tokenizers(self) -> dict[str, Any]:
@@ -113,9 +114,9 @@ def describe_model(model_name: str, model_index: Mapping, denoiser_name: str, fi
     vae_config, _ = _built_on_meta(libraries, components, model_name, "vae", field)
     denoiser_config, denoiser = _built_on_meta(libraries, components, model_name, denoiser_name, field)
     readers = {
-        name: _text_reader(component_class(libraries[name], class_name, name), model_name, name)
+        name: load_text_reader(component_class(libraries[name], class_name, name), model_name, name)
         for name, class_name in components.items()
-        if name.startswith("tokenizer") and class_name is not None
+        if reads_text(name) and class_name is not None
     }
     tokenizers = {name: reader for name, (reader, _) in readers.items()}
     return ModelDescription(
@@ -150,22 +151,52 @@ def _built_on_meta(libraries, components, model_name: str, name: str, field: str
     return module.config, module
 
 
-def _text_reader(cls: type, model_name: str, component: str) -> tuple[Any, bool]:
-    """The tokenizer component, and whether it stands in for the class the folder names. A multimodal processor
-    (Flux.2 [dev]'s PixtralProcessor) that cannot load here (its image side needs torchvision, absent from CPU-only
-    and ROCm installs) is replaced by its tokenizer, which is all that reading prompts needs; what that disables is
-    said once."""
+def reads_text(component: str) -> bool:
+    """A pipeline component that turns prompts into tokens: a tokenizer, or the processor of an edit model that
+    reads the prompt with its control images (Qwen-Image-Edit's Qwen2VLProcessor)."""
+    return component.startswith("tokenizer") or component == "processor"
+
+
+def load_text_reader(cls: type, model_name: str, component: str) -> tuple[Any, bool]:
+    """The component, and whether it stands in for the class the folder names. A multimodal processor that
+    cannot load here, because its image or video side needs torchvision (absent from CPU-only and ROCm installs),
+    is replaced: one that also reads videos (Qwen2VLProcessor) by the same class without its video processor,
+    its images read by the PIL image processor Transformers falls back to (the same steps, so the same numbers);
+    another (Flux.2 [dev]'s PixtralProcessor) by its tokenizer, which is all that reading prompts needs, with
+    what that disables said once."""
     try:
         return cls.from_pretrained(model_name, subfolder=component), False
-    except ImportError as error:
+    except (ImportError, AttributeError) as error:  # AttributeError: Transformers' stand-in for a torchvision-only mapping
         if not cls.__name__.endswith("Processor"):
             raise
-        from transformers import AutoTokenizer
+        from transformers import AutoImageProcessor, AutoTokenizer
 
+        tokenizer = AutoTokenizer.from_pretrained(model_name, subfolder=component)
+        if "video_processor" in inspect.signature(cls.__init__).parameters:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*falling back.*")
+                images = AutoImageProcessor.from_pretrained(model_name, subfolder=component)
+            return without_video(cls)(image_processor=images, tokenizer=tokenizer), True
         missing = "torchvision" if "torchvision" in str(error).lower() else "an optional package"
         warnings.warn(f"{missing} is not installed, so the {cls.__name__} of {model_name!r} cannot load: its tokenizer reads the "
                       "prompts (all training needs); image inputs to the pipeline are unavailable", stacklevel=2)  # fmt: skip
-        return AutoTokenizer.from_pretrained(model_name, subfolder=component), True
+        return tokenizer, True
+
+
+def without_video(cls: type) -> type:
+    """`cls`, a processor of text, images and videos, made without a video processor (which needs torchvision):
+    its text and image calls are the class's own. It saves as the hub's folders hold one (the tokenizer's files
+    and the image processor's preprocessor_config.json), under the class's name, so `cls` loads it where it can."""
+
+    def check_argument_for_proper_class(self, name, argument):
+        return None if argument is None else cls.check_argument_for_proper_class(self, name, argument)
+
+    def save_pretrained(self, save_directory, **_):
+        self.tokenizer.save_pretrained(save_directory)
+        self.image_processor.save_pretrained(save_directory)
+
+    methods = {"check_argument_for_proper_class": check_argument_for_proper_class, "save_pretrained": save_pretrained, "__module__": cls.__module__}
+    return type(cls.__name__, (cls,), methods)
 
 
 def component_class(library: str, class_name: str, component: str) -> type:

@@ -54,7 +54,8 @@ class Flux2(FlowFamily):
         return batch_size, 4 * self.latent_channels, height // (2 * self.vae_scale_factor), width // (2 * self.vae_scale_factor)
 
     def control_size(self, width: int, height: int) -> tuple[int, int]:
-        """The image's size, enlarged where a side is under the 64 px the pipelines require of a reference."""
+        """As training sees it, enlarged where a side is under the 64 px the pipelines require of a reference."""
+        width, height = super().control_size(width, height)
         scale = max(1, -(-64 // min(width, height)))
         return width * scale, height * scale
 

@@ -44,13 +44,13 @@ class QwenImage(FlowFamily):
         return {"tokenizer": self.max_sequence_length}
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The posterior mean of the one-frame video, normalised as the pipeline's own image encoding does."""
+        """The posterior mean of the one-frame video, normalised as the pipelines encode an image (img2img, edit)."""
         vae = self.pipe.vae
         with torch.no_grad():
             latents = vae.encode(pixel_values.to(vae.device, vae.dtype).unsqueeze(2)).latent_dist.mode()[:, :, 0]
         mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1)
-        inverse_std = 1.0 / torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1)
-        return ((latents.float() - mean) * inverse_std).contiguous()
+        std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1)
+        return ((latents.float() - mean) / std).contiguous()
 
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """The pipeline's encoding, padded as it pads (to the batch's longest caption), with its mask (all ones
@@ -78,13 +78,20 @@ class QwenImage(FlowFamily):
         transformer = self.pipe.transformer
         batch_size, _, height, width = noisy_latents.shape
         mask = text["text_mask"]  # padded to the batch's longest caption, fresh or from the cache
-        tokens = transformer(
-            hidden_states=pack_latents(noisy_latents.to(transformer.dtype)),
+        tokens, shapes = self.image_tokens(noisy_latents.to(transformer.dtype), text)
+        out = transformer(
+            hidden_states=tokens,
             timestep=timesteps / 1000,
             guidance=None,  # Qwen-Image is not guidance-distilled
             encoder_hidden_states_mask=None if mask.all() else mask,  # the pipeline passes none when nothing is padded
             encoder_hidden_states=text["encoder_hidden_states"],
-            img_shapes=[[(1, height // 2, width // 2)]] * batch_size,
+            img_shapes=[shapes] * batch_size,
             return_dict=False,
         )[0]
-        return unpack_latents(tokens, height, width)
+        return unpack_latents(out[:, : (height // 2) * (width // 2)], height, width)  # the noisy latents' tokens come first
+
+    def image_tokens(self, latents: torch.Tensor, text: dict) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        """The packed tokens the transformer denoises, and (frames, rows, columns) of each image they hold, for its
+        `img_shapes` (an edit model appends its controls')."""
+        _, _, height, width = latents.shape
+        return pack_latents(latents), [(1, height // 2, width // 2)]
