@@ -115,6 +115,13 @@ def test_a_single_file_trains_and_its_adapter_loads_into_the_pipeline_built_from
     assert adapter.keys() == reference.keys() and all(torch.equal(adapter[k], reference[k]) for k in adapter)
 
 
+@pytest.mark.parametrize("file_of, pipeline", [("flux", "flux_kontext"), ("qwen_image", "qwen_image_edit"), ("qwen_image", "qwen_image_edit_plus"),
+                                              ("flux", "flux"), ("qwen_image", "qwen_image")])
+def test_an_edit_models_file_is_its_pipelines_family(file_of, pipeline, single_files, tiny_models):
+    """An edit model's file has its base's keys (Kontext's are Flux's): the pipeline its configs come from tells."""
+    assert open_model(str(single_files[file_of]), text_encoder_source=str(tiny_models[pipeline])).name == pipeline
+
+
 @pytest.mark.parametrize("family, lacking", [("flux", "text_encoder, text_encoder_2, vae"), ("flux2", "text_encoder, vae"),
                                              ("qwen_image", "text_encoder, vae")])  # fmt: skip
 def test_a_file_lacking_components_needs_text_encoder_source(family, lacking, single_files, tiny_models):

@@ -9,7 +9,7 @@ import torch
 from ..errors import ConfigError
 from .base import ModelFamily
 from .description import describe_model, read_model_index
-from .single_file import describe_single_file, family_of_file, is_single_file, read_header
+from .single_file import describe_single_file, is_single_file, read_header
 from .chroma import Chroma
 from .flux import Flux
 from .flux_kontext import FluxKontext
@@ -54,8 +54,8 @@ def open_model(model_name: str, model_config: str = "", text_encoder_source: str
     if is_single_file(model_name):
         path = Path(model_name).expanduser()
         header = read_header(path, allow_pickle)
-        family = family_of_file(path, header, FAMILIES)
-        return family(describe_single_file(path, header, family, model_config, text_encoder_source))
+        family, description = describe_single_file(path, header, FAMILIES, model_config, text_encoder_source)
+        return family(description)
     model_index = read_model_index(model_name)
     family = family_of_index(model_name, model_index)
     return family(describe_model(model_name, model_index, family.denoiser_name))

@@ -81,14 +81,14 @@ def has_key(keys, name: str) -> bool:
     return any(key == name or key.endswith("." + name) for key in keys)
 
 
-def family_of_file(path: Path, keys, families) -> type:
-    """The family whose `single_file_markers` all appear among the file's keys; the most specific wins (an
+def families_of_file(path: Path, keys, families) -> list[type]:
+    """The families whose `single_file_markers` all appear among the file's keys, the most specific first (an
     SDXL UNet has every marker of an SD one, and one more)."""
     matches = [f for f in families if all(has_key(keys, marker) for marker in f.single_file_markers)]
     if not matches:
         raise ConfigError(f"model_name: {str(path)!r} is not a checkpoint of a model this trainer supports (its keys match none of "
                           f"{', '.join(f.title for f in families)}; a Diffusers model is given as its folder)")  # fmt: skip
-    return max(matches, key=lambda f: len(f.single_file_markers))
+    return sorted(matches, key=lambda f: -len(f.single_file_markers))
 
 
 def default_config(path: Path, header: Mapping[str, torch.Tensor]) -> str:
@@ -100,13 +100,18 @@ def default_config(path: Path, header: Mapping[str, torch.Tensor]) -> str:
                           "folder or hub id with its architecture's configs") from None  # fmt: skip
 
 
-def describe_single_file(path: Path, header: Mapping[str, torch.Tensor], family, model_config: str, text_encoder_source: str) -> ModelDescription:
-    """The description of the file's pipeline: the configs of `model_config` (or Diffusers' guess), checked
-    against the file's own shapes. With `text_encoder_source` only the file's denoiser is used and the other
-    components come from there; without it the file must hold them all."""
+def describe_single_file(path: Path, header: Mapping[str, torch.Tensor], families, model_config: str, text_encoder_source: str) -> tuple[type, ModelDescription]:
+    """The file's family and the description of its pipeline: the configs of `model_config` (or Diffusers' guess),
+    checked against the file's own shapes. With `text_encoder_source` only the file's denoiser is used and the other
+    components come from there; without it the file must hold them all. The file's family is the most specific of
+    those whose keys it has; where several have the same keys (an edit model's file has its base's: Kontext's Flux's,
+    Qwen-Image-Edit's Qwen-Image's), the one the configs' pipeline names."""
+    matches = families_of_file(path, header, families)
     field = "model_config" if model_config or not text_encoder_source else "text_encoder_source"
     config = model_config or text_encoder_source or default_config(path, header)
     model_index = read_model_index(config, field)
+    alike = [f for f in matches if f.single_file_markers == matches[0].single_file_markers]  # as specific as the most specific
+    family = next((f for f in alike if model_index.get("_class_name") in f.pipeline_class_names), matches[0])
     if model_index.get("_class_name") not in family.pipeline_class_names:
         raise ConfigError(f"{field}: {config!r} is a {model_index.get('_class_name')}, but {str(path)!r} is a {family.title} "
                           "checkpoint; give the configs of the file's own architecture")  # fmt: skip
@@ -122,7 +127,7 @@ def describe_single_file(path: Path, header: Mapping[str, torch.Tensor], family,
         for name in others:
             check_component_files(Path(text_encoder_source).expanduser(), name, _class_of(description, name), "text_encoder_source")
     source = SingleFileSource(path=path, config=config, components_from=text_encoder_source or None)
-    return dataclasses.replace(description, source=str(path), single_file=source)
+    return family, dataclasses.replace(description, source=str(path), single_file=source)
 
 
 def _class_of(description: ModelDescription, name: str) -> type:
