@@ -143,11 +143,13 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
     loading = ([*inspect.getsource(load_lycoris).splitlines(), "", *facts["loading"], f"load_lycoris(pipe, {folder!r})"] if lycoris
                else [*facts["loading"], f"pipe.load_lora_weights({folder!r}, weight_name={weights!r})"])  # fmt: skip
     prompt = repr(prompts[0] if prompts else config.get("trigger_word") or "a photo")
-    control = next(iter(eval_control_paths(config.get("eval_control_image") or "")), "")  # an edit model's: the image the prompt edits
+    references = next(iter(eval_control_paths(config.get("eval_control_image") or "")), [])  # an edit model's: the images the prompt edits
+    control = ", ".join(f"load_image({path!r})" for path in references)
+    control = f"[{control}]" if len(references) > 1 else control
     lines += ["## Use it", "", "Diffusers" + (" (its `load_lora_weights` reads LoRA and DoRA only; this "
               f"{config['lora_type']} adapter loads with PEFT)" if lycoris else "") + ":", "", "```python", "import torch",
               f"from diffusers import {', '.join(facts['loading_classes'])}", *(["from diffusers.utils import load_image"] if control else []), "",
-              *loading, f"image = pipe({prompt}, image=load_image({control!r})).images[0]" if control else f"image = pipe({prompt}).images[0]",
+              *loading, f"image = pipe({prompt}, image={control}).images[0]" if control else f"image = pipe({prompt}).images[0]",
               "```", ""]  # fmt: skip
     if "kohya" in exports:
         lines += [f"ComfyUI, A1111/Forge and other kohya-format tools: copy `{exports['kohya']}` into their LoRA folder "

@@ -19,9 +19,10 @@ CONTROL_IMAGE = "control_"  # control_<k>.png: the control image prompt k edits
 
 
 def with_eval_controls(prompts: list[EvalPrompt], value: str, family) -> list[EvalPrompt]:
-    """The prompts with the control image an edit model edits (eval_control_image: one file for every prompt, or one
-    per prompt, on lines or separated by commas) in their settings, under the edit pipelines' name, `image`. Checked
-    before any weights load: every file is named when it cannot be read."""
+    """The prompts with the control images an edit model edits (eval_control_image: one entry for every prompt, or
+    one per prompt, on lines or separated by commas; an entry's references separated by "|") in their settings,
+    under the edit pipelines' name, `image` (a list where there are several). Checked before any weights load:
+    every file is named when it cannot be read."""
     if not value.strip():
         if prompts and family.renders_edits_only:
             raise ConfigError(f"eval_control_image: {family.title}'s pipeline renders edits of a control image only; give the image each eval_prompt "
@@ -29,16 +30,21 @@ def with_eval_controls(prompts: list[EvalPrompt], value: str, family) -> list[Ev
         return prompts
     if not family.control_images:
         raise ConfigError(f"eval_control_image: {family.title} models take no control image; edit models (trained on pairs) do")
-    paths = eval_control_paths(value)
-    if len(paths) not in (1, len(prompts)):
-        raise ConfigError(f"eval_control_image: {len(paths)} files for {len(prompts)} eval_prompt lines; give one for every prompt, or one each")
-    controls = [_read_control(path) for path in paths]
+    entries = eval_control_paths(value)
+    if len(entries) not in (1, len(prompts)):
+        raise ConfigError(f"eval_control_image: {len(entries)} entries for {len(prompts)} eval_prompt lines; give one for every prompt, or one each")
+    if (most := max(map(len, entries))) > family.control_images:
+        raise ConfigError(f"eval_control_image: an entry of {most} references; {family.title} models take at most {family.control_images}")
+    controls = [[_read_control(path) for path in entry] for entry in entries]
+    controls = [entry[0] if len(entry) == 1 else entry for entry in controls]
     return [replace(prompt, settings={**prompt.settings, "image": controls[k % len(controls)]}) for k, prompt in enumerate(prompts)]
 
 
-def eval_control_paths(value: str) -> list[str]:
-    """eval_control_image's files: on lines or separated by commas."""
-    return [path.strip() for path in re.split(r"[\n,]", value) if path.strip()]
+def eval_control_paths(value: str) -> list[list[str]]:
+    """eval_control_image's entries (on lines or separated by commas), each a list of its references' files
+    (separated by "|")."""
+    entries = [entry.strip() for entry in re.split(r"[\n,]", value) if entry.strip()]
+    return [[path.strip() for path in entry.split("|") if path.strip()] for entry in entries]
 
 
 def _read_control(path: str) -> Image.Image:
@@ -62,7 +68,9 @@ def render_images(family, prompts: list[EvalPrompt], seed: int) -> list[Image.Im
     for k, prompt in enumerate(prompts):
         settings = {**defaults, **prompt.settings}
         if "image" in settings:
-            settings["image"] = settings["image"].resize(family.control_size(settings["width"], settings["height"]), Image.Resampling.LANCZOS)
+            size = family.control_size(settings["width"], settings["height"])
+            resized = lambda image: image.resize(size, Image.Resampling.LANCZOS)  # noqa: E731
+            settings["image"] = [*map(resized, settings["image"])] if isinstance(settings["image"], list) else resized(settings["image"])
         settings = family.pipeline_arguments(settings)
         generator = torch.Generator("cpu").manual_seed(settings.pop("seed", seed + k))
         images.append(pipe(prompt=prompt.text, generator=generator, **settings).images[0])
@@ -91,11 +99,12 @@ def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
     return grid
 
 
-def save_evaluation(images: list[Image.Image], folder: Path, epoch: int, controls: list[Image.Image | None] | None = None) -> Path:
+def save_evaluation(images: list[Image.Image], folder: Path, epoch: int, controls: list | None = None) -> Path:
     """epoch_<n>_<k>.png per prompt and epoch_<n>.png, the grid Transformer Lab shows; n has four digits or
-    more, so that sorting by name (as the app does) is sorting by epoch. An edit's control is control_<k>.png,
-    and stands left of its result in the grid."""
-    shown = [None if control is None else control.resize(image.size, Image.Resampling.LANCZOS) for image, control in zip(images, controls or [None] * len(images))]
+    more, so that sorting by name (as the app does) is sorting by epoch. An edit's control (of several references,
+    the first) is control_<k>.png, and stands left of its result in the grid."""
+    firsts = [control[0] if isinstance(control, list) else control for control in controls or [None] * len(images)]
+    shown = [None if control is None else control.resize(image.size, Image.Resampling.LANCZOS) for image, control in zip(images, firsts)]
     for k, (image, control) in enumerate(zip(images, shown)):
         save_image_atomic(image, Path(folder) / f"epoch_{epoch:04d}_{k}.png")
         if control is not None:

@@ -82,7 +82,11 @@ def test_kontext_learns_what_only_the_control_tells_and_its_adapter_edits_in_the
 def test_eval_control_images_are_checked_before_loading(tiny_models, pair_data, sample_data, tmp_path):
     cases = [(pair_parameters(tiny_models, pair_data, tmp_path, eval_control_image=str(tmp_path / "nowhere.png")), r"eval_control_image: '.*nowhere\.png' cannot be read"),
              (pair_parameters(tiny_models, pair_data, tmp_path, eval_prompt="a\nb\nc", eval_control_image=f"{pair_data / '0000.png'}, {pair_data / '0001.png'}"),
-              r"eval_control_image: 2 files for 3 eval_prompt lines"),
+              r"eval_control_image: 2 entries for 3 eval_prompt lines"),
+             (pair_parameters(tiny_models, pair_data, tmp_path, eval_control_image=f"{pair_data / '0000.png'}|{pair_data / '0001.png'}"),
+              r"eval_control_image: an entry of 2 references; Flux Kontext models take at most 1"),
+             (base_parameters(tiny_models["qwen_image_edit"], pair_data, tmp_path, control_dir=str(pair_data / "controls")),
+              r"eval_control_image: Qwen-Image-Edit's pipeline renders edits of a control image only"),
              (base_parameters(tiny_models["flux"], sample_data, tmp_path, eval_control_image=str(pair_data / "0000.png")),
               r"eval_control_image: Flux models take no control image")]  # fmt: skip
     for parameters, message in cases:
@@ -225,9 +229,9 @@ def items_over_epochs(examples, epochs: int = 3) -> list[dict]:
     return items
 
 
-def test_the_kontext_example_is_a_valid_parameter_file():
-    example = json.loads((Path(__file__).resolve().parent.parent / "examples" / "flux_kontext_edit.json").read_text())
-    cfg = parse_parameters(example)
+@pytest.mark.parametrize("example", ["flux_kontext_edit.json", "qwen_image_edit_plus.json"])
+def test_the_edit_examples_are_valid_parameter_files(example):
+    cfg = parse_parameters(json.loads((Path(__file__).resolve().parent.parent / "examples" / example).read_text()))
     assert cfg.control_dir and cfg.eval_control_image and cfg.memory_plan == "auto"
 
 

@@ -26,7 +26,7 @@ from plugin.families import load_model, open_model
 from plugin.families.description import describe_model, read_model_index
 from plugin.families.flux import Flux
 from plugin.memory_plan import GB, LiveBytes, Planner, choose, fused_attention_on_meta, step_bytes
-from plugin.tiny import FAMILIES
+from plugin.tiny import EDIT_FAMILIES, FAMILIES
 from plugin.trainer import RunPaths, train
 
 FLUX_DEV_PARAMETERS = 11_901_408_320  # Flux.1-dev's transformer, as published
@@ -73,6 +73,25 @@ def test_the_steps_estimate_on_meta_is_within_15_percent_of_the_real_step(family
             measured = step_bytes(real, 2, 64, text_cached=True)
         estimated = planner.step(checkpointing)
         assert abs(estimated / measured - 1) <= 0.15, (checkpointing, estimated, measured)
+
+
+@pytest.mark.parametrize("family", EDIT_FAMILIES)
+def test_an_edit_models_controls_count_at_their_resolution(family, tiny_models, tmp_path):
+    """As many controls as the model takes (Kontext 1, Qwen-Image-Edit Plus 3), each at its control resolution: the
+    estimate within 15 % of the real step, and larger controls a larger step."""
+    model = str(tiny_models[family])
+    estimates = []
+    for side in (64, 128):
+        cfg = parse_parameters(base_parameters(model, tmp_path, tmp_path / "out", resolution=64, train_batch_size=2, control_resolution=side))
+        planner = Planner(open_model(model), cfg, torch.float32)
+        real = load_model(model, torch.float32)
+        real.configure(cfg)
+        real.attach_lora()
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            measured = step_bytes(real, 2, 64, text_cached=True, references=planner.references)
+        estimates.append(planner.step(False))
+        assert abs(estimates[-1] / measured - 1) <= 0.15, (side, estimates[-1], measured)
+    assert estimates[1] > estimates[0]
 
 
 @pytest.fixture(scope="module")

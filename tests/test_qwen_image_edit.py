@@ -125,32 +125,31 @@ def test_the_stand_in_processor_reads_images_by_the_processors_rules(tiny_models
 
 @pytest.mark.parametrize("name", ["qwen_image_edit", "qwen_image_edit_plus"])
 def test_learns_what_only_the_controls_tell_and_its_adapter_edits_in_the_pipeline(name, tiny_models, pair_data, heldout_pairs, tmp_path):
-    """Plus with two references per target (the control and a greyed copy); its evaluation edits with both."""
+    """Plus with two references per target (the control and a greyed copy); its evaluation edits with both (an
+    eval_control_image entry of two files), as the pipeline does, and its card says so."""
     model = tiny_models[name]
     plus = name.endswith("plus")
     data, folders = two_references(pair_data, tmp_path / "pairs") if plus else (pair_data, str(pair_data / "controls"))
     held_out, held_out_folders = two_references(heldout_pairs, tmp_path / "heldout") if plus else (heldout_pairs, "")
-    eval_control = held_out / "controls" / "0000.png"
+    files = [held_out / "controls" / "0000.png", *([held_out / "greyed" / "0000.png"] if plus else [])]
     cfg = parse_parameters(edit_parameters(model, data, tmp_path / "out", control_dir=folders, max_train_steps=40, learning_rate=1e-2, lora_r=8, seed=3,
-                                           eval_prompt="mirror the picture", eval_control_image=str(eval_control), eval_guidance_scale=1.0))  # fmt: skip
+                                           eval_prompt="mirror the picture", eval_control_image="|".join(map(str, files)), eval_guidance_scale=1.0))  # fmt: skip
     result = train(cfg, paths := RunPaths.for_config(cfg), log=lambda *_: None)
     held_out_cfg = cfg.replace(control_dir=held_out_folders)  # the held-out pairs name their control in a column
     before, after = heldout_losses(model, held_out_cfg, held_out), heldout_losses(model, held_out_cfg, held_out, paths.adapter_dir)
     assert after.objective < 0.95 * before.objective and after.plain_mse < 0.95 * before.plain_mse, (before, after)
 
     pipe = load_fresh(model)
-    control = Image.open(eval_control).convert("RGB").resize((64, 64), Image.Resampling.LANCZOS)
-    references = [control, Image.open(held_out / "greyed" / "0000.png").convert("RGB")] if plus else control
-    edit = lambda: render(pipe, "mirror the picture", 0, image=references, num_inference_steps=4, guidance_scale=2.0, height=64, width=64)  # noqa: E731
-    base = edit()
+    references = [Image.open(file).convert("RGB").resize((64, 64), Image.Resampling.LANCZOS) for file in files]
+    edit = lambda scale, seed=0: render(pipe, "mirror the picture", seed, image=references if plus else references[0],  # noqa: E731
+                                        num_inference_steps=cfg.eval_num_inference_steps, guidance_scale=scale, height=64, width=64)
+    base = edit(2.0)
     pipe.load_lora_weights(str(paths.adapter_dir))  # Diffusers' own loader, into the edit pipeline
-    assert np.abs(edit() - base).max() > 8
-    if not plus:  # the trainer's evaluation is the pipeline's edit of its control
-        ours = render(pipe, "mirror the picture", cfg.eval_seed, image=control, num_inference_steps=cfg.eval_num_inference_steps, guidance_scale=1.0,
-                      height=64, width=64)  # fmt: skip
-        assert np.abs(final_eval_image(result) - ours).max() <= 1
-        card = (paths.adapter_dir / "README.md").read_text()
-        assert "QwenImageEditPipeline.from_pretrained" in card
+    assert np.abs(edit(2.0) - base).max() > 8
+    assert np.abs(final_eval_image(result) - edit(1.0, cfg.eval_seed)).max() <= 1  # the trainer's evaluation is the pipeline's edit
+    card = (paths.adapter_dir / "README.md").read_text()
+    call = ", ".join(f"load_image({str(file)!r})" for file in files)
+    assert f"{type(pipe).__name__}.from_pretrained" in card and f"image={f'[{call}]' if plus else call}" in card
 
 
 def test_text_cached_with_its_controls_trains_what_encoding_at_every_step_trains(tiny_models, pair_data, tmp_path):
