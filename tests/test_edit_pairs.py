@@ -146,9 +146,10 @@ def test_extra_control_files_and_controls_of_another_size_are_said_once(pair_dat
     assert source.controls.images(2, (64, 64))[0].size == (64, 64)
 
 
-def test_a_model_that_takes_no_controls_refuses_control_settings(tiny_models, sample_data, tmp_path):
-    cfg = parse_parameters(base_parameters(tiny_models["flux"], sample_data, tmp_path, control_dir=str(tmp_path)))
-    with pytest.raises(ConfigError, match=r"control_dir: Flux models take no control images"):
+@pytest.mark.parametrize("setting", [{"control_dir": "."}, {"control_resolution": 512}])
+def test_a_model_that_takes_no_controls_refuses_control_settings(setting, tiny_models, sample_data, tmp_path):
+    cfg = parse_parameters(base_parameters(tiny_models["flux"], sample_data, tmp_path, **setting))
+    with pytest.raises(ConfigError, match=rf"{next(iter(setting))}: Flux models take no control images"):
         train(cfg, RunPaths.for_config(cfg), log=lambda *_: None)
 
 

@@ -235,10 +235,10 @@ class ModelFamily(ABC):
         else:
             filled["lora_target_modules"] = ",".join(self._present_default_targets())
         if not self.control_images:
-            given = [key for key in ("control_dir",) if getattr(cfg, key).strip()] + [f"datasets[{i}].{key}" for i, entry in enumerate(cfg.datasets)
-                                                                                    for key in ("control_dir", "control_column") if key in entry]  # fmt: skip
+            given = ["control_dir"] * bool(cfg.control_dir.strip()) + ["control_resolution"] * bool(cfg.control_resolution) + [
+                f"datasets[{i}].{key}" for i, entry in enumerate(cfg.datasets) for key in ("control_dir", "control_column") if key in entry]  # fmt: skip
             if given:
-                raise ConfigError(f"{given[0]}: {self.title} models take no control images; edit models (Flux Kontext) train on pairs")
+                raise ConfigError(f"{given[0]}: {self.title} models take no control images; edit models (Flux Kontext, Qwen-Image-Edit) train on pairs")
         if cfg.train_text_encoder and not self.lora_text_encoders:
             raise ConfigError(f"train_text_encoder: not supported for {self.title}; it is for SD 1.x/2.x and SDXL")
         filled.update(self._resolve_objective(cfg))
