@@ -350,8 +350,8 @@ def row_identities(examples: TrainingExamples) -> list[str]:
         images = image_digests(source.dataset, source.image_column)
         if source.masks is not None:
             images = [digest(image, mask, source.mask_floor) for image, mask in zip(images, source.masks.digests(source.dataset))]
-        if source.controls is not None:
-            images = [digest(image, controls) for image, controls in zip(images, source.controls.digests())]
+        if source.controls is not None:  # the controls' bytes, and the size they train at
+            images = [digest(image, controls, source.controls.pairing) for image, controls in zip(images, source.controls.digests())]
         identities += images
     return identities
 
@@ -363,16 +363,18 @@ def build_conditioning(cfg, family, examples: TrainingExamples, log=print) -> Co
     on_disk = bool(cfg.cache_dir)
     root = Path(cfg.cache_dir).expanduser() if on_disk else None
     latents = text = None
-    image_ids = row_identities(examples) if on_disk else [str(row) for row in range(examples.row_count)]
+    reads_controls = family.text_reads_controls and examples.references > 0
+    keyed_by_row = on_disk and (cfg.cache_latents or (cfg.cache_text_embeddings and reads_controls))
+    image_ids = row_identities(examples) if keyed_by_row else [str(row) for row in range(examples.row_count)]
     if cfg.cache_latents:
         vae = f"{module_identity(family.pipe.vae)}:{family.name}" if on_disk else "this run"
         latents = LatentCache(DiskStore(root / "latents") if on_disk else MemoryStore(), vae, image_ids)
         latents.fill(examples, family, cfg.train_batch_size)
-    reads_controls = family.text_reads_controls and examples.references > 0
     captions = examples.caption_variants(TEXT_CACHE_LIMIT, per_row=reads_controls) if cfg.cache_text_embeddings else None
     if cfg.cache_text_embeddings and captions is None:
-        log(f"text cache off: shuffle_caption makes more than {TEXT_CACHE_LIMIT} different captions, so each batch's "
-            "captions are encoded as it trains")  # fmt: skip
+        made = (f"there are more than {TEXT_CACHE_LIMIT} prompts with their controls (each caption of each image at each flip; shuffle_caption "
+                "multiplies them)") if reads_controls else f"shuffle_caption makes more than {TEXT_CACHE_LIMIT} different captions"  # fmt: skip
+        log(f"text cache off: {made}, so each batch's captions are encoded as it trains")
     if captions is not None:
         store, identity = DiskStore(root / "text") if on_disk else MemoryStore(), text_identity(family) if on_disk else "this run"
         if reads_controls:

@@ -145,7 +145,7 @@ def card_text(config: dict, prompts: list[str], images: dict[str, bool], facts: 
     prompt = repr(prompts[0] if prompts else config.get("trigger_word") or "a photo")
     references = next(iter(eval_control_paths(config.get("eval_control_image") or "")), [])  # an edit model's: the images the prompt edits
     control = ", ".join(f"load_image({path!r})" for path in references)
-    control = f"[{control}]" if len(references) > 1 else control
+    control = f"[{control}]" if len(references) > 1 else control or ("load_image('image_to_edit.png')" if facts.get("renders_edits_only") else "")
     lines += ["## Use it", "", "Diffusers" + (" (its `load_lora_weights` reads LoRA and DoRA only; this "
               f"{config['lora_type']} adapter loads with PEFT)" if lycoris else "") + ":", "", "```python", "import torch",
               f"from diffusers import {', '.join(facts['loading_classes'])}", *(["from diffusers.utils import load_image"] if control else []), "",

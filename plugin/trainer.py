@@ -256,7 +256,7 @@ def train(cfg, paths: RunPaths, log=print, job: JobRecord | None = None) -> RunR
     if "kohya" in parse_export_formats(cfg.export_formats):
         exports["kohya"] = community_file_name(family, cfg.adaptor_name, cfg.lora_type)
     card_facts = {"images": examples.row_count, "datasets": datasets_used, "processes": processes, "family_title": family.title, "hub_tag": family.hub_tag,
-                  "steps_per_epoch": steps_per_epoch, **family.loading_code(str(weight_dtype))}  # fmt: skip
+                  "steps_per_epoch": steps_per_epoch, "renders_edits_only": family.renders_edits_only, **family.loading_code(str(weight_dtype))}  # fmt: skip
     log(
         f"{examples.row_count} images, {len(examples)} examples per epoch, {steps_per_epoch} optimizer steps per epoch, {max_steps} steps over {num_epochs} "
         f"epochs; {trainable:,} trainable parameters on {accelerator.device}"

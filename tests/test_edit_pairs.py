@@ -87,6 +87,9 @@ def test_eval_control_images_are_checked_before_loading(tiny_models, pair_data, 
               r"eval_control_image: an entry of 2 references; Flux Kontext models take at most 1"),
              (base_parameters(tiny_models["qwen_image_edit"], pair_data, tmp_path, control_dir=str(pair_data / "controls")),
               r"eval_control_image: Qwen-Image-Edit's pipeline renders edits of a control image only"),
+             (pair_parameters(tiny_models, pair_data, tmp_path, datasets=[{"path": str(tmp_path / "class"), "is_regularization": True,
+                                                                           "class_prompt": "a picture", "num_class_images": 4}]),
+              r"datasets\[0\].num_class_images: Flux Kontext models train on pairs, and rendered class images have no controls"),
              (base_parameters(tiny_models["flux"], sample_data, tmp_path, eval_control_image=str(pair_data / "0000.png")),
               r"eval_control_image: Flux models take no control image")]  # fmt: skip
     for parameters, message in cases:

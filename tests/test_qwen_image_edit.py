@@ -173,15 +173,21 @@ def test_text_cached_with_its_controls_trains_what_encoding_at_every_step_trains
         for key, value in runs["both"][1].items():
             assert torch.equal(runs[label][1][key], value), f"{label}: {key}"
 
-    def disk_run(output):
-        logged = []
-        cfg = parse_parameters(edit_parameters(model, data, tmp_path / output, max_train_steps=1, cache_dir=str(tmp_path / "cache"), eval_prompt=""))
-        train(cfg, RunPaths.for_config(cfg), log=logged.append)
-        return [line for line in logged if line.startswith("text cache:")]
+    card = (tmp_path / "both" / "test-adapter" / "README.md").read_text()  # no eval_control_image: the card's call edits an image of yours
+    assert "image=load_image('image_to_edit.png')" in card
 
-    assert disk_run("first")[0].startswith("text cache: 8 encoded, 0 reused")
+    def disk_run(output, **overrides):
+        logged = []
+        cfg = parse_parameters(edit_parameters(model, data, tmp_path / output, max_train_steps=1, cache_dir=str(tmp_path / "cache"), eval_prompt="",
+                                               **overrides))  # fmt: skip
+        train(cfg, RunPaths.for_config(cfg), log=logged.append)
+        return [line for line in logged if line.startswith(("text cache:", "latents cache:"))]
+
+    assert [line.split(" (")[0] for line in disk_run("first")] == ["latents cache: 8 encoded, 0 reused", "text cache: 8 encoded, 0 reused"]
     Image.open(data / "controls" / "0003.png").rotate(90).save(data / "controls" / "0003.png")
-    assert disk_run("second")[0].startswith("text cache: 1 encoded, 7 reused")
+    assert [line.split(" (")[0] for line in disk_run("second")] == ["latents cache: 1 encoded, 7 reused", "text cache: 1 encoded, 7 reused"]
+    resized = [line.split(" (")[0] for line in disk_run("third", control_resolution=32)]  # controls of another size: new entries
+    assert resized == ["latents cache: 8 encoded, 0 reused", "text cache: 8 encoded, 0 reused"]
 
 
 def test_a_random_crop_turns_off_the_text_cache_of_a_model_that_reads_its_controls():
@@ -192,3 +198,15 @@ def test_a_random_crop_turns_off_the_text_cache_of_a_model_that_reads_its_contro
     assert not resolved.cache_latents and not resolved.cache_text_embeddings
     assert any(line.startswith("cache_text_embeddings: off, because the text encoder reads the control images") for line in said), said
     assert resolve_caching(cfg, said.append).cache_text_embeddings  # text read alone is the same every epoch
+
+
+@pytest.mark.parametrize("name, image_tokens", [("qwen_image_edit", 4), ("qwen_image_edit_plus", 3 * 16)])
+def test_the_memory_plan_counts_the_vls_tokens_of_each_control_and_other_sizes_are_warned(name, image_tokens, tiny_models, pair_data, tmp_path):
+    """The planner's prompt: 512 tokens and, per control the model takes, 28 px merged patches of the control as the
+    VL reads it: Edit's one at 64² (2 x 2), Plus's three at 384² capped by the processor's 16 patches (4 x 4). A
+    control resolution other than the pipelines' 1024 is said."""
+    model = str(tiny_models[name])
+    family = load_model(model, torch.float32)
+    with pytest.warns(UserWarning, match=r"control_resolution: 64: .* pipelines give controls about 1024x1024 pixels"):
+        family.configure(parse_parameters(edit_parameters(model, pair_data, tmp_path)))
+    assert family.planning_text(2)["encoder_hidden_states"].shape[:2] == (2, 512 + image_tokens)

@@ -86,7 +86,7 @@ class ControlSource:
 
     def images(self, row: int, size: tuple[int, int]) -> list[Image.Image]:
         """Row `row`'s controls as displayed, in RGB (or RGBA with transparency, as `upright_image` gives), each
-        resized to `size` (width, height): its target's."""
+        resized to `size` (width, height): its target's, scaled to the control resolution where the model has one."""
         images = []
         for value in self.values[row]:
             with open_value(value) as opened:

@@ -122,16 +122,20 @@ class TrainingExamples(torch.utils.data.Dataset):
 
     def caption_variants(self, limit: int, per_row: bool = False):
         """Every caption an example can train with ("" when captions may drop out), or None past `limit`; with
-        `per_row`, each row's (a list of sets, `limit` counting each row's)."""
+        `per_row`, each row's (a list of sets), `limit` then counting a row's captions once per fixed plan (what a text
+        cache keyed by the row's controls holds)."""
         rows_variants: list[set[str]] = []
         variants: set[str] = set()
-        for source, rows in zip(self.sources, self.caption_rows):
-            for row in rows:
-                found = caption_variants(row[source.caption_column], source.captions, limit - (0 if per_row else len(variants)))
-                if found is None:
-                    return None
-                rows_variants.append(found)
-                variants |= found
+        held = 0  # entries so far: distinct captions, or with `per_row` each row's captions times its plans
+        for row, (number, local) in enumerate(self.row_sources):
+            source = self.sources[number]
+            plans = len(self.fixed_plans(row)) if per_row else 1
+            found = caption_variants(self.caption_rows[number][local][source.caption_column], source.captions, (limit - held) // plans)
+            if found is None:
+                return None
+            rows_variants.append(found)
+            variants |= found
+            held = held + plans * len(found) if per_row else len(variants)
         return rows_variants if per_row else variants
 
     def fixed_plans(self, row: int) -> list[ImagePlan]:

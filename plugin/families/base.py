@@ -234,16 +234,29 @@ class ModelFamily(ABC):
             _check_targets_exist(self.description, lora_targets(cfg, self.default_lora_targets), f"this {self.title} {self.denoiser_name}")
         else:
             filled["lora_target_modules"] = ",".join(self._present_default_targets())
-        if not self.control_images:
-            given = ["control_dir"] * bool(cfg.control_dir.strip()) + ["control_resolution"] * bool(cfg.control_resolution) + [
-                f"datasets[{i}].{key}" for i, entry in enumerate(cfg.datasets) for key in ("control_dir", "control_column") if key in entry]  # fmt: skip
-            if given:
-                raise ConfigError(f"{given[0]}: {self.title} models take no control images; edit models (Flux Kontext, Qwen-Image-Edit) train on pairs")
+        self._check_pairs(cfg)
         if cfg.train_text_encoder and not self.lora_text_encoders:
             raise ConfigError(f"train_text_encoder: not supported for {self.title}; it is for SD 1.x/2.x and SDXL")
         filled.update(self._resolve_objective(cfg))
         self.cfg = cfg.replace(**filled)
         return self.cfg, filled
+
+    def _check_pairs(self, cfg) -> None:
+        """A model without controls refuses their settings. A model that needs them refuses class images (rendered
+        images have no controls); one whose pipelines give controls a fixed size warns where training gives another."""
+        if not self.control_images:
+            given = ["control_dir"] * bool(cfg.control_dir.strip()) + ["control_resolution"] * bool(cfg.control_resolution) + [
+                f"datasets[{i}].{key}" for i, entry in enumerate(cfg.datasets) for key in ("control_dir", "control_column") if key in entry]  # fmt: skip
+            if given:
+                raise ConfigError(f"{given[0]}: {self.title} models take no control images; edit models (Flux Kontext, Qwen-Image-Edit) train on pairs")
+        rendered = [i for i, entry in enumerate(cfg.datasets) if entry.get("num_class_images")]
+        if self.control_images and not self.controls_optional and rendered:
+            raise ConfigError(f"datasets[{rendered[0]}].num_class_images: {self.title} models train on pairs, and rendered class images have no "
+                              "controls; give regularisation pairs as a dataset with its controls")  # fmt: skip
+        if self.control_resolution and cfg.control_resolution not in (0, self.control_resolution):
+            warnings.warn(f"control_resolution: {cfg.control_resolution}: {self.title}'s pipelines give controls about {self.control_resolution}x"
+                          f"{self.control_resolution} pixels whatever the image's size; trained at {cfg.control_resolution}, the LoRA learns "
+                          "controls of another size than it will edit", stacklevel=3)  # fmt: skip
 
     def _check_eval_prompt(self, number: int, prompt, cfg, resolution: int) -> None:
         """A prompt renders at its own size (its --w/--h, else eval_width/eval_height, else resolution), which

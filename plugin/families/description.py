@@ -166,8 +166,9 @@ def load_text_reader(cls: type, model_name: str, component: str) -> tuple[Any, b
     what that disables said once."""
     try:
         return cls.from_pretrained(model_name, subfolder=component), False
-    except (ImportError, AttributeError) as error:  # AttributeError: Transformers' stand-in for a torchvision-only mapping
-        if not cls.__name__.endswith("Processor"):
+    except (ImportError, AttributeError) as error:
+        stand_in_mapping = isinstance(error, AttributeError) and "_MAPPING" in str(error)  # Transformers' stand-in for a torchvision-only mapping
+        if not cls.__name__.endswith("Processor") or (isinstance(error, AttributeError) and not stand_in_mapping):
             raise
         from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -177,7 +178,7 @@ def load_text_reader(cls: type, model_name: str, component: str) -> tuple[Any, b
                 warnings.filterwarnings("ignore", message=".*falling back.*")
                 images = AutoImageProcessor.from_pretrained(model_name, subfolder=component)
             return without_video(cls)(image_processor=images, tokenizer=tokenizer), True
-        missing = "torchvision" if "torchvision" in str(error).lower() else "an optional package"
+        missing = "torchvision" if stand_in_mapping or "torchvision" in str(error).lower() else "an optional package"
         warnings.warn(f"{missing} is not installed, so the {cls.__name__} of {model_name!r} cannot load: its tokenizer reads the "
                       "prompts (all training needs); image inputs to the pipeline are unavailable", stacklevel=2)  # fmt: skip
         return tokenizer, True

@@ -7,6 +7,8 @@ at about 1024² and by the VL at about 384² pixels, in a template that numbers 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE
@@ -56,14 +58,17 @@ class QwenImageEdit(QwenImage):
         controls = text[CONTROLS].to(latents.dtype).unbind(dim=1)  # each (B, C, h, w), at the control resolution
         return torch.cat([tokens, *map(pack_latents, controls)], dim=1), shapes + [(1, c.shape[2] // 2, c.shape[3] // 2) for c in controls]
 
+    def caption_token_limits(self) -> dict[str, int]:
+        """None: the edit pipelines read a whole prompt (their max_sequence_length is not applied)."""
+        return {}
+
     def planning_text(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """Qwen-Image's longest prompt, and the VL's tokens of as many controls as the model takes, each at the
-        most patches its processor gives an image (the memory planner's step)."""
+        """Qwen-Image's longest prompt (512 tokens) and the VL's tokens of as many controls as the model takes, each
+        of as many merged patches as its processor gives an image of that area (the memory planner's step)."""
         images = self.description.tokenizers["processor"].image_processor
         pixels = min(self.text_image_area or self.pairing().area, images.size["longest_edge"])
-        tokens = self.control_images * pixels // (images.patch_size * images.merge_size) ** 2
-        width = self.denoiser.config.joint_attention_dim
-        embeds = torch.cat([self.longest_text(batch_size, width), self.longest_text(batch_size, width)[:, :tokens]], dim=1)
+        tokens = self.max_sequence_length + self.control_images * round(math.sqrt(pixels) / (images.patch_size * images.merge_size)) ** 2
+        embeds = torch.zeros(batch_size, tokens, self.denoiser.config.joint_attention_dim, dtype=self.denoiser.dtype, device=self.denoiser.device)
         return {"encoder_hidden_states": embeds, "text_mask": self.all_tokens(embeds, torch.long)}
 
 
