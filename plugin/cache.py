@@ -288,7 +288,11 @@ class TextCache:
                 by_bucket.setdefault(plan.target, []).extend((caption, row, plan) for caption in sorted(captions[row]))
 
         def encode(chunk):
-            pixels = torch.stack([examples.controls(row, examples.image(row), plan) for _, row, plan in chunk])
+            controls = {}  # each (row, plan)'s pixels once, whatever its captions
+            for _, row, plan in chunk:
+                if (row, plan) not in controls:
+                    controls[row, plan] = examples.controls(row, examples.image(row), plan)
+            pixels = torch.stack([controls[row, plan] for _, row, plan in chunk])
             return per_caption(family.encode_text([caption for caption, _, _ in chunk], pixels), len(chunk))
 
         self.computed, self.reused = fill_store(self.store, list(by_bucket.values()), lambda item: self.key(*item), encode, batch_size,

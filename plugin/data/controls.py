@@ -84,14 +84,14 @@ class ControlSource:
         """SHA-256 over each row's control files, in reference order: a disk cache key part."""
         return [hashlib.sha256(b"".join(hashlib.sha256(value_bytes(value)).digest() for value in row)).hexdigest() for row in self.values]
 
-    def images(self, row: int, size: tuple[int, int]) -> list[Image.Image]:
+    def images(self, row: int, size: tuple[int, int] | None = None) -> list[Image.Image]:
         """Row `row`'s controls as displayed, in RGB (or RGBA with transparency, as `upright_image` gives), each
-        resized to `size` (width, height): its target's, scaled to the control resolution where the model has one."""
+        resized to `size` (width, height; its target's) where given."""
         images = []
         for value in self.values[row]:
             with open_value(value) as opened:
                 image = upright_image(opened)
-            images.append(image if image.size == size else image.resize(size, resample=Image.Resampling.LANCZOS))
+            images.append(image if size is None or image.size == size else image.resize(size, resample=Image.Resampling.LANCZOS))
         return images
 
     def _check(self, targets: list[str | None], sizes: list[tuple[int, int]], label: str) -> None:

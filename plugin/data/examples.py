@@ -107,13 +107,14 @@ class TrainingExamples(torch.utils.data.Dataset):
         return max((source.controls.references for source in self.sources if source.controls is not None), default=0)
 
     def controls(self, row: int, image: Image.Image, plan: ImagePlan) -> torch.Tensor:
-        """The row's control images at its plan, resized first to its image's size (both scaled to the model's
-        control resolution where it has one): (references, 3, h, w)."""
+        """The row's control images at its plan, resized first to its image's size; where the model gives controls
+        their own resolution, at the plan scaled to it: (references, 3, h, w)."""
         source, local = self.source(row)
         target = source.controls.pairing.control_target(plan.target)
-        size = tuple(round(length * new / old) for length, new, old in zip(image.size, target[::-1], plan.target[::-1]))
-        control_plan = plan if target == plan.target else plan_at(plan, target)
-        return torch.stack([apply_plan(control, control_plan) for control in source.controls.images(local, size)])
+        if target == plan.target:
+            return torch.stack([apply_plan(control, plan) for control in source.controls.images(local, image.size)])
+        scaled = plan_at(plan, target)  # its resize takes each control from its own size straight to the scaled plan's
+        return torch.stack([apply_plan(control, scaled) for control in source.controls.images(local)])
 
     def caption_texts(self) -> set[str]:
         """Each row's captions as trained, in their written order (for length checks: shuffling keeps the tags)."""
