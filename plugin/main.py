@@ -1,7 +1,8 @@
 """Entry point. Headless: `python plugin/main.py --config run.json`; Transformer Lab: `--input_file FILE` (the
 plugin-era launcher) or `--job` (a task of today's app: parameters from the job named by _TFL_JOB_ID);
-`--demo [--demo-family sd|sdxl|sd3|flux|chroma|zimage|qwen_image|flux2]` (or `--demo-family F` alone) trains on a tiny built-in model and
-sample data; `--save-tiny-model DIR [--family F]` saves such a model, to rehearse a real run on your own images;
+`--demo [--demo-family sd|sdxl|sd3|flux|chroma|zimage|qwen_image|flux2|flux_kontext|qwen_image_edit|qwen_image_edit_plus]` (or
+`--demo-family F` alone) trains on a tiny built-in model and sample data (an edit model on sample pairs);
+`--save-tiny-model DIR [--family F]` saves such a model, to rehearse a real run on your own images;
 `--posthoc-ema RUN_DIR --sigma-rel 0.07 [0.12 ...] [--at-step N]` writes post-hoc EMA adapters of a finished run;
 with `--sweep` it scores σ_rel by the run's validation loss, plots the curve and saves the best; `--presets` lists the
 presets. `lora inspect`,
@@ -68,13 +69,17 @@ def save_tiny_model(folder: Path, family: str) -> None:
 
 def demo_parameters(family: str, output: Path) -> dict:
     """A complete run on a tiny random-weight pipeline and the built-in sample images, all kept in `output`
-    (the model too, so that the model card's loading code works)."""
-    from plugin.tiny import SAMPLE_RESOLUTION, save_tiny_pipeline, write_sample_dataset
+    (the model too, so that the model card's loading code works); an edit model's on sample pairs (each target its
+    control mirrored), its evaluation editing one of the controls."""
+    from plugin.tiny import EDIT_FAMILIES, SAMPLE_RESOLUTION, save_tiny_pipeline, write_pair_dataset, write_sample_dataset
 
     tiny_family(family, "--demo-family")
+    pairs = write_pair_dataset(output / "sample-pairs") if family in EDIT_FAMILIES else None
+    edits = {"control_dir": str(pairs / "controls"), "eval_control_image": str(pairs / "controls" / "0000.png"), "trigger_word": "",
+             "eval_prompt": "mirror the picture"} if pairs else {}  # fmt: skip
     return {
         "model_name": str(save_tiny_pipeline(family, output / f"tiny-{family}")),
-        "dataset_name": str(write_sample_dataset(output / "sample-data")),
+        "dataset_name": str(pairs or write_sample_dataset(output / "sample-data")),
         "output_dir": str(output),
         "adaptor_name": f"demo-{family}",
         "overwrite_output": True,  # the demo's folder is scratch: each demo replaces the last
@@ -91,6 +96,7 @@ def demo_parameters(family: str, output: Path) -> dict:
         "eval_steps": 4,
         "eval_num_inference_steps": 10,
         "eval_guidance_scale": 3.0,
+        **edits,
     }
 
 
@@ -108,8 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true", help="with --posthoc-ema: choose σ_rel by validation loss "
                         "(over --sigma-rel, or a range the snapshots cover), plot the curve, save the best")
     parser.add_argument("--at-step", type=int, metavar="N", help="with --posthoc-ema: as of step N (default: the last snapshot)")
-    parser.add_argument("--demo-family", help="model family of the demo: sd (the default), sdxl, sd3, flux, chroma, zimage, qwen_image or "
-                        "flux2; alone, it means --demo")
+    parser.add_argument("--demo-family", help="model family of the demo: sd (the default), sdxl, sd3, flux, chroma, zimage, qwen_image, "
+                        "flux2, or an edit model (on sample pairs): flux_kontext, qwen_image_edit, qwen_image_edit_plus; alone, it means --demo")
     parser.add_argument("--family", help="with --save-tiny-model: a family as for --demo-family")
     parser.add_argument("--presets", action="store_true", help="list the presets (preset: a family's settings for a GPU size) and exit")
     parser.add_argument("--experiment_name", help="the Transformer Lab experiment of the job (its launcher sets it)")

@@ -231,18 +231,21 @@ def test_transformer_lab_input_file(tiny_models, sample_data, tmp_path, capsys, 
     assert json.loads((tmp_path / "logs" / "test-adapter" / "config.json").read_text())["max_train_steps"] == 2
 
 
-def test_demo_family_alone_runs_that_demo_whose_model_card_code_works(tmp_path, monkeypatch, capsys):
-    """`--demo-family flux` means the Flux demo; its model, kept in output/, is what the card's code loads."""
+@pytest.mark.parametrize("family", ["flux", "flux_kontext"])
+def test_demo_family_alone_runs_that_demo_whose_model_card_code_works(family, tmp_path, monkeypatch, capsys):
+    """`--demo-family flux` means the Flux demo; its model, kept in output/, is what the card's code loads. An edit
+    model's demo trains on sample pairs and edits one of their controls."""
     monkeypatch.chdir(tmp_path)
-    assert main(["--demo-family", "flux"]) == 0
-    out = tmp_path / "output" / "demo-flux"
-    assert (out / WEIGHTS_NAME).is_file() and json.loads((out / "config.json").read_text())["model_family"] == "flux"
+    assert main(["--demo-family", family]) == 0
+    out = tmp_path / "output" / f"demo-{family}"
+    assert (out / WEIGHTS_NAME).is_file() and json.loads((out / "config.json").read_text())["model_family"] == family
     assert sorted(p.name for p in (out / "eval_images").glob("epoch_????.png")) == ["epoch_0004.png", "epoch_0008.png"]
     assert "adapter" in capsys.readouterr().out
     code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1).split("\nimage = ")[0]
     namespace = {}
     exec(code, namespace)  # as written in the card: the base model's folder, the adapter's, the run's dtype
-    assert str(tmp_path / "output" / "tiny-flux") in code and "torch.float32" in code
+    assert str(tmp_path / "output" / f"tiny-{family}") in code and "torch.float32" in code
+    assert (family == "flux_kontext") == (out / "eval_images" / "control_0.png").is_file()
     assert any("lora" in name for name, _ in namespace["pipe"].transformer.named_modules())
 
 
