@@ -569,8 +569,8 @@ def write_sample_dataset(folder, n: int = 8, size: int = 64, seed: int = 0) -> P
 
 
 def write_pair_dataset(folder, n: int = 8, size: int = 64, seed: int = 0, control_dir: bool = True) -> Path:
-    """An edit dataset whose targets can only be learnt from their controls: each target is its control (a
-    captioned shape) mirrored left to right, under one instruction. With `control_dir` the controls are files of the
+    """An edit dataset whose targets only their controls tell: each target is its control (a captioned shape)
+    mirrored left to right, under one instruction. With `control_dir` the controls are files of the
     targets' names in `folder`/controls (kohya's layout; the targets are a metadata.jsonl imagefolder); else the
     metadata's `control_image` column names them."""
     folder = Path(folder)

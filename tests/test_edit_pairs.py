@@ -1,8 +1,12 @@
 """Edit models train on pairs: a control image per target (control_dir or a control_image column), following the
 target's plan, encoded (or cached) beside it, and packed into the denoiser's input as the edit pipeline packs it.
-The tiny Flux Kontext is checked against FluxKontextPipeline at one step, learns a task only its controls can teach
-(each target is its control mirrored), and its adapter loads into the pipeline; cached and uncached controls train
-the same adapter; bad pair datasets are refused, or said, before any weights load."""
+The tiny Flux Kontext is checked against FluxKontextPipeline at one step; on pairs whose targets are their controls
+mirrored its held-out loss falls and its adapter loads into the pipeline; cached and uncached controls train the
+same adapter; bad pair datasets are refused, or said, before any weights load.
+
+What the tiny random models learn in these budgets is the pairs' images, not the use of their controls: the trained
+adapter scores the same with each held-out target given another target's control (even on copies, at 1500 steps).
+That a control reaches the denoiser as the pipeline gives it is shown by the inputs' equality, bit for bit."""
 
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ def test_kontexts_denoiser_inputs_at_a_step_are_the_pipelines(tiny_models, pair_
         assert_identical(ours[name], value, name)
 
 
-def test_kontext_learns_what_only_the_control_tells_and_its_adapter_edits_in_the_pipeline(tiny_models, pair_data, heldout_pairs, tmp_path):
+def test_kontext_trains_on_pairs_and_its_adapter_edits_in_the_pipeline(tiny_models, pair_data, heldout_pairs, tmp_path):
     """Also the evaluation of edits: eval_control_image's control is edited by each prompt, saved beside the results,
     set left of each in the grid, and shown in the card, whose code is the edit pipeline's call."""
     model, control_file = tiny_models["flux_kontext"], heldout_pairs / "controls" / "0000.png"

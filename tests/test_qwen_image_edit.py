@@ -1,7 +1,8 @@
 """Qwen-Image-Edit and Edit Plus train on pairs: their controls reach the transformer as tokens after the target's
 and reach Qwen2.5-VL with the prompt, so the text depends on the controls. Checked against the pipelines at one
-step, bit for bit (prompt read with its image included); on the mirror task (each target is its control mirrored)
-the held-out loss falls and the adapter edits in the pipeline, with one control (Edit) and two (Plus); the text
+step, bit for bit (prompt read with its image included); on the mirror pairs (each target is its control mirrored)
+the held-out loss falls (the pairs' images learnt: see test_edit_pairs) and the adapter edits in the pipeline, with
+one control (Edit) and two (Plus); the text
 cache keyed by caption and control trains what encoding at every step trains; controls at their own resolution
 keep their target's crop and flip; and the processor's stand-in (its video side needs torchvision) reads images by
 the processor's documented rules."""
@@ -124,7 +125,7 @@ def test_the_stand_in_processor_reads_images_by_the_processors_rules(tiny_models
 
 
 @pytest.mark.parametrize("name", ["qwen_image_edit", "qwen_image_edit_plus"])
-def test_learns_what_only_the_controls_tell_and_its_adapter_edits_in_the_pipeline(name, tiny_models, pair_data, heldout_pairs, tmp_path):
+def test_trains_on_pairs_and_its_adapter_edits_in_the_pipeline(name, tiny_models, pair_data, heldout_pairs, tmp_path):
     """Plus with two references per target (the control and a greyed copy); its evaluation edits with both (an
     eval_control_image entry of two files), as the pipeline does, and its card says so."""
     model = tiny_models[name]
