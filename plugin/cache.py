@@ -33,6 +33,7 @@ from .quantization import plain_tensors
 PROVENANCE_KEYS = frozenset({"_name_or_path", "_commit_hash", "_diffusers_version", "transformers_version", "_use_default_values"})
 CACHE_FORMAT = 1  # bump when the meaning of a cached tensor changes, so older files are never read
 TEXT_CACHE_LIMIT = 4096  # captions the text cache encodes before training at the most (shuffled tags multiply them)
+LARGE_MEMORY_CACHE = 8 * 1024**3  # an in-memory cache this large is said, with cache_dir as the way to keep it on disk
 
 
 def resolve_caching(cfg, log=print, text_reads_controls: bool = False):
@@ -73,6 +74,10 @@ class MemoryStore:
 
     def __init__(self):
         self.entries: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.nbytes for entry in self.entries.values() for t in entry.values())
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         return self.entries.get(key)
@@ -390,6 +395,9 @@ def build_conditioning(cfg, family, examples: TrainingExamples, log=print) -> Co
     conditioning = Conditioning(family, latents, text)
     for name, (computed, reused) in conditioning.counts().items():
         log(f"{name} cache: {computed} encoded, {reused} reused" + (f" ({root / name})" if on_disk else " (in memory)"))
+    for name, cache in {"latents": latents, "text": text}.items():
+        if cache is not None and isinstance(cache.store, MemoryStore) and cache.store.bytes > LARGE_MEMORY_CACHE:
+            log(f"{name} cache: {cache.store.bytes / 1024**3:.1f} GiB of host memory; with cache_dir it stays on disk and is read as it trains")
     family.park_encoders(images=latents is not None, text=text is not None)
     examples.load_pixels = latents is None or (reads_controls and text is None)  # a text encoder reading the controls needs their pixels
     return conditioning

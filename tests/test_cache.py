@@ -302,10 +302,20 @@ def test_shuffled_captions_are_all_cached_or_the_text_cache_says_it_is_off(tiny_
     train(few, RunPaths.for_config(few), log=logged.append)
     captions = {json.loads(line)["text"] for line in (sample_data / "metadata.jsonl").read_text().splitlines()}
     assert f"text cache: {6 * len(captions)} encoded, 0 reused (in memory)" in logged, "every order of each caption's 3 tags"
+    assert not any("GiB of host memory" in line for line in logged)
     many = few.replace(output_dir=str(tmp_path / "many"), caption_prefix="a, b, c, d, e, f, g,")  # 8 tags: 40320 orders
     logged.clear()
     train(many, RunPaths.for_config(many), log=logged.append)
     assert "text cache off: shuffle_caption makes more than 4096 different captions, so each batch's captions are encoded as it trains" in logged
+
+
+def test_a_large_cache_in_memory_is_said_with_cache_dir_as_the_remedy(tiny_models, sample_data, tmp_path, monkeypatch):
+    monkeypatch.setattr("plugin.cache.LARGE_MEMORY_CACHE", 1000)  # bytes: the tiny run's caches are larger
+    logged = []
+    cfg = parse_parameters(base_parameters(tiny_models["sd"], sample_data, tmp_path / "out", max_train_steps=1, eval_prompt=""))
+    train(cfg, RunPaths.for_config(cfg), log=logged.append)
+    for name in ("latents", "text"):
+        assert any(line.startswith(f"{name} cache: 0.0 GiB of host memory; with cache_dir it stays on disk") for line in logged), logged
 
 
 def test_eval_width_and_height(tiny_models, sample_data, tmp_path):
