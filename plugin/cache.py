@@ -237,9 +237,10 @@ def encode_controls(family, pixels: torch.Tensor) -> torch.Tensor:
     return latents.unflatten(0, (batch, references))
 
 
-def with_controls(text: dict[str, torch.Tensor], controls: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The conditioning `predict` takes: the text embeddings, and an edit model's control latents."""
-    return text if controls is None else {**text, CONTROLS: controls}
+def with_controls(text: dict[str, torch.Tensor], controls: torch.Tensor | None, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The conditioning `predict` takes: the text embeddings, and an edit model's control latents; on `device` where given."""
+    conditioning = text if controls is None else {**text, CONTROLS: controls}
+    return conditioning if device is None else {name: t.to(device) for name, t in conditioning.items()}
 
 
 SEQUENCE_MASK = "text_mask"  # an encoding entry marking, as a prefix, the text tokens of a caption that count
@@ -341,8 +342,7 @@ class Conditioning:
             if pixels is not None:
                 controls = encode_controls(self.family, pixels)
         text = self.text_cache.lookup(batch) if self.text_cache is not None else self.family.encode_text(batch["captions"], pixels)
-        conditioning = with_controls(text, controls)
-        return latents.to(device), {name: t.to(device) for name, t in conditioning.items()}, None if masks is None else masks.to(device)
+        return latents.to(device), with_controls(text, controls, device), None if masks is None else masks.to(device)
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """(computed, reused) entries per cache that is on."""

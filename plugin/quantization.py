@@ -25,9 +25,6 @@ import torch
 
 from .errors import ConfigError
 
-MODES = ("none", "int8", "fp8", "nf4")
-
-
 def import_quantization_libraries() -> None:
     """Import torchao and Diffusers' quantizers, without their noise (see `quiet_quantizers`). Diffusers'
     model classes import torchao whenever it is installed, quantised base or not, so main.py runs this before

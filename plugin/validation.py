@@ -82,8 +82,8 @@ class ValidationSet:
         total = 0.0
         with family.unparked():
             for batch, latents in self.batches:
-                conditioning = with_controls(family.encode_text(batch["captions"], batch.get("control_pixel_values")), batch.get(CONTROLS))
-                fixed = (latents.to(device), {name: t.to(device) for name, t in conditioning.items()}, None)  # no mask: every pixel counts
+                conditioning = with_controls(family.encode_text(batch["captions"], batch.get("control_pixel_values")), batch.get(CONTROLS), device)
+                fixed = (latents.to(device), conditioning, None)  # no mask: every pixel counts
                 for draw in range(VALIDATION_DRAWS):
                     generators = sample_generators(self.seed, f"validation:{draw}", batch["indices"])
                     _, reported = denoising_loss(family, objective, lambda _: fixed, batch, generators, autocast)
