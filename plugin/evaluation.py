@@ -43,8 +43,8 @@ def with_eval_controls(prompts: list[EvalPrompt], value: str, family) -> list[Ev
 def eval_control_paths(value: str) -> list[list[str]]:
     """eval_control_image's entries (on lines or separated by commas), each a list of its references' files
     (separated by "|")."""
-    entries = [entry.strip() for entry in re.split(r"[\n,]", value) if entry.strip()]
-    return [[path.strip() for path in entry.split("|") if path.strip()] for entry in entries]
+    entries = [[path.strip() for path in entry.split("|") if path.strip()] for entry in re.split(r"[\n,]", value)]
+    return [entry for entry in entries if entry]
 
 
 def _read_control(path: str) -> Image.Image:

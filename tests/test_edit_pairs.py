@@ -26,7 +26,7 @@ from plugin.config import parse_parameters
 from plugin.data.controls import Pairing
 from plugin.data.mixing import DatasetSpec, load_source, load_sources
 from plugin.errors import ConfigError
-from plugin.evaluation import image_grid, side_by_side
+from plugin.evaluation import eval_control_paths, image_grid, side_by_side
 from plugin.export import WEIGHTS_NAME
 from plugin.families import load_model
 from plugin.families.flux import pack_latents
@@ -84,6 +84,7 @@ def test_kontext_trains_on_pairs_and_its_adapter_edits_in_the_pipeline(tiny_mode
 
 
 def test_eval_control_images_are_checked_before_loading(tiny_models, pair_data, sample_data, tmp_path):
+    assert eval_control_paths("a.png | b.png,\n c.png, |, ") == [["a.png", "b.png"], ["c.png"]]  # entries, each its references
     cases = [(pair_parameters(tiny_models, pair_data, tmp_path, eval_control_image=str(tmp_path / "nowhere.png")), r"eval_control_image: '.*nowhere\.png' cannot be read"),
              (pair_parameters(tiny_models, pair_data, tmp_path, eval_prompt="a\nb\nc", eval_control_image=f"{pair_data / '0000.png'}, {pair_data / '0001.png'}"),
               r"eval_control_image: 2 entries for 3 eval_prompt lines"),
