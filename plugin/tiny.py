@@ -18,9 +18,12 @@ Sizes (32 px images; every VAE downsamples 2x, so latents are 16x16):
           layers: the pipeline stacks layers 9, 18 and 27); a 4-channel Flux.2 VAE (2x) with its batch norm.
   zimage  Z-Image DiT, 1 layer and 1 refiner layer each, width 32; Qwen3 (hidden 32, 2 layers) with a chat
           template; the flux VAE.
+  flux_kontext  flux's components, its VAE's scale and shift set to its latents' statistics on sample images.
   qwen_image_edit(_plus)  Qwen-Image's transformer; Qwen2.5-VL with image tokens, read through a Qwen2VLProcessor
           (at most 16 merged patches an image); a VAE that downsamples 8x, as the real one, since the pipelines give
-          controls about 1024² pixels.
+          controls about 1024² pixels, its latents' mean and std set from sample images. (An edit model's VAE is
+          normalised as a trained one is: a random one's latents barely differ from image to image, so that a control
+          would tell too little to learn.)
 
 Notes for the trainer:
   * LoRA with alpha != r only reloads with the right scale when the adapter metadata is saved:
@@ -45,6 +48,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -471,11 +475,33 @@ def _build_qwen_image_edit(plus: bool = False) -> QwenImageEditPipeline | QwenIm
     processor = without_video(Qwen2VLProcessor)(image_processor=images, tokenizer=tokenizer)
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
                                               joint_attention_dim=text_encoder.config.text_config.hidden_size, axes_dims_rope=(4, 6, 6))  # fmt: skip
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, False, False],
-                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])  # fmt: skip
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, False, False]).eval()
+    mean, std = _latent_statistics(lambda pixels: vae.encode(pixels.unsqueeze(2)).latent_dist.mode()[:, :, 0])
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     pipeline = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
-    return pipeline(scheduler=_build_qwen_image().scheduler, vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer, processor=processor,
+    return pipeline(scheduler=_build_qwen_image().scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, processor=processor,
                     transformer=transformer.eval())  # fmt: skip
+
+
+def _build_flux_kontext() -> FluxKontextPipeline:
+    """Flux's components, its VAE's latents normalised as an edit model's must be (see `_latent_statistics`)."""
+    components = _build_flux().components
+    vae = components["vae"]
+    mean, std = _latent_statistics(lambda pixels: vae.encode(pixels).latent_dist.mode())
+    vae.register_to_config(shift_factor=mean.mean().item(), scaling_factor=1.0 / std.mean().item())
+    return FluxKontextPipeline(**components)
+
+
+def _latent_statistics(encode) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of `encode`'s latents of 32 sample images. A trained VAE's config normalises its
+    latents to about unit variance; a random one's vary from image to image by a few hundredths of the noise, so
+    that nothing an image holds (an edit model's control) would be worth learning. The edit models' VAEs are
+    normalised by these, as a trained VAE is by its own."""
+    rng = random.Random(0)
+    pixels = torch.stack([torch.from_numpy(np.asarray(_sample(rng, 64)[0], dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1) for _ in range(32)])
+    with torch.no_grad():
+        latents = encode(pixels)
+    return latents.mean(dim=(0, 2, 3)), latents.std(dim=(0, 2, 3))
 
 
 def _build_flux2(dev: bool = False) -> Flux2KleinPipeline | Flux2Pipeline:
@@ -509,7 +535,7 @@ def build_tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
                 "flux2-dev": lambda: _build_flux2(dev=True),
                 "sd2-v": lambda: _build_sd("v_prediction"), "sd35-medium": lambda: _build_sd3((0,), "rms_norm"),
                 "flux-schnell": lambda: _build_flux(schnell=True),
-                "flux_kontext": lambda: FluxKontextPipeline(**_build_flux().components),
+                "flux_kontext": _build_flux_kontext,
                 "qwen_image_edit": _build_qwen_image_edit, "qwen_image_edit_plus": lambda: _build_qwen_image_edit(plus=True)}  # fmt: skip
     if family not in builders:
         raise ConfigError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES + VARIANTS + EDIT_FAMILIES)}")
@@ -569,8 +595,8 @@ def write_sample_dataset(folder, n: int = 8, size: int = 64, seed: int = 0) -> P
 
 
 def write_pair_dataset(folder, n: int = 8, size: int = 64, seed: int = 0, control_dir: bool = True) -> Path:
-    """An edit dataset whose targets only their controls tell: each target is its control (a captioned shape)
-    mirrored left to right, under one instruction. With `control_dir` the controls are files of the
+    """An edit dataset whose targets can only be learnt from their controls: each target is its control (a captioned
+    shape) mirrored left to right, under one instruction. With `control_dir` the controls are files of the
     targets' names in `folder`/controls (kohya's layout; the targets are a metadata.jsonl imagefolder); else the
     metadata's `control_image` column names them."""
     folder = Path(folder)

@@ -1,12 +1,11 @@
 """Edit models train on pairs: a control image per target (control_dir or a control_image column), following the
 target's plan, encoded (or cached) beside it, and packed into the denoiser's input as the edit pipeline packs it.
 The tiny Flux Kontext is checked against FluxKontextPipeline at one step; on pairs whose targets are their controls
-mirrored its held-out loss falls and its adapter loads into the pipeline; cached and uncached controls train the
-same adapter; bad pair datasets are refused, or said, before any weights load.
-
-What the tiny random models learn in these budgets is the pairs' images, not the use of their controls: the trained
-adapter scores the same with each held-out target given another target's control (even on copies, at 1500 steps).
-That a control reaches the denoiser as the pipeline gives it is shown by the inputs' equality, bit for bit."""
+mirrored it learns what the controls tell (its held-out loss is lower with each target's own control than with
+another's) and its adapter loads into the pipeline; cached and uncached controls train the same adapter; bad pair
+datasets are refused, or said, before any weights load. (The tiny edit models' VAEs are normalised as trained ones
+are, see `tiny._latent_statistics`: a random VAE's latents barely differ from image to image, and nothing a control
+holds would be worth learning.)"""
 
 from __future__ import annotations
 
@@ -61,12 +60,11 @@ def test_kontext_trains_on_pairs_and_its_adapter_edits_in_the_pipeline(tiny_mode
     """Also the evaluation of edits: eval_control_image's control is edited by each prompt, saved beside the results,
     set left of each in the grid, and shown in the card, whose code is the edit pipeline's call."""
     model, control_file = tiny_models["flux_kontext"], heldout_pairs / "controls" / "0000.png"
-    cfg = parse_parameters(pair_parameters(tiny_models, pair_data, tmp_path / "out", max_train_steps=40, learning_rate=1e-2, lora_r=8, seed=3,
+    cfg = parse_parameters(pair_parameters(tiny_models, pair_data, tmp_path / "out", max_train_steps=300, learning_rate=1e-2, lora_r=8, seed=3,
                                            eval_prompt="mirror the picture\nmirror it --d 5", eval_control_image=str(control_file)))  # fmt: skip
     result = train(cfg, paths := RunPaths.for_config(cfg), log=lambda *_: None)
     held_out = cfg.replace(control_dir="")  # the held-out pairs name their controls in a control_image column
-    before, after = heldout_losses(model, held_out, heldout_pairs), heldout_losses(model, held_out, heldout_pairs, paths.adapter_dir)
-    assert after.objective < 0.95 * before.objective and after.plain_mse < 0.95 * before.plain_mse, (before, after)
+    assert_learnt_from_the_controls(model, held_out, heldout_pairs, paths.adapter_dir, tmp_path / "swapped")
 
     pipe = load_fresh(model)
     control = Image.open(control_file).convert("RGB").resize((32, 32), Image.Resampling.LANCZOS)
@@ -81,6 +79,22 @@ def test_kontext_trains_on_pairs_and_its_adapter_edits_in_the_pipeline(tiny_mode
     assert Image.open(result.eval_images[-1]).size == (2 * 2 * 32, 32)  # [control | edit] per prompt, side by side
     card = (paths.adapter_dir / "README.md").read_text()
     assert "FluxKontextPipeline.from_pretrained" in card and f"image=load_image({str(control_file)!r})" in card
+
+
+def assert_learnt_from_the_controls(model, cfg, held_out, adapter_dir, scratch) -> None:
+    """The held-out loss falls by more than 5 %, and is more than 2 % lower with each target's own controls than with
+    another target's: the adapter learnt what the controls tell, not only what the targets look like."""
+    before, after = heldout_losses(model, cfg, held_out), heldout_losses(model, cfg, held_out, adapter_dir)
+    assert after.objective < 0.95 * before.objective and after.plain_mse < 0.95 * before.plain_mse, (before, after)
+    swapped = shutil.copytree(held_out, scratch)
+    for folder in {path.parent for path in swapped.glob("*/*.png")}:  # each control folder's files passed one along
+        files = sorted(folder.glob("*.png"))
+        contents = [file.read_bytes() for file in files]
+        for file, content in zip(files, contents[1:] + contents[:1]):
+            file.write_bytes(content)
+    swapped_cfg = cfg.replace(control_dir=",".join(str(swapped / Path(path).relative_to(held_out)) for path in cfg.control_dir.split(",") if path))
+    others = heldout_losses(model, swapped_cfg, swapped, adapter_dir)
+    assert after.objective < 0.98 * others.objective and after.plain_mse < 0.98 * others.plain_mse, (after, others)
 
 
 def test_eval_control_images_are_checked_before_loading(tiny_models, pair_data, sample_data, tmp_path):
