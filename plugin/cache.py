@@ -195,10 +195,6 @@ class LatentCache:
 
     def fill(self, examples: TrainingExamples, family, batch_size: int) -> None:
         """Encode every (image, plan) not yet stored, batched per bucket."""
-        by_bucket: dict[tuple[int, int], list[tuple[int, ImagePlan]]] = {}
-        for row in range(examples.row_count):
-            for plan in examples.fixed_plans(row):
-                by_bucket.setdefault(plan.target, []).append((row, plan))
 
         def encode(chunk):
             images = [examples.image(row) for row, _ in chunk]
@@ -208,12 +204,12 @@ class LatentCache:
                 for entry, image, (row, plan) in zip(entries, images, chunk):
                     entry["mask"] = element_weights(examples.mask(row, image, plan)[None], entry["latents"][None])[0]
             if examples.references:
-                controls = torch.stack([examples.controls(row, image, plan) for image, (row, plan) in zip(images, chunk)])
+                controls = torch.stack([examples.controls(row, image.size, plan) for image, (row, plan) in zip(images, chunk)])
                 for entry, encoded in zip(entries, encode_controls(family, controls).cpu()):
                     entry[CONTROLS] = encoded.clone()
             return entries
 
-        self.computed, self.reused = fill_store(self.store, list(by_bucket.values()), lambda item: self.key(*item),
+        self.computed, self.reused = fill_store(self.store, plans_by_bucket(examples), lambda item: self.key(*item),
                                                 encode, batch_size, "caching latents")  # fmt: skip
 
     def lookup(self, rows, plans: list[ImagePlan]) -> dict[str, torch.Tensor]:
@@ -225,6 +221,15 @@ class LatentCache:
         if entry is None:
             raise RuntimeError(f"latent cache: no entry for image {row} with {plan}; the cache was filled for other plans")
         return entry
+
+
+def plans_by_bucket(examples: TrainingExamples) -> list[list[tuple[int, ImagePlan]]]:
+    """Every (row, plan) the caches precompute (each row's fixed plans), grouped by bucket: a group encodes as one shape."""
+    by_bucket: dict[tuple[int, int], list[tuple[int, ImagePlan]]] = {}
+    for row in range(examples.row_count):
+        for plan in examples.fixed_plans(row):
+            by_bucket.setdefault(plan.target, []).append((row, plan))
+    return list(by_bucket.values())
 
 
 CONTROLS = "control_latents"  # an edit model's encoded control images, (B, references, C, h, w), beside the text in `predict`'s conditioning
@@ -288,20 +293,17 @@ class TextCache:
 
     def fill_with_controls(self, examples: TrainingExamples, captions: list[set[str]], family, batch_size: int) -> None:
         """Each row's `captions` with its controls at each fixed plan, batched per bucket."""
-        by_bucket: dict[tuple[int, int], list[tuple[str, int, ImagePlan]]] = {}
-        for row in range(examples.row_count):
-            for plan in examples.fixed_plans(row):
-                by_bucket.setdefault(plan.target, []).extend((caption, row, plan) for caption in sorted(captions[row]))
+        groups = [[(caption, row, plan) for row, plan in group for caption in sorted(captions[row])] for group in plans_by_bucket(examples)]
 
         def encode(chunk):
             controls = {}  # each (row, plan)'s pixels once, whatever its captions
             for _, row, plan in chunk:
                 if (row, plan) not in controls:
-                    controls[row, plan] = examples.controls(row, examples.image(row), plan)
+                    controls[row, plan] = examples.controls(row, examples.image_size(row), plan)
             pixels = torch.stack([controls[row, plan] for _, row, plan in chunk])
             return per_caption(family.encode_text([caption for caption, _, _ in chunk], pixels), len(chunk))
 
-        self.computed, self.reused = fill_store(self.store, list(by_bucket.values()), lambda item: self.key(*item), encode, batch_size,
+        self.computed, self.reused = fill_store(self.store, groups, lambda item: self.key(*item), encode, batch_size,
                                                 "caching text embeddings")  # fmt: skip
 
     def lookup(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -15,8 +15,8 @@ is given twice for one target, rows with different numbers of references."""
 from __future__ import annotations
 
 import hashlib
-import warnings
 import math
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 

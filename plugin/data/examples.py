@@ -95,6 +95,10 @@ class TrainingExamples(torch.utils.data.Dataset):
         source, local = self.source(row)
         return upright_image(source.dataset[local][source.image_column])
 
+    def image_size(self, row: int) -> tuple[int, int]:
+        """(width, height) of the image as displayed: from the bucket layout (its headers), else the image itself."""
+        return self.layout.sizes[row][::-1] if self.layout else self.image(row).size
+
     def mask(self, row: int, image: Image.Image, plan: ImagePlan) -> torch.Tensor:
         """The row's loss weights at its plan, (1, H, W): the mask lifted to `mask_floor` on the masked-out pixels."""
         source, local = self.source(row)
@@ -106,13 +110,13 @@ class TrainingExamples(torch.utils.data.Dataset):
         """Control images per target (edit models; 0 otherwise)."""
         return max((source.controls.references for source in self.sources if source.controls is not None), default=0)
 
-    def controls(self, row: int, image: Image.Image, plan: ImagePlan) -> torch.Tensor:
-        """The row's control images at its plan, resized first to its image's size; where the model gives controls
-        their own resolution, at the plan scaled to it: (references, 3, h, w)."""
+    def controls(self, row: int, image_size: tuple[int, int], plan: ImagePlan) -> torch.Tensor:
+        """The row's control images at its plan, resized first to its image's size (width, height); where the model
+        gives controls their own resolution, at the plan scaled to it: (references, 3, h, w)."""
         source, local = self.source(row)
         target = source.controls.pairing.control_target(plan.target)
         if target == plan.target:
-            return torch.stack([apply_plan(control, plan) for control in source.controls.images(local, image.size)])
+            return torch.stack([apply_plan(control, plan) for control in source.controls.images(local, image_size)])
         scaled = plan_at(plan, target)  # its resize takes each control from its own size straight to the scaled plan's
         return torch.stack([apply_plan(control, scaled) for control in source.controls.images(local)])
 
@@ -165,7 +169,7 @@ class TrainingExamples(torch.utils.data.Dataset):
             if source.masks is not None:
                 item["mask"] = self.mask(row, image, plan)
             if source.controls is not None:
-                item["control_pixel_values"] = self.controls(row, image, plan)
+                item["control_pixel_values"] = self.controls(row, image.size, plan)
         return item
 
 

@@ -384,9 +384,10 @@ class ModelFamily(ABC):
         values give the shapes from the denoiser's config instead (`longest_text`)."""
         return self.encode_prompts([""] * batch_size)
 
-    def longest_text(self, batch_size: int, width: int) -> torch.Tensor:
-        """Embeddings of shape (B, the most caption tokens, `width`) in the denoiser's dtype, on its device."""
-        tokens = max(self.caption_token_limits().values())
+    def longest_text(self, batch_size: int, width: int, tokens: int | None = None) -> torch.Tensor:
+        """Embeddings of shape (B, `tokens` (default: the most caption tokens), `width`) in the denoiser's dtype, on
+        its device."""
+        tokens = tokens or max(self.caption_token_limits().values())
         return torch.zeros(batch_size, tokens, width, dtype=self.denoiser.dtype, device=self.denoiser.device)
 
     @staticmethod

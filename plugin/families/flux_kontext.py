@@ -33,7 +33,7 @@ class FluxKontext(Flux):
 
     def image_tokens(self, latents: torch.Tensor, text: dict) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, ids = super().image_tokens(latents, text)
-        control = text[CONTROLS][:, 0].to(latents.dtype)  # (B, C, h, w): the one reference, at the target's bucket
+        control = text[CONTROLS][:, 0].to(latents.dtype)  # (B, C, h, w): the one reference, at its target's bucket or its own resolution
         _, _, height, width = control.shape
         control_ids = latent_image_ids(height, width, latents.device, latents.dtype)
         control_ids[:, 0] = 1

@@ -56,13 +56,21 @@ class QwenImage(FlowFamily):
         """The pipeline's encoding, padded as it pads (to the batch's longest caption), with its mask (all ones
         where the pipeline gives none), so the text cache keeps each caption without padding."""
         with torch.no_grad():
-            embeds, mask = self.pipe.encode_prompt(list(captions), device=self.text_device, max_sequence_length=self.max_sequence_length)
+            return self.text_encoding(*self.pipe.encode_prompt(list(captions), device=self.text_device, max_sequence_length=self.max_sequence_length))
+
+    @staticmethod
+    def text_encoding(embeds: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """A pipeline's (embeddings, mask) as the conditioning entry: the mask all ones where the pipeline gives none."""
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
         return {"encoder_hidden_states": embeds, "text_mask": mask}
 
     def planning_text(self, batch_size: int) -> dict[str, torch.Tensor]:
-        embeds = self.longest_text(batch_size, self.denoiser.config.joint_attention_dim)
+        embeds = self.longest_text(batch_size, self.denoiser.config.joint_attention_dim, self.planning_tokens())
         return {"encoder_hidden_states": embeds, "text_mask": self.all_tokens(embeds, torch.long)}
+
+    def planning_tokens(self) -> int:
+        """The most tokens a prompt's encoding holds (the memory planner's step)."""
+        return self.max_sequence_length
 
     @classmethod
     def pipeline_arguments(cls, settings: dict) -> dict:

@@ -40,9 +40,8 @@ class QwenImageEdit(QwenImage):
         encodings = []
         with torch.no_grad():
             for caption, controls in zip(captions, control_pixels):
-                embeds, mask = self.pipe.encode_prompt([caption], image=self.text_images(controls), device=self.text_device)
-                mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
-                encodings.append(without_padding({"encoder_hidden_states": embeds[0], "text_mask": mask[0]}))
+                encoded = self.text_encoding(*self.pipe.encode_prompt([caption], image=self.text_images(controls), device=self.text_device))
+                encodings.append(without_padding({name: t[0] for name, t in encoded.items()}))
         return stacked(encodings)
 
     def text_images(self, controls: torch.Tensor) -> Image.Image | list[Image.Image]:
@@ -62,14 +61,12 @@ class QwenImageEdit(QwenImage):
         """None: the edit pipelines read a whole prompt (their max_sequence_length is not applied)."""
         return {}
 
-    def planning_text(self, batch_size: int) -> dict[str, torch.Tensor]:
+    def planning_tokens(self) -> int:
         """Qwen-Image's longest prompt (512 tokens) and the VL's tokens of as many controls as the model takes, each
-        of as many merged patches as its processor gives an image of that area (the memory planner's step)."""
+        of as many merged patches as its processor gives an image of that area."""
         images = self.description.tokenizers["processor"].image_processor
         pixels = min(self.text_image_area or self.pairing().area, images.size["longest_edge"])
-        tokens = self.max_sequence_length + self.control_images * round(math.sqrt(pixels) / (images.patch_size * images.merge_size)) ** 2
-        embeds = torch.zeros(batch_size, tokens, self.denoiser.config.joint_attention_dim, dtype=self.denoiser.dtype, device=self.denoiser.device)
-        return {"encoder_hidden_states": embeds, "text_mask": self.all_tokens(embeds, torch.long)}
+        return self.max_sequence_length + self.control_images * round(math.sqrt(pixels) / (images.patch_size * images.merge_size)) ** 2
 
 
 class QwenImageEditPlus(QwenImageEdit):
